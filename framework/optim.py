@@ -1,0 +1,147 @@
+"""Parsing ``configure_optimizers`` and stepping LR schedulers.
+
+Every contract form of ``configure_optimizers`` is normalised to ``(optimizers, scheduler_configs)``.
+Scheduler stepping lives here so the loop only says *when* (a step boundary or an epoch end) and this
+module decides *which* schedulers advance: a step-interval scheduler never advances on a step the fp16
+scaler skipped.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+_FIX = (
+    "configure_optimizers() must return an optimizer, a list of optimizers, a tuple (optimizers, schedulers), "
+    'or a dict {"optimizer": opt, "lr_scheduler": scheduler | {"scheduler": s, "interval": "step"|"epoch"}}'
+)
+
+
+@dataclass
+class LRSchedulerConfig:
+    """One LR scheduler and when to step it (mirrors Lightning's scheduler dict)."""
+
+    scheduler: Any
+    interval: str = "epoch"
+    frequency: int = 1
+    name: str | None = None
+    monitor: str | None = None
+    strict: bool = True
+    optimizer_index: int = 0
+
+    @property
+    def needs_metric(self) -> bool:
+        return isinstance(self.scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau)
+
+
+def parse_optimizers(result: Any) -> tuple[list[torch.optim.Optimizer], list[LRSchedulerConfig]]:
+    """Normalise what ``configure_optimizers`` returned; raise a TypeError/ValueError naming the problem."""
+    if result is None:
+        raise TypeError(f"configure_optimizers() returned None. {_FIX}.")
+    if isinstance(result, torch.optim.Optimizer):
+        return [result], []
+    if isinstance(result, dict):
+        return _parse_dicts([result])
+    if isinstance(result, (list, tuple)):
+        items = list(result)
+        if not items:
+            raise ValueError(f"configure_optimizers() returned an empty {type(result).__name__}. {_FIX}.")
+        if all(isinstance(o, torch.optim.Optimizer) for o in items):
+            return items, []
+        if all(isinstance(o, dict) for o in items):
+            return _parse_dicts(items)
+        if len(items) == 2 and isinstance(items[0], (list, tuple)):
+            optimizers = list(items[0])
+            schedulers = items[1] if isinstance(items[1], (list, tuple)) else [items[1]]
+            _check_optimizers(optimizers)
+            configs = [_scheduler_config(s, optimizers) for s in schedulers]
+            return optimizers, configs
+    raise TypeError(f"configure_optimizers() returned {_describe(result)}. {_FIX}.")
+
+
+def _parse_dicts(dicts: list[dict]) -> tuple[list[torch.optim.Optimizer], list[LRSchedulerConfig]]:
+    optimizers: list[torch.optim.Optimizer] = []
+    configs: list[LRSchedulerConfig] = []
+    for entry in dicts:
+        unknown = set(entry) - {"optimizer", "lr_scheduler", "monitor"}
+        if "optimizer" not in entry or unknown:
+            raise ValueError(
+                f"configure_optimizers() returned a dict with keys {sorted(entry)}; "
+                f'it needs "optimizer" and may have "lr_scheduler" and "monitor". {_FIX}.'
+            )
+        optimizers.append(entry["optimizer"])
+        _check_optimizers(optimizers)
+        if entry.get("lr_scheduler") is not None:
+            config = _scheduler_config(entry["lr_scheduler"], optimizers)
+            config.monitor = config.monitor or entry.get("monitor")
+            configs.append(config)
+    return optimizers, configs
+
+
+def _scheduler_config(spec: Any, optimizers: list[torch.optim.Optimizer]) -> LRSchedulerConfig:
+    if isinstance(spec, LRSchedulerConfig):
+        config = spec
+    elif isinstance(spec, dict):
+        if "scheduler" not in spec:
+            raise ValueError(f'An lr_scheduler dict needs a "scheduler" key; got keys {sorted(spec)}.')
+        unknown = set(spec) - {"scheduler", "interval", "frequency", "name", "monitor", "strict"}
+        if unknown:
+            raise ValueError(f"Unknown lr_scheduler keys {sorted(unknown)}; allowed: scheduler, interval, "
+                             "frequency, name, monitor, strict.")
+        config = LRSchedulerConfig(**spec)
+    else:
+        config = LRSchedulerConfig(scheduler=spec)
+    if config.interval not in ("step", "epoch"):
+        raise ValueError(f'lr_scheduler interval={config.interval!r} is invalid; use "step" or "epoch".')
+    if not isinstance(config.frequency, int) or config.frequency < 1:
+        raise ValueError(f"lr_scheduler frequency={config.frequency!r} is invalid; use an int >= 1.")
+    optimizer = getattr(config.scheduler, "optimizer", None)
+    if optimizer is None or not hasattr(config.scheduler, "step"):
+        raise TypeError(f"{_describe(config.scheduler)} is not an LR scheduler (it needs .optimizer and .step()).")
+    matches = [i for i, o in enumerate(optimizers) if o is optimizer]
+    if not matches:
+        raise ValueError("An LR scheduler was built on an optimizer that configure_optimizers() did not return; "
+                         "create the scheduler from one of the returned optimizers.")
+    config.optimizer_index = matches[0]
+    if config.needs_metric and config.monitor is None:
+        raise ValueError('ReduceLROnPlateau needs a metric: return {"scheduler": s, "monitor": "val_loss"}.')
+    return config
+
+
+def _check_optimizers(optimizers: list[Any]) -> None:
+    for o in optimizers:
+        if not isinstance(o, torch.optim.Optimizer):
+            raise TypeError(f"configure_optimizers() returned {_describe(o)} where an optimizer was expected. {_FIX}.")
+
+
+def _describe(value: Any) -> str:
+    text = repr(value)
+    return f"{type(value).__name__} {text[:80]}" if len(text) < 120 else type(value).__name__
+
+
+def step_schedulers(configs: list[LRSchedulerConfig], interval: str, count: int,
+                    metrics: dict[str, Any] | None = None, skipped: bool = False) -> None:
+    """Advance the schedulers of ``interval`` whose ``frequency`` divides ``count``.
+
+    ``skipped`` (an fp16 overflow step) holds back step-interval schedulers, so the LR schedule follows the
+    optimizer steps that actually happened.
+    """
+    for config in configs:
+        if config.interval != interval or count % config.frequency:
+            continue
+        if interval == "step" and skipped:
+            continue
+        if config.needs_metric:
+            value = (metrics or {}).get(config.monitor)
+            if value is None:
+                if config.strict:
+                    raise RuntimeError(
+                        f"ReduceLROnPlateau monitors {config.monitor!r}, which was not logged; available: "
+                        f"{sorted(metrics or {})}. Log it with self.log or set strict=False."
+                    )
+                continue
+            config.scheduler.step(float(value))
+        else:
+            config.scheduler.step()

@@ -1,0 +1,213 @@
+"""Precision plugins: everything numeric about a training step lives here.
+
+A Precision converts the module and inputs, opens the forward autocast context, scales the loss for
+backward, unscales gradients, and performs the optimizer step (reporting whether the step was skipped
+because fp16 gradients overflowed). Strategies call these methods and never inspect dtypes themselves,
+so a new numeric mode is one class, not a branch in every strategy.
+
+Strings (contract): "32-true" (alias "32"), "64-true", "16-mixed", "bf16-mixed", "16-true", "bf16-true".
+"""
+
+from __future__ import annotations
+
+from contextlib import AbstractContextManager, nullcontext
+from typing import Any
+
+import torch
+
+_NULL_CONTEXT = nullcontext()
+
+
+class Precision:
+    """Full fp32 precision; the base every other plugin refines.
+
+    ``converts_input`` tells the loop whether ``convert_input`` must run on each batch (skipped when False,
+    which keeps the fp32 hot path free of a batch traversal).
+    """
+
+    name: str = "32-true"
+    converts_input: bool = False
+    scaler: torch.amp.GradScaler | None = None
+
+    def convert_module(self, module: torch.nn.Module) -> torch.nn.Module:
+        """Return the module with parameters in this precision's storage dtype."""
+        return module
+
+    def convert_input(self, batch: Any) -> Any:
+        """Cast floating-point tensors of a batch to the compute dtype (only for ``*-true`` modes)."""
+        return batch
+
+    def forward_context(self) -> AbstractContextManager:
+        """Context wrapping forward passes (training, evaluation and prediction steps)."""
+        return _NULL_CONTEXT
+
+    def backward(self, loss: torch.Tensor) -> None:
+        loss.backward()
+
+    def unscale_gradients(self, optimizer: torch.optim.Optimizer) -> None:
+        """Bring gradients to their true scale before clipping or inspection (no-op without a scaler)."""
+
+    def optimizer_step(self, optimizer: torch.optim.Optimizer) -> bool:
+        """Step the optimizer; return False when the step was skipped (fp16 overflow)."""
+        optimizer.step()
+        return True
+
+    def setup_sharded(self) -> None:
+        """Called by sharding strategies (FSDP) before the first step, e.g. to swap in a sharded scaler."""
+
+    def state_dict(self) -> dict[str, Any]:
+        return {}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Restore ``state_dict()``; plugins without state accept an empty dict."""
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.name!r})"
+
+
+class DoublePrecision(Precision):
+    """``"64-true"``: parameters and floating-point inputs in float64 (numerical checks, gradcheck)."""
+
+    name = "64-true"
+    converts_input = True
+    dtype = torch.float64
+
+    def convert_module(self, module: torch.nn.Module) -> torch.nn.Module:
+        return module.to(dtype=self.dtype)
+
+    def convert_input(self, batch: Any) -> Any:
+        return _cast_floats(batch, self.dtype)
+
+
+class HalfPrecision(DoublePrecision):
+    """``"16-true"`` / ``"bf16-true"``: parameters, gradients and optimizer state all in half precision."""
+
+    def __init__(self, dtype: torch.dtype) -> None:
+        self.dtype = dtype
+        self.name = "16-true" if dtype == torch.float16 else "bf16-true"
+
+
+class MixedPrecision(Precision):
+    """``"16-mixed"`` / ``"bf16-mixed"``: fp32 parameters, forward under ``torch.autocast``.
+
+    fp16 uses a ``torch.amp.GradScaler`` (exposed as ``.scaler``): the loss is scaled for backward,
+    gradients are unscaled once per optimizer step, and a step whose gradients hold inf/NaN is skipped
+    while the scale is lowered. bf16 has fp32's exponent range and needs no scaler.
+    """
+
+    def __init__(self, dtype: torch.dtype, device_type: str = "cpu", scaler: torch.amp.GradScaler | None = None):
+        if dtype not in (torch.float16, torch.bfloat16):
+            raise ValueError(f"MixedPrecision(dtype={dtype}) is not supported; use torch.float16 or torch.bfloat16.")
+        self.dtype = dtype
+        self.device_type = device_type
+        self.name = "16-mixed" if dtype == torch.float16 else "bf16-mixed"
+        if dtype == torch.float16 and scaler is None:
+            scaler = torch.amp.GradScaler(device_type)
+        self.scaler = scaler
+        self._unscaled: set[int] = set()
+
+    def set_device_type(self, device_type: str) -> None:
+        """Re-target autocast and the scaler once the strategy knows the device."""
+        if device_type == self.device_type:
+            return
+        self.device_type = device_type
+        if self.scaler is not None and self.scaler._init_growth_tracker is None:
+            old = self.scaler
+            self.scaler = torch.amp.GradScaler(
+                device_type,
+                init_scale=old._init_scale,
+                growth_factor=old._growth_factor,
+                backoff_factor=old._backoff_factor,
+                growth_interval=old._growth_interval,
+                enabled=old._enabled,
+            )
+
+    def setup_sharded(self) -> None:
+        if self.scaler is not None and not _is_sharded_scaler(self.scaler):
+            from torch.distributed.fsdp.sharded_grad_scaler import ShardedGradScaler
+
+            old = self.scaler
+            self.scaler = ShardedGradScaler(
+                self.device_type,
+                init_scale=old.get_scale() if old._scale is not None else old._init_scale,
+                growth_interval=old._growth_interval,
+            )
+
+    def forward_context(self) -> AbstractContextManager:
+        return torch.autocast(self.device_type, dtype=self.dtype)
+
+    def backward(self, loss: torch.Tensor) -> None:
+        if self.scaler is None:
+            loss.backward()
+        else:
+            self.scaler.scale(loss).backward()
+
+    def unscale_gradients(self, optimizer: torch.optim.Optimizer) -> None:
+        if self.scaler is not None and id(optimizer) not in self._unscaled:
+            self.scaler.unscale_(optimizer)
+            self._unscaled.add(id(optimizer))
+
+    def optimizer_step(self, optimizer: torch.optim.Optimizer) -> bool:
+        scaler = self.scaler
+        if scaler is None:
+            optimizer.step()
+            return True
+        self.unscale_gradients(optimizer)
+        found_inf = scaler._per_optimizer_states[id(optimizer)]["found_inf_per_device"]
+        # GradScaler.step already synchronised on these flags, so reading them again is free.
+        skipped = any(flag.item() for flag in found_inf.values())
+        scaler.step(optimizer)
+        scaler.update()
+        self._unscaled.discard(id(optimizer))
+        return not skipped
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"scaler": self.scaler.state_dict()} if self.scaler is not None else {}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        if self.scaler is not None and state_dict.get("scaler"):
+            self.scaler.load_state_dict(state_dict["scaler"])
+
+
+def _is_sharded_scaler(scaler: Any) -> bool:
+    return type(scaler).__name__ == "ShardedGradScaler"
+
+
+def _cast_floats(batch: Any, dtype: torch.dtype) -> Any:
+    if isinstance(batch, torch.Tensor):
+        return batch.to(dtype) if batch.is_floating_point() else batch
+    if isinstance(batch, dict):
+        return {k: _cast_floats(v, dtype) for k, v in batch.items()}
+    if isinstance(batch, tuple) and hasattr(batch, "_fields"):
+        return type(batch)(*(_cast_floats(v, dtype) for v in batch))
+    if isinstance(batch, (list, tuple)):
+        return type(batch)(_cast_floats(v, dtype) for v in batch)
+    return batch
+
+
+PRECISION_STRINGS = ("32-true", "32", "64-true", "64", "16-mixed", "bf16-mixed", "16-true", "bf16-true")
+
+
+def resolve_precision(precision: str | int | Precision, device_type: str = "cpu") -> Precision:
+    """Turn the Trainer's ``precision=`` argument into a plugin instance."""
+    if isinstance(precision, Precision):
+        return precision
+    key = str(precision)
+    if key in ("32-true", "32"):
+        return Precision()
+    if key in ("64-true", "64"):
+        return DoublePrecision()
+    if key == "16-mixed":
+        return MixedPrecision(torch.float16, device_type)
+    if key == "bf16-mixed":
+        return MixedPrecision(torch.bfloat16, device_type)
+    if key == "16-true":
+        return HalfPrecision(torch.float16)
+    if key == "bf16-true":
+        return HalfPrecision(torch.bfloat16)
+    hint = {"16": "16-mixed", "bf16": "bf16-mixed", "fp16": "16-mixed", "float16": "16-mixed"}.get(key.lower())
+    raise ValueError(
+        f"precision={precision!r} is not a known precision. Use one of {', '.join(repr(p) for p in PRECISION_STRINGS)}"
+        + (f" (did you mean {hint!r}?)" if hint else "")
+        + ", or pass a framework.precision.Precision instance."
+    )
