@@ -1,0 +1,25 @@
+"""Callbacks: the Callback base and Kiln's built-in callbacks."""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+from callbacks.accumulation import GradientAccumulation
+from callbacks.base import Callback
+
+_LAZY = {
+    "ModelCheckpoint": "callbacks.checkpoint",
+    "RNGCapture": "callbacks.rng",
+    "EarlyStopping": "callbacks.early_stopping",
+    "LearningRateMonitor": "callbacks.lr_monitor",
+    "ProgressBar": "callbacks.progress",
+}
+
+__all__ = ["Callback", "GradientAccumulation", *_LAZY]
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'callbacks' has no attribute {name!r}")
