@@ -92,3 +92,38 @@ def test_partial_state_restores_only_given_sources():
 def test_bad_state_is_refused(bad, error):
     with pytest.raises(error, match="capture_rng_state"):
         restore_rng_state(bad)
+
+
+# ---- RNGCapture callback -----------------------------------------------------------------------
+def test_rng_capture_is_per_rank_and_dispatched_at_epoch_start():
+    from callbacks.base import CallbackList
+    from callbacks.rng import RNGCapture
+
+    callback = RNGCapture()
+    assert RNGCapture.per_rank_state is True
+    assert CallbackList([callback]).on_train_epoch_start.hooks == (callback.on_train_epoch_start,)
+
+
+def test_rng_capture_restores_at_the_next_train_epoch_start_only():
+    from callbacks.rng import RNGCapture
+
+    saved = RNGCapture().state_dict()  # captured at call time
+    _assert_checkpoint_safe(saved)
+    expected = _draw()
+
+    resumed = RNGCapture()
+    resumed.load_state_dict(saved)
+    assert resumed.state_dict() is saved  # a save before the restore keeps the loaded state
+    not_yet = _draw()  # loading does not restore by itself
+    assert not_yet != expected
+    resumed.on_train_epoch_start(None, None)
+    assert _draw() == expected
+    resumed.on_train_epoch_start(None, None)  # later epochs are left alone
+    assert _draw() != expected
+
+
+def test_rng_capture_refuses_a_non_dict_state():
+    from callbacks.rng import RNGCapture
+
+    with pytest.raises(TypeError, match="state_dict"):
+        RNGCapture().load_state_dict([1])
