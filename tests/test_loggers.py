@@ -11,7 +11,9 @@ import uuid
 import fsspec
 import pytest
 import torch
+from torch.utils.data import DataLoader, TensorDataset
 
+from framework import Trainer, TrainModule
 from framework.loggers import CSVLogger, Logger, TensorBoardLogger, resolve_loggers
 from framework.state import DistributedState
 
@@ -245,3 +247,81 @@ def test_base_logger_is_a_noop_sink():
     logger.log_hyperparams({})
     logger.finalize("success")
     assert logger.log_dir is None
+
+
+# ---- end to end: a real Trainer.fit writes what the files say -------------------------------------
+
+
+class TinyRegression(TrainModule):
+    def __init__(self) -> None:
+        super().__init__()
+        self.layer = torch.nn.Linear(4, 1)
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        loss = torch.nn.functional.mse_loss(self.layer(x), y)
+        self.log("train_loss", loss)
+        return loss
+
+    def validation_step(self, batch, batch_idx):
+        x, y = batch
+        self.log("val_loss", torch.nn.functional.mse_loss(self.layer(x), y))
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.1)
+
+
+def fit_tiny(**trainer_kwargs) -> Trainer:
+    data = TensorDataset(torch.randn(32, 4), torch.randn(32, 1))
+    trainer = Trainer(
+        max_epochs=2,
+        log_every_n_steps=2,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        **trainer_kwargs,
+    )
+    trainer.fit(TinyRegression(), DataLoader(data, batch_size=8), DataLoader(data, batch_size=8))
+    return trainer
+
+
+def test_fit_writes_tensorboard_and_csv(tmp_path):
+    tb_logger, csv_logger = TensorBoardLogger(tmp_path), CSVLogger(tmp_path)
+    trainer = fit_tiny(logger=[tb_logger, csv_logger], default_root_dir=tmp_path)
+    scalars = read_scalars(tb_logger.log_dir)
+    assert [step for step, _ in scalars["train_loss"]] == [2, 4, 6, 8]  # 4 batches x 2 epochs, every 2nd
+    assert [step for step, _ in scalars["val_loss"]] == [4, 8]
+    assert scalars["val_loss"][-1][1] == pytest.approx(float(trainer.callback_metrics["val_loss"]))
+    rows = read_csv(open(os.path.join(csv_logger.log_dir, "metrics.csv")).read())
+    train_rows = [r for r in rows if r["train_loss"]]
+    assert [int(r["step"]) for r in train_rows] == [2, 4, 6, 8]
+    assert [float(r["train_loss"]) for r in train_rows] == pytest.approx(
+        [v for _, v in scalars["train_loss"]]
+    )
+    assert [int(r["step"]) for r in rows if r["val_loss"]] == [4, 8]
+
+
+def test_fit_default_logger_is_tensorboard_under_default_root_dir(tmp_path):
+    trainer = fit_tiny(default_root_dir=tmp_path)
+    assert isinstance(trainer.logger, TensorBoardLogger)
+    assert trainer.logger.log_dir == os.path.join(tmp_path, "logs", "version_0")
+    assert set(read_scalars(trainer.logger.log_dir)) >= {"train_loss", "val_loss"}
+    assert fit_tiny(default_root_dir=tmp_path).logger.version == 1
+
+
+def test_fit_logs_to_memory_url(memory_url, tmp_path):
+    trainer = fit_tiny(default_root_dir=memory_url)
+    assert trainer.logger.log_dir == f"{memory_url}/logs/version_0"
+    assert [step for step, _ in read_scalars(download(trainer.logger.log_dir, tmp_path))["val_loss"]] == [
+        4,
+        8,
+    ]
+
+
+def test_fit_without_logger_writes_nothing(tmp_path):
+    trainer = fit_tiny(logger=False, default_root_dir=tmp_path)
+    assert trainer.loggers == [] and os.listdir(tmp_path) == []
+
+
+def test_trainer_rejects_bad_logger():
+    with pytest.raises(TypeError, match="`logger`"):
+        Trainer(max_epochs=1, logger="tensorboard")
