@@ -77,10 +77,8 @@ def _new_sampler(
     if plain_random or type(sampler) is SequentialSampler:
         kept = plain_random if shuffle is None else shuffle
         return ResumableSampler(dataset, *shards, kept, seed, False, even)
-    if isinstance(sampler, ShardedSampler):
-        sampler = sampler.sampler
     if isinstance(sampler, Sized):
-        return ShardedSampler(sampler, *shards, seed, False, even if shards[0] > 1 else False)
+        return ShardedSampler(sampler, *shards, seed, False, even)
     return None
 
 
@@ -108,7 +106,8 @@ def prepare_dataloader(
     - Every loader gets a private ``torch.Generator`` (replacing any the user set) that
       :func:`set_dataloader_epoch` reseeds from ``(seed, epoch, rank)``. After
       ``seed_everything(workers=True)`` the user's ``worker_init_fn`` is chained after
-      :func:`framework.seed.worker_init_fn`.
+      :func:`framework.seed.worker_init_fn`. With ``persistent_workers=True`` workers start (and are
+      seeded) once, at the first epoch iterated, and their RNG streams continue across epochs.
     - A ``DataLoader`` subclass is shallow-copied with these fields replaced; its ``__init__`` is
       not run again, so attributes it derived from the old sampler are not updated.
     """

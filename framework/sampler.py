@@ -155,9 +155,12 @@ class ShardedSampler(ResumableSampler):
         drop_last: bool = False,
         even: bool = True,
     ) -> None:
+        if isinstance(sampler, ShardedSampler):  # re-sharding: start again from the user's sampler
+            sampler = sampler.source
         if not isinstance(sampler, Sized):
             raise TypeError(f"sampler={sampler!r} has no __len__; ShardedSampler needs a sized sampler.")
         super().__init__(sampler, num_replicas, rank, False, seed, drop_last, even)
+        self.source = sampler
         self._generator = None
         if getattr(sampler, "generator", False) is None:
             sampler = copy.copy(sampler)  # the user's object keeps drawing from where it did

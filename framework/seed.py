@@ -49,17 +49,8 @@ def seed_everything(seed: int | None = None, workers: bool = True) -> int:
     Returns the seed used.
     """
     if seed is None:
-        env_value = os.environ.get(SEED_ENV)
-        if env_value is not None:
-            try:
-                seed = int(env_value)
-            except ValueError:
-                raise ValueError(
-                    f"environment variable {SEED_ENV}={env_value!r} is not an int; set it to an int in "
-                    f"[{MIN_SEED}, {MAX_SEED}] or unset it."
-                ) from None
-            seed = _validate_seed(seed, SEED_ENV)
-        else:
+        seed = global_seed()
+        if seed is None:
             seed = random.SystemRandom().randint(MIN_SEED, MAX_SEED)
             warnings.warn(
                 f"seed_everything(seed=None) with no {SEED_ENV} set: picked seed={seed}. "
@@ -84,7 +75,16 @@ def seed_everything(seed: int | None = None, workers: bool = True) -> int:
 def global_seed() -> int | None:
     """The seed recorded by :func:`seed_everything` in this process or a parent, else ``None``."""
     value = os.environ.get(SEED_ENV)
-    return None if value is None else _validate_seed(int(value), SEED_ENV)
+    if value is None:
+        return None
+    try:
+        seed = int(value)
+    except ValueError:
+        raise ValueError(
+            f"environment variable {SEED_ENV}={value!r} is not an int; set it to an int in "
+            f"[{MIN_SEED}, {MAX_SEED}] or unset it."
+        ) from None
+    return _validate_seed(seed, SEED_ENV)
 
 
 def seed_workers_enabled() -> bool:

@@ -262,6 +262,26 @@ def test_custom_sampler_is_wrapped_without_touching_global_rng():
     assert first == [b.tolist() for b in prepared]
 
 
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda ds: DataLoader(ds, batch_size=4, shuffle=True),
+        lambda ds: DataLoader(ds, batch_size=4, sampler=WeightedRandomSampler([1.0] * len(ds), len(ds))),
+    ],
+    ids=["random", "weighted"],
+)
+def test_preparing_twice_equals_preparing_once(make):
+    loader = make(CountingDataset(30))
+    once = prepare_dataloader(loader, num_replicas=2, rank=1, seed=3)
+    twice = prepare_dataloader(
+        prepare_dataloader(loader, num_replicas=3, rank=0, seed=3), num_replicas=2, rank=1, seed=3
+    )
+    for epoch in (0, 1):
+        set_dataloader_epoch(once, epoch)
+        set_dataloader_epoch(twice, epoch)
+        assert [b.tolist() for b in once] == [b.tolist() for b in twice]
+
+
 class _TaggedLoader(DataLoader):
     def __init__(self, dataset, tag, **kwargs):
         super().__init__(dataset, **kwargs)
@@ -405,6 +425,15 @@ def test_resumed_epoch_equals_tail_of_uninterrupted_epoch(shuffle, drop_last):
     for start in range(len(full) + 1):
         resumed = [(i, b.tolist(), last) for i, b, last in feed.epoch_batches(1, start)]
         assert resumed == full[start:]
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("persistent", [False, True])
+def test_resume_with_worker_processes(persistent):
+    feed, _ = _feed(40, 4, shuffle=True, num_workers=2, persistent_workers=persistent, timeout=30)
+    full = [b.tolist() for _, b, _ in feed.epoch_batches(1)]
+    assert [b.tolist() for _, b, _ in feed.epoch_batches(1, 3)] == full[3:]
+    assert [b.tolist() for _, b, _ in feed.epoch_batches(1)] == full
 
 
 def test_state_dict_restores_position_and_seed():

@@ -83,6 +83,8 @@ def test_bad_environment_seed_names_the_variable(monkeypatch):
     monkeypatch.setenv(SEED_ENV, "abc")
     with pytest.raises(ValueError, match=SEED_ENV):
         seed_everything()
+    with pytest.raises(ValueError, match=SEED_ENV):
+        global_seed()
 
 
 @given(st.tuples(st.integers(0, 2**32), st.integers(0, 1000), st.integers(0, 64)))
