@@ -9,8 +9,10 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from torch.utils.data import DataLoader, TensorDataset
 
 from callbacks.early_stopping import EarlyStopping
+from framework import Trainer, TrainModule
 
 
 class FakeStrategy:
@@ -199,3 +201,69 @@ def test_stops_exactly_after_patience_checks_without_improvement(values, patienc
             break
     callback = EarlyStopping("val_loss", patience=patience, min_delta=min_delta)
     assert run_validations(callback, make_trainer(), values) == expected
+
+
+# ---- end to end with a real Trainer ----------------------------------------------------------------
+
+
+class ScriptedMetric(TrainModule):
+    """Logs ``values[epoch]`` as ``metric`` from validation (or from training when ``in_training``)."""
+
+    def __init__(self, values, in_training=False):
+        super().__init__()
+        self.layer = torch.nn.Linear(2, 1)
+        self.values, self.in_training, self.epochs_run = values, in_training, 0
+
+    def on_train_epoch_start(self):
+        self.epochs_run += 1
+
+    def training_step(self, batch, batch_idx):
+        if self.in_training:
+            self.log("metric", float(self.values[self.current_epoch]), on_step=False, on_epoch=True)
+        return self.layer(batch[0]).pow(2).mean()
+
+    def validation_step(self, batch, batch_idx):
+        if not self.in_training:
+            self.log("metric", float(self.values[self.current_epoch]))
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.01)
+
+
+def fit_scripted(module, callback, validate=True):
+    loader = DataLoader(TensorDataset(torch.randn(8, 2)), batch_size=4)
+    trainer = Trainer(
+        max_epochs=len(module.values),
+        callbacks=[callback],
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+    )
+    trainer.fit(module, loader, loader if validate else None)
+    return trainer
+
+
+def test_fit_stops_after_patience_epochs_without_improvement():
+    callback = EarlyStopping("metric", patience=2)
+    module = ScriptedMetric([3.0, 2.0, 1.0, 1.5, 1.2, 0.1, 0.1, 0.1])
+    fit_scripted(module, callback)
+    assert module.epochs_run == 5 and callback.stopped_epoch == 4
+    assert callback.best_score == 1.0
+
+
+def test_fit_without_validation_checks_training_epoch_metric():
+    callback = EarlyStopping("metric", patience=1, mode="max")
+    module = ScriptedMetric([0.5, 0.4, 0.9, 0.9], in_training=True)
+    fit_scripted(module, callback, validate=False)
+    assert module.epochs_run == 2 and callback.stopped_epoch == 1
+
+
+def test_fit_runs_to_the_end_while_improving():
+    module = ScriptedMetric([3.0, 2.0, 1.0])
+    trainer = fit_scripted(module, EarlyStopping("metric", patience=0))
+    assert module.epochs_run == 3 and not trainer.should_stop
+
+
+def test_fit_with_missing_metric_raises():
+    with pytest.raises(RuntimeError, match=r"`val_acc`.*\['metric'\]"):
+        fit_scripted(ScriptedMetric([1.0, 1.0]), EarlyStopping("val_acc"))

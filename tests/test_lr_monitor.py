@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
+import csv
+import os
 import warnings
 from types import SimpleNamespace
 
 import pytest
 import torch
+from torch.utils.data import DataLoader, TensorDataset
 
 from callbacks.lr_monitor import LearningRateMonitor
-from framework.loggers import Logger
+from framework import Trainer, TrainModule
+from framework.loggers import CSVLogger, Logger
 from framework.optim import LRSchedulerConfig
 
 
@@ -156,3 +160,57 @@ def test_without_loggers_warns_once_and_logs_nothing():
 def test_bad_arguments(kwargs, error):
     with pytest.raises(error, match=next(iter(kwargs))):
         LearningRateMonitor(**kwargs)
+
+
+# ---- end to end with a real Trainer ----------------------------------------------------------------
+
+
+class Scheduled(TrainModule):
+    def __init__(self, interval):
+        super().__init__()
+        self.layer = torch.nn.Linear(2, 1)
+        self.interval = interval
+
+    def training_step(self, batch, batch_idx):
+        return self.layer(batch[0]).pow(2).mean()
+
+    def configure_optimizers(self):
+        opt = torch.optim.SGD(self.parameters(), lr=1.0, momentum=0.5)
+        sched = torch.optim.lr_scheduler.StepLR(opt, step_size=1, gamma=0.5)
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": self.interval}}
+
+
+@pytest.mark.parametrize(
+    ("interval", "expected"),
+    [
+        ("step", {0: 1.0, 1: 0.5, 2: 0.25, 3: 0.125, 4: 0.0625, 5: 0.03125}),
+        ("epoch", {0: 1.0, 3: 0.5}),
+    ],
+)
+def test_fit_logs_learning_rates_to_csv(tmp_path, interval, expected):
+    logger = CSVLogger(tmp_path)
+    trainer = Trainer(
+        max_epochs=2,
+        callbacks=[LearningRateMonitor(log_momentum=True)],
+        logger=logger,
+        log_every_n_steps=1,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+    )
+    trainer.fit(Scheduled(interval), DataLoader(TensorDataset(torch.randn(12, 2)), batch_size=4))
+    with open(os.path.join(logger.log_dir, "metrics.csv")) as f:
+        rows = [r for r in csv.DictReader(f) if r["lr-SGD"]]
+    assert {int(r["step"]): float(r["lr-SGD"]) for r in rows} == expected
+    assert {float(r["lr-SGD-momentum"]) for r in rows} == {0.5}
+
+
+def test_fit_without_logger_warns():
+    trainer = Trainer(
+        max_epochs=1,
+        callbacks=[LearningRateMonitor()],
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+    )
+    with pytest.warns(UserWarning, match="LearningRateMonitor has no logger"):
+        trainer.fit(Scheduled("step"), DataLoader(TensorDataset(torch.randn(4, 2)), batch_size=4))

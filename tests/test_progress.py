@@ -7,8 +7,10 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from torch.utils.data import DataLoader, TensorDataset
 
 from callbacks.progress import ProgressBar
+from framework import Trainer, TrainModule
 
 
 class CountingLoss:
@@ -173,3 +175,56 @@ def test_exception_closes_bars(capsys):
 def test_bad_arguments(kwargs):
     with pytest.raises(ValueError, match=next(iter(kwargs))):
         ProgressBar(**kwargs)
+
+
+# ---- end to end with a real Trainer ----------------------------------------------------------------
+
+
+class Tiny(TrainModule):
+    def __init__(self):
+        super().__init__()
+        self.layer = torch.nn.Linear(2, 1)
+
+    def training_step(self, batch, batch_idx):
+        loss = self.layer(batch[0]).pow(2).mean()
+        self.log("shown", 0.125, prog_bar=True)
+        self.log("hidden", 0.25)
+        return loss
+
+    def validation_step(self, batch, batch_idx):
+        self.log("val_shown", 0.375, prog_bar=True)
+
+    def test_step(self, batch, batch_idx):
+        pass
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.01)
+
+
+def make_real_trainer(**kwargs):
+    return Trainer(max_epochs=2, logger=False, enable_checkpointing=False, **kwargs)
+
+
+def loader():
+    return DataLoader(TensorDataset(torch.randn(12, 2)), batch_size=4)
+
+
+def test_fit_shows_the_default_bar(capsys):
+    trainer = make_real_trainer()
+    trainer.fit(Tiny(), loader(), loader())
+    err = capsys.readouterr().err
+    assert "Epoch 0" in err and "Epoch 1: 100%" in err and "3/3" in err and "Validation" in err
+    last_line = [line for line in re.split(r"[\r\n]", err) if "Epoch 1" in line][-1]
+    assert "step=6" in last_line and "loss=" in last_line
+    assert "shown=0.125" in last_line and "val_shown=0.375" in last_line and "hidden" not in last_line
+
+
+def test_test_stage_bar(capsys):
+    trainer = make_real_trainer()
+    trainer.test(Tiny(), loader())
+    assert "Testing" in capsys.readouterr().err
+
+
+def test_fit_without_progress_bar_is_quiet(capsys):
+    make_real_trainer(enable_progress_bar=False).fit(Tiny(), loader(), loader())
+    assert capsys.readouterr().err == ""
