@@ -1,0 +1,506 @@
+"""Checkpoint directories: atomic multi-rank commit, verified loading, discovery, consolidation.
+
+A checkpoint is one directory of state files plus a ``manifest.json`` written last that lists
+every file with its size and checksum; a directory without a valid manifest is not a checkpoint.
+Local checkpoints are written into a hidden staging dir ``.<name>.tmp-<token>`` beside the target
+and renamed into place; fsspec URLs are written in place, manifest last (one atomic PUT).
+
+Layout the Trainer writes (states are named, one name = one or two files)::
+
+    model.safetensors + model.json      module state dict (rank 0)        [or model.pt]
+    trainer.safetensors + trainer.json  optimizers, schedulers, loop, callbacks (rank 0)
+    rank-{r}.safetensors + rank-{r}.json  per-rank RNG and data position
+    manifest.json                       written last by rank 0
+
+Multi-rank save (the Strategy supplies the collectives)::
+
+    token = broadcast(new_token())                  # same staging dir on every rank
+    staging = begin_checkpoint(path, token)
+    entries = write_state(staging, rank_state_name(rank), rank_state)
+    if rank == 0: entries += write_state(staging, MODEL, model_sd) + write_state(staging, TRAINER, ...)
+    all_entries = gather(entries)                   # plain JSON-able dicts
+    if rank == 0: commit_checkpoint(staging, all_entries, {"epoch": e, "global_step": s}, world_size=w)
+    barrier()
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import time
+import uuid
+import warnings
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from typing import Any, TypedDict
+
+import torch
+
+from framework import tensor_files
+from framework.checkpoint_storage import Location, locate, redact
+from framework.serialization import flatten_state, skeleton_from_json, skeleton_to_json, unflatten_state
+
+__all__ = [
+    "CheckpointError", "FileEntry", "Manifest", "Staging", "MODEL", "TRAINER", "MANIFEST", "redact",
+    "rank_state_name", "new_token", "begin_checkpoint", "write_state", "describe_files",
+    "commit_checkpoint", "save_checkpoint", "read_manifest", "read_state", "verify_checkpoint",
+    "list_checkpoints", "find_last", "remove_checkpoint", "cleanup_stale", "read_model_state",
+    "load_weights", "export_safetensors",
+]
+
+FORMAT = "kiln-checkpoint"
+FORMAT_VERSION = 1
+MANIFEST = "manifest.json"
+MODEL = "model"
+TRAINER = "trainer"
+_TOKEN = re.compile(r"[A-Za-z0-9_-]{1,64}")
+_STATE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.=-]{0,127}")
+_STAGING = re.compile(r"\.(?P<name>.+)\.(tmp|old)-[A-Za-z0-9_-]{1,64}")
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint is missing, incomplete, damaged or unsafe; the message names it and the file."""
+
+
+class FileEntry(TypedDict):
+    path: str  # relative to the checkpoint dir, "/"-separated
+    size: int
+    checksum: str  # "<algorithm>:<hex>"
+
+
+@dataclass(frozen=True)
+class Manifest:
+    """A parsed, validated ``manifest.json``."""
+
+    path: str
+    format_version: int
+    world_size: int
+    strategy: str
+    layout: str
+    created: float
+    metadata: dict[str, Any]
+    files: dict[str, FileEntry]
+
+    @property
+    def global_step(self) -> int:
+        step = self.metadata.get("global_step")
+        return step if type(step) is int else -1
+
+    def state_names(self) -> list[str]:
+        """Names of the states stored in this checkpoint (``model``, ``trainer``, ``rank-0``...)."""
+        suffixes = (".safetensors", ".pt")
+        return sorted({p.rsplit(".", 1)[0] for p in self.files if p.endswith(suffixes) and "/" not in p})
+
+
+@dataclass(frozen=True)
+class Staging:
+    """Where a checkpoint is being written: ``dir`` (staging dir, or the target for URLs)."""
+
+    target: str
+    dir: str
+    token: str
+
+
+def rank_state_name(rank: int) -> str:
+    return f"rank-{int(rank)}"
+
+
+def new_token() -> str:
+    """A fresh staging token; rank 0 makes one and broadcasts it so all ranks share a staging dir."""
+    return uuid.uuid4().hex
+
+
+def _fail(path: str, msg: str) -> CheckpointError:
+    return CheckpointError(f"checkpoint {redact(path)}: {msg}")
+
+
+def _safe_relpath(rel: Any) -> bool:
+    if not isinstance(rel, str) or not rel or rel.startswith("/") or "\\" in rel or "\x00" in rel:
+        return False
+    if re.match(r"[A-Za-z]:", rel):
+        return False
+    return all(part not in ("", ".", "..") for part in rel.split("/"))
+
+
+# ----------------------------------------------------------------------------- writing
+
+
+def begin_checkpoint(path: str, token: str | None = None) -> Staging:
+    """Prepare to write checkpoint ``path`` (local path or fsspec URL); idempotent across ranks.
+
+    Ranks passing the same ``token`` share one staging dir. For URLs an existing manifest at
+    ``path`` is removed first, so an overwritten checkpoint is never mistaken for complete.
+    """
+    token = new_token() if token is None else token
+    if not isinstance(token, str) or not _TOKEN.fullmatch(token):
+        raise ValueError(f"token={token!r} is invalid: use 1-64 characters from [A-Za-z0-9_-] (see new_token())")
+    loc = locate(path)
+    if not loc.name or loc.name.startswith("."):
+        raise ValueError(f"path={redact(path)!r} needs a final component that does not start with '.'")
+    if loc.is_local:
+        staging = loc.sibling(f".{loc.name}.tmp-{token}")
+        staging.makedirs()
+        return Staging(target=path, dir=staging.url, token=token)
+    loc.makedirs()
+    loc.join(MANIFEST).remove_file(missing_ok=True)
+    return Staging(target=path, dir=path, token=token)
+
+
+def _write_file(loc: Location, write: Any, fsync: bool) -> tuple[int, str]:
+    hasher = tensor_files.StreamHasher()
+    with loc.open("wb") as f:
+        size = write(f, hasher)
+        if fsync and loc.is_local:
+            f.flush()
+            os.fsync(f.fileno())
+    return size, hasher.hexdigest()
+
+
+def write_state(staging: Staging, name: str, tree: Any, *, safe_serialization: bool = True,
+                fsync: bool = False) -> list[FileEntry]:
+    """Write state ``name`` into the staging dir; returns its manifest entries (send them to rank 0).
+
+    ``safe_serialization=True`` writes ``<name>.safetensors`` + ``<name>.json``; ``False`` one
+    ``<name>.pt``. Raises TypeError naming the key path of an unsupported object.
+    """
+    if not isinstance(name, str) or not _STATE_NAME.fullmatch(name) or name == MANIFEST.split(".")[0]:
+        raise ValueError(f"name={name!r} is invalid: use letters, digits and _.=- (not 'manifest')")
+    tensors, skeleton = flatten_state(tree)
+    root = locate(staging.dir)
+    if not safe_serialization:
+        size, digest = _write_file(root.join(f"{name}.pt"),
+                                   lambda f, h: tensor_files.write_pt(f, tensors, skeleton, h), fsync)
+        return [FileEntry(path=f"{name}.pt", size=size, checksum=digest)]
+    skeleton_bytes = skeleton_to_json(skeleton)
+
+    def write_skeleton(f: Any, hasher: tensor_files.StreamHasher) -> int:
+        f.write(skeleton_bytes)
+        hasher.update(skeleton_bytes)
+        return len(skeleton_bytes)
+
+    size, digest = _write_file(root.join(f"{name}.safetensors"),
+                               lambda f, h: tensor_files.write_safetensors(f, tensors, h), fsync)
+    json_size, json_digest = _write_file(root.join(f"{name}.json"), write_skeleton, fsync)
+    return [FileEntry(path=f"{name}.safetensors", size=size, checksum=digest),
+            FileEntry(path=f"{name}.json", size=json_size, checksum=json_digest)]
+
+
+def describe_files(staging: Staging, relpaths: Iterable[str]) -> list[FileEntry]:
+    """Manifest entries for files written into the staging dir by other means (e.g. DCP shards)."""
+    root = locate(staging.dir)
+    entries = []
+    for rel in relpaths:
+        if not _safe_relpath(rel):
+            raise ValueError(f"relpath={rel!r} must be a relative '/'-separated path inside the checkpoint")
+        hasher = tensor_files.StreamHasher()
+        with root.join(rel).open("rb") as f:
+            size = 0
+            while chunk := f.read(16 * 2**20):
+                hasher.update(chunk)
+                size += len(chunk)
+        entries.append(FileEntry(path=rel, size=size, checksum=hasher.hexdigest()))
+    return entries
+
+
+def _jsonable(metadata: Mapping[str, Any]) -> dict[str, Any]:
+    def convert(value: Any, key: str) -> Any:
+        if isinstance(value, torch.Tensor) and value.numel() == 1:
+            return value.item()
+        if hasattr(value, "item") and type(value).__module__ == "numpy":
+            return value.item()
+        if isinstance(value, Mapping):
+            return {str(k): convert(v, f"{key}.{k}") for k, v in value.items()}
+        if isinstance(value, (list, tuple)):
+            return [convert(v, f"{key}[{i}]") for i, v in enumerate(value)]
+        if value is None or isinstance(value, (bool, int, float, str)):
+            return value
+        raise TypeError(f"metadata[{key!r}] is a {type(value).__qualname__}; metadata must be JSON-able "
+                        "(numbers, strings, lists, dicts)")
+
+    return {str(k): convert(v, str(k)) for k, v in metadata.items()}
+
+
+def _manifest_checksum(doc: Mapping[str, Any], algorithm: str) -> str:
+    hasher = tensor_files.StreamHasher(algorithm)
+    hasher.update(json.dumps(doc, sort_keys=True, separators=(",", ":")).encode())
+    return hasher.hexdigest()
+
+
+def commit_checkpoint(staging: Staging, entries: Iterable[Mapping[str, Any]],
+                      metadata: Mapping[str, Any] | None = None, *, world_size: int = 1,
+                      strategy: str = "single_device", layout: str = "full", fsync: bool = False) -> str:
+    """Rank 0: check the files, write the manifest last and (locally) rename into place.
+
+    ``entries`` are the FileEntries of all ranks. Files in the staging dir that no entry lists
+    are deleted. An existing checkpoint at the target is replaced. Returns the target path.
+    """
+    entries = [FileEntry(path=e["path"], size=int(e["size"]), checksum=str(e["checksum"])) for e in entries]
+    seen = set()
+    for e in entries:
+        if not _safe_relpath(e["path"]) or e["path"] == MANIFEST or e["path"] in seen:
+            raise ValueError(f"entries contain an invalid or duplicate path {e['path']!r}")
+        seen.add(e["path"])
+    root = locate(staging.dir)
+    sizes = root.file_sizes()
+    for e in entries:
+        if sizes.get(e["path"]) != e["size"]:
+            raise _fail(staging.target, f"file {e['path']} in the staging dir has size {sizes.get(e['path'])}, "
+                                        f"but its entry says {e['size']} (did every rank finish writing?)")
+    for rel in set(sizes) - seen:
+        root.join(rel).remove_file(missing_ok=True)
+    doc = {"format": FORMAT, "format_version": FORMAT_VERSION, "created": time.time(),
+           "world_size": int(world_size), "strategy": str(strategy), "layout": str(layout),
+           "metadata": _jsonable(metadata or {}), "files": sorted(entries, key=lambda e: e["path"])}
+    doc["checksum"] = _manifest_checksum(doc, tensor_files.default_algorithm())
+    data = json.dumps(doc, indent=1).encode()
+    _write_file(root.join(MANIFEST), lambda f, h: f.write(data), fsync)
+    if root.is_local:
+        locate(staging.target).replace_with(root, staging.token, fsync=fsync)
+    return staging.target
+
+
+def save_checkpoint(path: str, states: Mapping[str, Any], metadata: Mapping[str, Any] | None = None, *,
+                    safe_serialization: bool = True, world_size: int = 1, strategy: str = "single_device",
+                    token: str | None = None) -> str:
+    """Single-process save: ``states`` maps state names (``MODEL``, ``TRAINER``, ...) to trees."""
+    staging = begin_checkpoint(path, token)
+    entries: list[FileEntry] = []
+    for name, tree in states.items():
+        entries += write_state(staging, name, tree, safe_serialization=safe_serialization)
+    return commit_checkpoint(staging, entries, metadata, world_size=world_size, strategy=strategy)
+
+
+# ----------------------------------------------------------------------------- reading
+
+
+def _parse_manifest(path: str, data: bytes) -> Manifest:
+    try:
+        doc = json.loads(data)
+        if not isinstance(doc, dict) or doc.get("format") != FORMAT:
+            raise ValueError("it is not a Kiln manifest")
+        if not isinstance(doc.get("format_version"), int) or doc["format_version"] > FORMAT_VERSION:
+            raise ValueError(f"format_version {doc.get('format_version')!r} is newer than this Kiln "
+                             f"({FORMAT_VERSION}); upgrade Kiln to load it")
+        checksum = doc.pop("checksum", None)
+        if not isinstance(checksum, str) or _manifest_checksum(doc, tensor_files.split_checksum(checksum)) != checksum:
+            raise ValueError("its checksum does not match its content")
+        files: dict[str, FileEntry] = {}
+        for e in doc["files"]:
+            if not _safe_relpath(e.get("path")) or e["path"] == MANIFEST or e["path"] in files:
+                raise ValueError(f"file path {e.get('path')!r} is unsafe or repeated (must stay inside the checkpoint)")
+            if type(e.get("size")) is not int or e["size"] < 0 or not isinstance(e.get("checksum"), str):
+                raise ValueError(f"entry {e!r} lacks a valid size or checksum")
+            tensor_files.split_checksum(e["checksum"])
+            files[e["path"]] = FileEntry(path=e["path"], size=e["size"], checksum=e["checksum"])
+        manifest = Manifest(path=path, format_version=doc["format_version"], world_size=int(doc["world_size"]),
+                            strategy=str(doc["strategy"]), layout=str(doc["layout"]), created=float(doc["created"]),
+                            metadata=dict(doc["metadata"]), files=files)
+    except (ValueError, KeyError, TypeError, AttributeError) as exc:
+        raise _fail(path, f"{MANIFEST} is invalid: {exc}") from None
+    return manifest
+
+
+def read_manifest(path: str) -> Manifest:
+    """Read and validate ``<path>/manifest.json``; CheckpointError if absent or invalid."""
+    loc = locate(path)
+    try:
+        data = loc.join(MANIFEST).read_bytes()
+    except FileNotFoundError:
+        reason = "it does not exist" if not loc.exists() else f"it has no {MANIFEST} (incomplete or not a checkpoint)"
+        raise _fail(path, reason) from None
+    return _parse_manifest(path, data)
+
+
+class _NoHash:
+    algorithm = "none"
+
+    def update(self, data: Any) -> None:
+        pass
+
+
+def _read_file(path: str, manifest: Manifest, rel: str, reader: Any, verify: bool) -> Any:
+    entry = manifest.files[rel]
+    loc = locate(path).join(rel)
+    try:
+        with loc.open("rb") as f:
+            size = loc.size_of_open(f)
+            if size != entry["size"]:
+                raise _fail(path, f"file {rel} is damaged: it has {size} bytes, the manifest says {entry['size']} "
+                                  "(truncated or overwritten)")
+            hasher = tensor_files.StreamHasher(tensor_files.split_checksum(entry["checksum"])) if verify else _NoHash()
+            result = reader(f, size, hasher)
+    except FileNotFoundError:
+        raise _fail(path, f"file {rel} listed in the manifest is missing") from None
+    except ValueError as exc:
+        raise _fail(path, f"file {rel} is damaged or unreadable: {exc}") from None
+    if verify and hasher.hexdigest() != entry["checksum"]:
+        raise _fail(path, f"file {rel} is damaged: its checksum does not match the manifest")
+    return result
+
+
+def read_state(path: str, name: str, manifest: Manifest | None = None, *, verify: bool = True) -> Any:
+    """Load state ``name`` (saved in either format) as CPU tensors; verifies size and checksum."""
+    manifest = manifest if manifest is not None else read_manifest(path)
+    if f"{name}.safetensors" in manifest.files:
+        if f"{name}.json" not in manifest.files:
+            raise _fail(path, f"state {name!r} has no {name}.json skeleton")
+        skeleton = _read_file(path, manifest, f"{name}.json",
+                              lambda f, size, h: _read_json_skeleton(f, size, h), verify)
+        tensors = _read_file(path, manifest, f"{name}.safetensors", tensor_files.read_safetensors, verify)
+        try:
+            return unflatten_state(skeleton, tensors)
+        except ValueError as exc:
+            raise _fail(path, f"file {name}.json does not match {name}.safetensors: {exc}") from None
+    if f"{name}.pt" in manifest.files:
+        return _read_file(path, manifest, f"{name}.pt", tensor_files.read_pt, verify)
+    raise _fail(path, f"it has no state {name!r}; it holds {manifest.state_names()}")
+
+
+def _read_json_skeleton(f: Any, size: int, hasher: Any) -> Any:
+    data = f.read(size + 1)
+    if len(data) != size:
+        raise ValueError(f"expected {size} bytes, read {len(data)}")
+    hasher.update(data)
+    return skeleton_from_json(data)
+
+
+def verify_checkpoint(path: str, manifest: Manifest | None = None) -> Manifest:
+    """Check the size and checksum of every file (e.g. before handing files to another reader)."""
+    manifest = manifest if manifest is not None else read_manifest(path)
+
+    def consume(f: Any, size: int, hasher: Any) -> None:
+        while chunk := f.read(16 * 2**20):
+            hasher.update(chunk)
+
+    for rel in manifest.files:
+        _read_file(path, manifest, rel, consume, verify=True)
+    return manifest
+
+
+# ----------------------------------------------------------------------------- discovery
+
+
+def _check_sizes(path: str, manifest: Manifest) -> None:
+    sizes = locate(path).file_sizes()
+    for rel, entry in manifest.files.items():
+        if sizes.get(rel) != entry["size"]:
+            found = "missing" if rel not in sizes else f"{sizes[rel]} bytes"
+            raise _fail(path, f"file {rel} is {found}, the manifest says {entry['size']} bytes")
+
+
+def list_checkpoints(dirpath: str) -> list[Manifest]:
+    """Complete checkpoints directly under ``dirpath``, newest first (global_step, then created).
+
+    Hidden entries (staging dirs) and plain files are ignored; directories without a valid
+    manifest or with a file of the wrong size are skipped with a warning naming them.
+    """
+    found = []
+    parent = locate(dirpath)
+    for child in parent.child_dirs():
+        child_path = parent.child_url(child)
+        try:
+            manifest = read_manifest(child_path)
+            _check_sizes(child_path, manifest)
+        except CheckpointError as exc:
+            warnings.warn(f"skipping damaged or incomplete {exc}", stacklevel=2)
+            continue
+        found.append(manifest)
+    return sorted(found, key=lambda m: (m.global_step, m.created, m.path), reverse=True)
+
+
+def find_last(dirpath: str) -> str | None:
+    """Path of the newest complete checkpoint under ``dirpath``, or None."""
+    checkpoints = list_checkpoints(dirpath)
+    return checkpoints[0].path if checkpoints else None
+
+
+def remove_checkpoint(path: str, *, force: bool = False) -> None:
+    """Delete a checkpoint, manifest first (so a half-deleted one is never complete).
+
+    A directory without a manifest is only deleted with ``force=True``.
+    """
+    loc = locate(path)
+    manifest = loc.join(MANIFEST)
+    if manifest.exists():
+        manifest.remove_file(missing_ok=True)
+    elif not loc.exists():
+        raise FileNotFoundError(f"checkpoint {redact(path)} does not exist")
+    elif not force:
+        raise _fail(path, f"it has no {MANIFEST}, so it may not be a checkpoint; pass force=True to delete it")
+    loc.remove_tree()
+
+
+def cleanup_stale(dirpath: str, max_age_s: float = 3600.0) -> list[str]:
+    """Remove staging dirs (``.<name>.tmp-*``/``.old-*``) under ``dirpath`` older than ``max_age_s``."""
+    parent = locate(dirpath)
+    removed = []
+    for name, mtime in parent.hidden_dirs():
+        if _STAGING.fullmatch(name) and time.time() - mtime > max_age_s:
+            stale = parent.join(name)
+            stale.remove_tree()
+            removed.append(stale.url)
+    return removed
+
+
+# ----------------------------------------------------------------------------- consolidation
+
+
+def read_model_state(path: str, manifest: Manifest | None = None, *, verify: bool = True) -> dict[str, Any]:
+    """The full module state dict of any Kiln checkpoint, on CPU.
+
+    This is the one place that knows checkpoint layouts: ``"full"`` stores ``model.*``; sharded
+    layouts are read by ``_read_dcp_model_state`` (extend the dispatch here for new layouts).
+    """
+    manifest = manifest if manifest is not None else read_manifest(path)
+    if manifest.layout == "full":
+        state = read_state(path, MODEL, manifest, verify=verify)
+    elif manifest.layout == "dcp":
+        state = _read_dcp_model_state(path, manifest, verify=verify)
+    else:
+        raise _fail(path, f"its layout {manifest.layout!r} is unknown to this Kiln; upgrade Kiln")
+    if not isinstance(state, Mapping):
+        raise _fail(path, f"its model state is a {type(state).__qualname__}, not a state dict")
+    return dict(state)
+
+
+DCP_DIR = "dcp"
+DCP_MODEL_KEY = "model"
+
+
+def _read_dcp_model_state(path: str, manifest: Manifest, *, verify: bool) -> dict[str, Any]:
+    """Layout ``"dcp"``: files under ``dcp/`` written by torch.distributed.checkpoint.save of a dict
+    whose ``"model"`` entry is the module state dict. Loaded without a process group."""
+    from torch.distributed.checkpoint.state_dict_loader import _load_state_dict_from_keys
+
+    if verify:
+        verify_checkpoint(path, manifest)
+    loc = locate(path).join(DCP_DIR)
+    if loc.is_local:
+        loaded = _load_state_dict_from_keys({DCP_MODEL_KEY}, checkpoint_id=loc.url)
+    else:
+        from torch.distributed.checkpoint import FsspecReader
+
+        loaded = _load_state_dict_from_keys({DCP_MODEL_KEY}, storage_reader=FsspecReader(loc.url))
+    return loaded[DCP_MODEL_KEY]
+
+
+def load_weights(path: str, module: torch.nn.Module, *, strict: bool = True, verify: bool = True) -> Any:
+    """Load a checkpoint's model weights into a plain ``nn.Module`` (returns load_state_dict's result)."""
+    return module.load_state_dict(read_model_state(path, verify=verify), strict=strict)
+
+
+def export_safetensors(path: str, out_file: str, *, verify: bool = True) -> str:
+    """Write the checkpoint's model weights as one self-contained ``model.safetensors``.
+
+    Tied weights are written under each of their keys, so the file loads with
+    ``safetensors.torch.load_file`` + ``load_state_dict(strict=True)``.
+    """
+    state = read_model_state(path, verify=verify)
+    tensors = {k: v for k, v in state.items() if isinstance(v, torch.Tensor)}
+    skipped = sorted(str(k) for k in state.keys() - tensors.keys())
+    if skipped:
+        warnings.warn(f"export_safetensors: skipping non-tensor model entries {skipped}", stacklevel=2)
+    out = locate(out_file)
+    _write_file(out, lambda f, h: tensor_files.write_safetensors(f, tensors, _NoHash()), fsync=False)
+    return out_file
