@@ -6,6 +6,7 @@ Strategy instance; new strategies register with ``register_strategy(name, "modul
 
 from __future__ import annotations
 
+import difflib
 import importlib
 import os
 from typing import Any
@@ -93,7 +94,9 @@ def resolve_strategy(strategy: str | Strategy, *, accelerator: str = "auto", dev
         else:
             strategy = "ddp" if world > 1 or int(os.environ.get("WORLD_SIZE", "1")) > 1 else "single_device"
     if strategy not in _REGISTRY:
-        close = [n for n in available_strategies() if n.split("_")[0] == strategy.split("_")[0]]
+        names = available_strategies()
+        close = [n for n in names if n.split("_")[0] == strategy.split("_")[0]] or difflib.get_close_matches(
+            strategy, names, n=1, cutoff=0.6)
         raise ValueError(
             f"strategy={strategy!r} is not a known strategy. Use one of {', '.join(available_strategies())}"
             + (f" (did you mean {close[0]!r}?)" if close else "") + ", or pass a strategies.Strategy instance."
