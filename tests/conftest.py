@@ -5,7 +5,8 @@ Every test leaves ``DistributedState`` reset, so topology set by one test never 
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import pytest
 import torch

@@ -60,13 +60,13 @@ def test_known_attribute_after_reset_explains_how_to_reinitialise(name):
 def test_unknown_attribute_gives_ordinary_error_without_hint():
     state = DistributedState()
     with pytest.raises(AttributeError) as info:
-        state.someotherthing
+        _ = state.someotherthing
     message = str(info.value)
     assert "'DistributedState' object has no attribute 'someotherthing'" in message
     assert "_reset_state()" not in message
     DistributedState._reset_state()
     with pytest.raises(AttributeError) as info:
-        state.someotherthing
+        _ = state.someotherthing
     assert "_reset_state()" not in str(info.value)
 
 
