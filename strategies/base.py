@@ -162,8 +162,11 @@ class Strategy:
         """Shard a dataloader across ranks and make its order resumable (framework.data does the work)."""
         from framework.data import prepare_dataloader
 
+        # Evaluation is never padded: duplicated samples would distort sync_dist metrics. Strategies whose
+        # evaluation forward is itself collective (FSDP) override this to keep ranks in lockstep.
         return prepare_dataloader(dataloader, num_replicas=self.world_size, rank=self.global_rank, seed=seed,
-                                  use_distributed_sampler=use_distributed_sampler, even_batches=even_batches,
+                                  use_distributed_sampler=use_distributed_sampler,
+                                  even_batches=even_batches if stage == "fit" else False,
                                   shuffle=None if stage == "fit" else False)
 
     def teardown(self) -> None:
