@@ -14,9 +14,8 @@ from typing import TYPE_CHECKING, Any
 from callbacks.base import Callback
 
 if TYPE_CHECKING:
-    from framework.trainer import Trainer
-
     from framework.module import TrainModule
+    from framework.trainer import Trainer
 
 _MODES = ("min", "max")
 
