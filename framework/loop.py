@@ -27,6 +27,7 @@ def run_fit(trainer: Trainer) -> None:
         t._resume_batch = 0
         if finished:
             t.current_epoch += 1
+            t._batches_done, t._epoch_finished = 0, False
     t._call_hooks("on_train_end")
 
 
@@ -39,6 +40,7 @@ def run_train_epoch(t: Trainer, start: int = 0) -> bool:
     plan = t._accumulation.plan(epoch, feed.num_batches)
     module.train()
     t._metrics.start_stage("train")
+    t._epoch_finished = False
     t._call_hooks("on_train_epoch_start")
 
     step = t._training_batch if module.automatic_optimization else t._manual_batch
@@ -64,6 +66,7 @@ def run_train_epoch(t: Trainer, start: int = 0) -> bool:
     t._flush_epoch_metrics("train")
     if completed:
         step_schedulers(t.lr_scheduler_configs, "epoch", epoch + 1, t.callback_metrics)
+    t._epoch_finished = completed
     t._call_hooks_end("on_train_epoch_end")
     t._metrics.end_stage()
     return completed

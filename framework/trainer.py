@@ -84,6 +84,7 @@ class Trainer:
         self._resume_batch = 0
         self._batch_idx = 0
         self._batches_done = 0
+        self._epoch_finished = False
         self._val_every: int | None = None
         self._val_feeds: list[Any] = []
         self._data_seed = 0
@@ -152,11 +153,19 @@ class Trainer:
         """Run ``predict_step`` over the data; the per-batch outputs."""
         return self._run("predict", module, {"predict": dataloaders}, ckpt_path)
 
-    def save_checkpoint(self, path: str, *, safe_serialization: bool = True) -> None:
-        """Write a complete checkpoint of the current state to ``path`` (collective: call on every rank)."""
+    def save_checkpoint(self, path: str, *, safe_serialization: bool = True, writer: Any = None,
+                        on_committed: Any = None) -> None:
+        """Write a complete checkpoint of the current state to ``path`` (collective: call on every rank).
+
+        ``writer`` (a ``framework.checkpoint.AsyncCheckpointWriter``) writes in the background after a
+        snapshot; ``on_committed`` runs once the checkpoint is complete.
+        """
         from framework.persistence import save_trainer_checkpoint
 
-        save_trainer_checkpoint(self, path, safe_serialization=safe_serialization)
+        if self.module is None:
+            raise RuntimeError("trainer.save_checkpoint() needs a module: call it during or after trainer.fit().")
+        save_trainer_checkpoint(self, path, safe_serialization=safe_serialization, writer=writer,
+                                on_committed=on_committed)
 
     # ---- the run skeleton ------------------------------------------------------------------------
     def _run(self, stage: str, module: TrainModule | None, loaders: dict[str, Any], ckpt_path: str | None) -> Any:

@@ -9,6 +9,7 @@ this interface only, so the loop has no ``isinstance(strategy, ...)`` branches.
 
 from __future__ import annotations
 
+import warnings
 from contextlib import AbstractContextManager, nullcontext
 from typing import TYPE_CHECKING, Any, Callable
 
@@ -156,6 +157,98 @@ class Strategy:
 
     def load_optimizer_state_dict(self, optimizer: torch.optim.Optimizer, state_dict: dict[str, Any]) -> None:
         optimizer.load_state_dict(state_dict)
+
+    def save_checkpoint(self, path: str, *, trainer_state: dict[str, Any], rank_state: dict[str, Any],
+                        metadata: dict[str, Any], optimizers: list[torch.optim.Optimizer],
+                        safe_serialization: bool = True, writer: Any = None,
+                        on_committed: Callable[[], None] | None = None) -> None:
+        """Collective save in the replicated layout: rank 0 writes model + trainer state, every rank its own.
+
+        With ``writer`` (an AsyncCheckpointWriter) only the snapshot blocks; files are written and the
+        manifest committed in the background. ``on_committed`` runs once the checkpoint is complete.
+        """
+        from framework import checkpoint as io
+
+        token = self.broadcast(io.new_token() if self.is_global_zero else None)
+        states: dict[str, Any] = {}
+        if self.is_global_zero:
+            states[io.MODEL] = self.module_state_dict()
+            states[io.TRAINER] = {**trainer_state, "optimizers": [self.optimizer_state_dict(o) for o in optimizers]}
+        states[io.rank_state_name(self.global_rank)] = rank_state
+        self._write_checkpoint(path, token, states, metadata, safe_serialization, writer, on_committed)
+
+    def _write_checkpoint(self, path: str, token: str, states: dict[str, Any], metadata: dict[str, Any],
+                          safe_serialization: bool, writer: Any, on_committed: Callable[[], None] | None,
+                          layout: str = "full", extra_files: Callable[[Any], list] | None = None) -> None:
+        from framework import checkpoint as io
+
+        commit_kwargs = {"world_size": self.world_size, "strategy": self.name, "layout": layout}
+
+        def write_files() -> tuple[Any, list]:
+            staging = io.begin_checkpoint(path, token)
+            entries = [e for name, tree in states.items()
+                       for e in io.write_state(staging, name, tree, safe_serialization=safe_serialization)]
+            if extra_files is not None:
+                entries += extra_files(staging)
+            return staging, entries
+
+        if writer is None:
+            staging, entries = write_files()
+            gathered = self.all_gather_object(entries)
+            if self.is_global_zero:
+                io.commit_checkpoint(staging, [e for rank in gathered for e in rank], metadata, **commit_kwargs)
+            self.barrier("checkpoint-commit")
+            if on_committed is not None:
+                on_committed()
+            return
+        states = writer.snapshot(states)
+        rank, world = self.global_rank, self.world_size
+
+        def write_and_commit() -> None:
+            staging, entries = write_files()
+            if world == 1:
+                io.commit_checkpoint(staging, entries, metadata, **commit_kwargs)
+            else:  # no collectives off the main thread: ranks hand their entries over through the staging dir
+                all_entries = io.exchange_entries(staging, entries, rank=rank, world_size=world)
+                if rank == 0:
+                    io.commit_checkpoint(staging, all_entries, metadata, **commit_kwargs)
+            if on_committed is not None and (rank == 0 or world == 1):
+                on_committed()
+
+        writer.submit(write_and_commit)
+
+    def load_checkpoint(self, path: str, *, optimizers: list[torch.optim.Optimizer] | None
+                        ) -> tuple[dict[str, Any], dict[str, Any]]:
+        """Load model (and optimizer) state in place; return ``(trainer_state, this rank's state)``."""
+        from framework import checkpoint as io
+
+        manifest = io.read_manifest(path)
+        self.load_module_state_dict(io.read_model_state(path, manifest))
+        shared = io.read_state(path, io.TRAINER, manifest)
+        if optimizers:
+            saved = shared.get("optimizers", [])
+            if len(saved) != len(optimizers):
+                raise ValueError(f"The checkpoint {io.redact(path)} has {len(saved)} optimizer state(s) but "
+                                 f"configure_optimizers() returned {len(optimizers)}; resume with the same setup.")
+            for optimizer, state in zip(optimizers, saved):
+                self.load_optimizer_state_dict(optimizer, state)
+        return shared, self._read_rank_state(path, manifest)
+
+    def _read_rank_state(self, path: str, manifest: Any) -> dict[str, Any]:
+        from framework import checkpoint as io
+
+        name = io.rank_state_name(self.global_rank)
+        if name not in manifest.state_names():
+            if self.world_size != manifest.world_size:
+                warnings.warn(f"The checkpoint was saved with world size {manifest.world_size}, this run has "
+                              f"{self.world_size}: per-rank RNG and data positions are not restored for rank "
+                              f"{self.global_rank}.", stacklevel=3)
+            return {}
+        if self.world_size != manifest.world_size:
+            warnings.warn(f"The checkpoint was saved with world size {manifest.world_size}, this run has "
+                          f"{self.world_size}: the data order after resuming differs from the original run.",
+                          stacklevel=3)
+        return io.read_state(path, name, manifest)
 
     def process_dataloader(self, dataloader: Any, *, stage: str, seed: int, use_distributed_sampler: bool,
                            even_batches: bool) -> Any:
