@@ -81,6 +81,8 @@ class Trainer:
         self.stage = "fit"
         self.num_training_batches: int | None = None
         self.num_val_batches: list[int | None] = []
+        self.num_test_batches: list[int | None] = []
+        self.num_predict_batches: list[int | None] = []
         self._resume_batch = 0
         self._batch_idx = 0
         self._batches_done = 0
@@ -263,7 +265,11 @@ class Trainer:
             self._train_feed = train[0] if train else None
             self._val_feeds = self._stage_feeds["validate"] if _overrides(self.module, "validation_step") else []
             self.num_val_batches = [feed.num_batches for feed in self._val_feeds]
-        elif not self._stage_feeds[stage]:
+        else:
+            counts = [feed.num_batches for feed in self._stage_feeds[stage]]
+            setattr(self, {"validate": "num_val_batches", "test": "num_test_batches",
+                           "predict": "num_predict_batches"}[stage], counts)
+        if stage != "fit" and not self._stage_feeds[stage]:
             raise ValueError(f"trainer.{stage}() got no data: pass dataloaders=... or define "
                              f"{hook_names[stage]}() on the module.")
 
@@ -309,8 +315,9 @@ class Trainer:
                 logger.log_metrics(floats, step=self.global_step)
 
     def _flush_epoch_metrics(self, stage: str) -> None:
-        metrics = self._metrics.reduce_epoch()
-        self._log_to_loggers(metrics)
+        self._log_to_loggers(self._metrics.reduce_epoch())
+        for logger in self.loggers:
+            logger.save()
 
     def _should_validate_at_epoch_end(self) -> bool:
         if not self._val_feeds:
