@@ -74,13 +74,13 @@ def _parse_dicts(dicts: list[dict]) -> tuple[list[torch.optim.Optimizer], list[L
         optimizers.append(entry["optimizer"])
         _check_optimizers(optimizers)
         if entry.get("lr_scheduler") is not None:
-            config = _scheduler_config(entry["lr_scheduler"], optimizers)
-            config.monitor = config.monitor or entry.get("monitor")
-            configs.append(config)
+            configs.append(_scheduler_config(entry["lr_scheduler"], optimizers, entry.get("monitor")))
     return optimizers, configs
 
 
-def _scheduler_config(spec: Any, optimizers: list[torch.optim.Optimizer]) -> LRSchedulerConfig:
+def _scheduler_config(spec: Any, optimizers: list[torch.optim.Optimizer],
+                      monitor: str | None = None) -> LRSchedulerConfig:
+    """``monitor`` is the outer dict's ``"monitor"``, used when the scheduler spec names none."""
     if isinstance(spec, LRSchedulerConfig):
         config = spec
     elif isinstance(spec, dict):
@@ -105,6 +105,7 @@ def _scheduler_config(spec: Any, optimizers: list[torch.optim.Optimizer]) -> LRS
         raise ValueError("An LR scheduler was built on an optimizer that configure_optimizers() did not return; "
                          "create the scheduler from one of the returned optimizers.")
     config.optimizer_index = matches[0]
+    config.monitor = config.monitor or monitor
     if config.needs_metric and config.monitor is None:
         raise ValueError('ReduceLROnPlateau needs a metric: return {"scheduler": s, "monitor": "val_loss"}.')
     return config
