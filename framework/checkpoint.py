@@ -38,6 +38,7 @@ from typing import Any, TypedDict
 import torch
 
 from framework import tensor_files
+from framework.checkpoint_async import AsyncCheckpointWriter
 from framework.checkpoint_storage import Location, locate, redact
 from framework.serialization import flatten_state, skeleton_from_json, skeleton_to_json, unflatten_state
 
@@ -46,7 +47,7 @@ __all__ = [
     "rank_state_name", "new_token", "begin_checkpoint", "write_state", "describe_files",
     "commit_checkpoint", "save_checkpoint", "read_manifest", "read_state", "verify_checkpoint",
     "list_checkpoints", "find_last", "remove_checkpoint", "cleanup_stale", "read_model_state",
-    "load_weights", "export_safetensors",
+    "load_weights", "export_safetensors", "AsyncCheckpointWriter",
 ]
 
 FORMAT = "kiln-checkpoint"
