@@ -87,16 +87,19 @@ class MetricCollector:
 
     # ---- called by the loops ---------------------------------------------------------------------
     def start_stage(self, stage: str) -> None:
-        self.stage = stage
-        self._epoch_items.clear()
-        self._metrics.clear()
-        if stage != _TRAIN:
-            self.step_values_backup, self.step_values = self.step_values, {}
+        """Begin a stage's epoch. An evaluation inside a training epoch sets the training values aside."""
+        if stage == _TRAIN:
+            self.stage = stage
+            self._epoch_items.clear()
+            self._metrics.clear()
+            return
+        self._saved = (self.stage, self.step_values, self._epoch_items, self._metrics)
+        self.stage, self.step_values, self._epoch_items, self._metrics = stage, {}, {}, {}
 
     def end_stage(self) -> None:
-        if self.stage != _TRAIN:
-            self.step_values = self.step_values_backup
-        self.stage = _TRAIN
+        if self.stage != _TRAIN and getattr(self, "_saved", None) is not None:
+            self.stage, self.step_values, self._epoch_items, self._metrics = self._saved
+            self._saved = None
 
     def reduce_epoch(self) -> dict[str, torch.Tensor]:
         """Reduce everything logged with on_epoch=True in the current stage and store it in epoch_values."""
