@@ -9,9 +9,7 @@ from framework.optim import LRSchedulerConfig, parse_optimizers, step_schedulers
 
 
 def make_opt(lr=1.0):
-    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(2))], lr=lr)
-    opt.step()  # no gradients: changes nothing, but schedulers may step without torch's order warning
-    return opt
+    return torch.optim.SGD([torch.nn.Parameter(torch.zeros(2))], lr=lr)
 
 
 def step_lr(opt, gamma=0.5):
@@ -133,6 +131,7 @@ def test_wrong_shape_from_module_fails_fit(make_trainer, tiny_module_cls, make_l
 def test_step_schedulers_honours_interval_and_frequency(interval, frequency, count, steps):
     opt = make_opt()
     configs = [LRSchedulerConfig(step_lr(opt), interval=interval, frequency=frequency)]
+    opt.step()  # no gradients, no change; avoids torch's "scheduler before optimizer" warning
     other = "epoch" if interval == "step" else "step"
     for n in range(1, count + 1):
         step_schedulers(configs, interval, n)
