@@ -323,7 +323,10 @@ class Trainer:
         if not self._val_feeds:
             return False
         every = self.check_val_every_n_epoch
-        return every is not None and (self.current_epoch + 1) % every == 0
+        if every is None or (self.current_epoch + 1) % every:
+            return False
+        # An int/fractional val_check_interval validates at its multiples only (as in Lightning).
+        return self._val_every is None or self._batches_done % self._val_every == 0
 
     def _run_validation(self) -> None:
         if self._val_feeds:
