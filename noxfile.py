@@ -54,14 +54,21 @@ def demo(session: nox.Session) -> None:
 
 @nox.session
 def bench(session: nox.Session) -> None:
-    """Run every benchmarks/bench_*.py against the raw loop, Lightning and Accelerate.
+    """Run the benchmarks against the raw loop, Lightning and Accelerate.
 
-    Extra arguments (e.g. `-- --json`) are passed to every script.
+    `nox -s bench` runs every benchmarks/bench_*.py; `nox -s bench -- --json` passes `--json` to each;
+    `nox -s bench -- bench_overhead --steps 200` runs one script with its own arguments.
     """
     _install_torch_and_project(session)
     _install(session, "pytorch-lightning", "accelerate")
-    for script in sorted((ROOT / "benchmarks").glob("bench_*.py")):
-        session.run("python", str(script.relative_to(ROOT)), *session.posargs)
+    args = list(session.posargs)
+    if args and not args[0].startswith("-"):
+        name = args.pop(0).removeprefix("benchmarks/").removesuffix(".py")
+        scripts = [ROOT / "benchmarks" / f"{name}.py"]
+    else:
+        scripts = sorted((ROOT / "benchmarks").glob("bench_*.py"))
+    for script in scripts:
+        session.run("python", str(script.relative_to(ROOT)), *args)
 
 
 @nox.session

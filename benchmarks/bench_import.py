@@ -1,0 +1,115 @@
+"""Import time of Kiln (`import framework, callbacks, strategies`) against `import torch`.
+
+Each measurement is a fresh interpreter that times only its import statement (interpreter start-up
+excluded), run interleaved with the others; the table shows medians and the ratio to torch, whose
+import every contender pays. Lightning and Accelerate are included when installed.
+
+    python benchmarks/bench_import.py [--repeats 9] [--json] [--importtime]
+
+Target (DESIGN.md §6): Kiln ≤ 1.15 × torch.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import sys
+
+from common import (
+    REPO_ROOT,
+    emit,
+    format_table,
+    interleaved,
+    is_installed,
+    machine_info,
+    median,
+    paired_ratio,
+)
+
+TARGET_RATIO = 1.15
+KILN = "framework, callbacks, strategies"
+CONTENDERS = {  # label -> the modules of one import statement
+    "torch": "torch",
+    "kiln": KILN,
+    "lightning": "pytorch_lightning",
+    "accelerate": "accelerate",
+}
+TIMER = "import time; t0 = time.perf_counter(); import {modules}; print(time.perf_counter() - t0)"
+
+
+def time_import(modules: str) -> float:
+    """Seconds that `import <modules>` takes in a fresh interpreter."""
+    out = subprocess.run(
+        [sys.executable, "-c", TIMER.format(modules=modules)],
+        cwd=REPO_ROOT, env=_env(), capture_output=True, text=True, check=True,
+    )
+    return float(out.stdout.strip().splitlines()[-1])
+
+
+def _env() -> dict[str, str]:
+    # The repo root first, so the source tree is measured whether or not kiln is installed.
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (REPO_ROOT, env.get("PYTHONPATH")) if p)
+    return env
+
+
+def slowest_own_imports(modules: str, top: int) -> list[tuple[int, str]]:
+    """(self µs, module) of the slowest non-torch modules that `import <modules>` loads (-X importtime)."""
+    out = subprocess.run(
+        [sys.executable, "-X", "importtime", "-c", f"import torch; import {modules}"],
+        cwd=REPO_ROOT, env=_env(), capture_output=True, text=True, check=True,
+    )
+    after_torch = out.stderr.split("| torch\n", 1)[-1]
+    rows = []
+    for line in after_torch.splitlines():
+        if not line.startswith("import time:") or "self [us]" in line:
+            continue
+        self_us, _cumulative, name = (part.strip() for part in line[len("import time:"):].split("|"))
+        rows.append((int(self_us), name))
+    return sorted(rows, reverse=True)[:top]
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description="Import time of Kiln vs torch, Lightning, Accelerate.")
+    parser.add_argument("--repeats", type=int, default=9, help="fresh interpreters per contender (≥ 5)")
+    parser.add_argument("--json", action="store_true", help="print machine-readable JSON")
+    parser.add_argument("--importtime", action="store_true", help="also list Kiln's slowest imports after torch")
+    args = parser.parse_args(argv)
+    if args.repeats < 5:
+        parser.error(f"--repeats must be at least 5 for a meaningful median, got {args.repeats}")
+
+    contenders = {
+        label: modules for label, modules in CONTENDERS.items()
+        if all(is_installed(m.strip()) for m in modules.split(","))
+    }
+    for modules in contenders.values():  # warm the OS file cache and bytecode caches
+        time_import(modules)
+    runs = interleaved({label: (lambda m=modules: time_import(m)) for label, modules in contenders.items()},
+                       args.repeats)
+
+    results = {
+        label: {"median_ms": 1000 * median(times), "ratio_to_torch": paired_ratio(times, runs["torch"]),
+                "runs_ms": [1000 * t for t in times]}
+        for label, times in runs.items()
+    }
+    kiln_ratio = results["kiln"]["ratio_to_torch"]
+    result = {"benchmark": "import", "repeats": args.repeats, "target_ratio": TARGET_RATIO,
+              "meets_target": kiln_ratio <= TARGET_RATIO, "results": results, "machine": machine_info()}
+    if args.importtime:
+        result["kiln_slowest_imports_us"] = slowest_own_imports(KILN, top=12)
+
+    rows = [(label, CONTENDERS[label], r["median_ms"], r["ratio_to_torch"]) for label, r in results.items()]
+    table = format_table(["contender", "import", "median ms", "× torch"], rows)
+    table += (f"\n\nKiln / torch = {kiln_ratio:.3f} (target ≤ {TARGET_RATIO}: "
+              f"{'met' if kiln_ratio <= TARGET_RATIO else 'MISSED'}); median of {args.repeats} fresh interpreters, "
+              "interleaved; ratio = median of per-round ratios.")
+    if args.importtime:
+        table += "\n\nSlowest imports after torch (self µs):\n" + "\n".join(
+            f"  {us:>8}  {name}" for us, name in result["kiln_slowest_imports_us"])
+    emit(result, args.json, table)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,328 @@
+"""Per-step overhead of Kiln against a raw PyTorch loop (and Lightning / Accelerate when installed).
+
+Every contender trains the same model from the same initial weights on the same batches in the same
+order, on 1 thread, logging the loss every step the way that framework is normally used (Kiln and
+Lightning: `self.log("loss", loss)`, their default TensorBoard logger and progress bar writing to
+/dev/null, no checkpointing; raw loop and Accelerate: TensorBoard every `log_every_n_steps` steps).
+The clock reads steady state only: from the start of step `warmup` to the start of step
+`warmup + steps`, so start-up and teardown are excluded (shown separately as "run s").
+Contenders run interleaved, rotating the order each round; the table shows medians and the median of
+per-round ratios to the raw loop. The final weights of every contender are compared with the raw
+loop's, so that a fast but wrong loop cannot win; the script exits 1 if Kiln's differ.
+
+    python benchmarks/bench_overhead.py [--model mlp|transformer|all] [--steps 600] [--repeats 7] [--json]
+
+Target (DESIGN.md §6): Kiln / raw ≤ 1.10 on the tiny MLP.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import gc
+import logging
+import os
+import sys
+import tempfile
+import time
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from common import emit, format_table, interleaved, is_installed, machine_info, median, paired_ratio
+from torch import nn
+from torch.nn import functional as F
+from torch.utils.data import DataLoader, Dataset
+
+TARGET_RATIO = 1.10
+LR, MOMENTUM = 0.01, 0.9
+
+
+@dataclass(frozen=True)
+class Config:
+    model: str
+    steps: int  # timed steps
+    warmup: int  # steps before the clock starts
+    log_every_n_steps: int
+
+    @property
+    def total_steps(self) -> int:
+        return self.warmup + self.steps + 1  # the clock stops at the start of the last step
+
+
+# ---- the workload ------------------------------------------------------------------------------
+class Classifier(nn.Module):
+    """Tiny MLP 32→64→64→10, or one small transformer encoder block with a linear head."""
+
+    def __init__(self, kind: str) -> None:
+        super().__init__()
+        self.kind = kind
+        if kind == "mlp":
+            self.body = nn.Sequential(nn.Linear(32, 64), nn.ReLU(), nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 10))
+        else:
+            self.body = nn.TransformerEncoderLayer(d_model=64, nhead=4, dim_feedforward=256, dropout=0.0,
+                                                   batch_first=True)
+            self.head = nn.Linear(64, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.body(x) if self.kind == "mlp" else self.head(self.body(x).mean(dim=1))
+
+
+def make_model(kind: str) -> Classifier:
+    torch.manual_seed(0)  # identical initial weights for every contender
+    return Classifier(kind)
+
+
+class PreBatched(Dataset):
+    """Ready-made batches, so that the loader costs the same small amount for every contender."""
+
+    def __init__(self, kind: str, n: int) -> None:
+        g = torch.Generator().manual_seed(1)
+        shape = (32, 32) if kind == "mlp" else (32, 16, 64)
+        self.batches = [(torch.randn(shape, generator=g), torch.randint(0, 10, (32,), generator=g))
+                        for _ in range(n)]
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.batches[i]
+
+
+def make_loader(data: PreBatched) -> DataLoader:
+    return DataLoader(data, batch_size=None, shuffle=False)
+
+
+class Clock:
+    """Timestamps the start of step `start` and of step `stop`; called first thing in every step."""
+
+    def __init__(self, cfg: Config) -> None:
+        self.start, self.stop = cfg.warmup, cfg.warmup + cfg.steps
+        self.t0 = self.t1 = None
+
+    def tick(self, step: int) -> None:
+        if step == self.start:
+            self.t0 = time.perf_counter()
+        elif step == self.stop:
+            self.t1 = time.perf_counter()
+
+    def per_step(self) -> float:
+        if self.t0 is None or self.t1 is None:
+            raise RuntimeError(f"the timed window (steps {self.start}..{self.stop}) was not reached")
+        return (self.t1 - self.t0) / (self.stop - self.start)
+
+
+@dataclass
+class Run:
+    per_step_s: float
+    wall_s: float
+    weights: torch.Tensor
+
+
+# ---- contenders: each trains cfg.total_steps steps and returns the timed Run ---------------------
+def run_raw(cfg: Config, data: PreBatched, root: str) -> Run:
+    from torch.utils.tensorboard import SummaryWriter
+
+    model, clock = make_model(cfg.model), Clock(cfg)
+    optimizer = torch.optim.SGD(model.parameters(), lr=LR, momentum=MOMENTUM)
+    writer = SummaryWriter(root)
+    model.train()
+    for i, (x, y) in enumerate(make_loader(data)):
+        clock.tick(i)
+        loss = F.cross_entropy(model(x), y)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        if (i + 1) % cfg.log_every_n_steps == 0:
+            writer.add_scalar("loss", loss.item(), i + 1)
+    writer.close()
+    return Run(clock.per_step(), 0.0, flat_weights(model))
+
+
+def run_kiln(cfg: Config, data: PreBatched, root: str) -> Run:
+    from framework import DistributedState, Trainer, TrainModule
+
+    class KilnModule(TrainModule):
+        def __init__(self) -> None:
+            super().__init__()
+            self.net = make_model(cfg.model)
+            self.clock = Clock(cfg)
+
+        def training_step(self, batch, batch_idx):
+            self.clock.tick(batch_idx)
+            x, y = batch
+            loss = F.cross_entropy(self.net(x), y)
+            self.log("loss", loss)
+            return loss
+
+        def configure_optimizers(self):
+            return torch.optim.SGD(self.net.parameters(), lr=LR, momentum=MOMENTUM)
+
+    module = KilnModule()
+    trainer = Trainer(max_steps=cfg.total_steps, enable_checkpointing=False, default_root_dir=root,
+                      log_every_n_steps=cfg.log_every_n_steps)
+    trainer.fit(module, make_loader(data))
+    DistributedState._reset_state()  # the next Trainer in this process starts from a clean topology
+    return Run(module.clock.per_step(), 0.0, flat_weights(module.net))
+
+
+def run_lightning(cfg: Config, data: PreBatched, root: str) -> Run:
+    import pytorch_lightning as pl
+
+    class LitModule(pl.LightningModule):
+        def __init__(self) -> None:
+            super().__init__()
+            self.net = make_model(cfg.model)
+            self.clock = Clock(cfg)
+
+        def training_step(self, batch, batch_idx):
+            self.clock.tick(batch_idx)
+            x, y = batch
+            loss = F.cross_entropy(self.net(x), y)
+            self.log("loss", loss)
+            return loss
+
+        def configure_optimizers(self):
+            return torch.optim.SGD(self.net.parameters(), lr=LR, momentum=MOMENTUM)
+
+    module = LitModule()
+    trainer = pl.Trainer(accelerator="cpu", devices=1, max_steps=cfg.total_steps, enable_checkpointing=False,
+                         default_root_dir=root, log_every_n_steps=cfg.log_every_n_steps)
+    trainer.fit(module, make_loader(data))
+    return Run(module.clock.per_step(), 0.0, flat_weights(module.net))
+
+
+def run_accelerate(cfg: Config, data: PreBatched, root: str) -> Run:
+    from accelerate import Accelerator
+
+    model, clock = make_model(cfg.model), Clock(cfg)
+    accelerator = Accelerator(cpu=True, log_with="tensorboard", project_dir=root)
+    accelerator.init_trackers("bench")
+    optimizer = torch.optim.SGD(model.parameters(), lr=LR, momentum=MOMENTUM)
+    prepared, optimizer, loader = accelerator.prepare(model, optimizer, make_loader(data))
+    prepared.train()
+    for i, (x, y) in enumerate(loader):
+        clock.tick(i)
+        loss = F.cross_entropy(prepared(x), y)
+        accelerator.backward(loss)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        if (i + 1) % cfg.log_every_n_steps == 0:
+            accelerator.log({"loss": loss.item()}, step=i + 1)
+    accelerator.end_training()
+    return Run(clock.per_step(), 0.0, flat_weights(accelerator.unwrap_model(prepared)))
+
+
+CONTENDERS: dict[str, tuple[Callable[[Config, PreBatched, str], Run], str | None]] = {
+    "raw": (run_raw, None),
+    "kiln": (run_kiln, None),
+    "lightning": (run_lightning, "pytorch_lightning"),
+    "accelerate": (run_accelerate, "accelerate"),
+}
+
+
+def flat_weights(model: nn.Module) -> torch.Tensor:
+    return torch.cat([p.detach().reshape(-1).clone() for p in model.parameters()])
+
+
+def timed(contender: Callable[[Config, PreBatched, str], Run], cfg: Config, data: PreBatched,
+          quiet: bool) -> Run:
+    """One run in a fresh temporary root, its console output (progress bars, banners) sent to /dev/null."""
+    gc.collect()
+    with tempfile.TemporaryDirectory() as root, _silenced(quiet):
+        start = time.perf_counter()
+        run = contender(cfg, data, root)
+        run.wall_s = time.perf_counter() - start
+    if torch.get_num_threads() != 1:
+        raise RuntimeError(f"{contender.__name__} changed torch's thread count to {torch.get_num_threads()}")
+    return run
+
+
+@contextlib.contextmanager
+def _silenced(quiet: bool):
+    if not quiet:
+        yield
+        return
+    with open(os.devnull, "w") as devnull, contextlib.redirect_stdout(devnull), \
+            contextlib.redirect_stderr(devnull), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        yield
+
+
+def bench_model(cfg: Config, names: list[str], repeats: int, quiet: bool) -> dict[str, dict]:
+    data = PreBatched(cfg.model, cfg.total_steps)
+    runs = interleaved({name: (lambda fn=CONTENDERS[name][0]: timed(fn, cfg, data, quiet)) for name in names},
+                       repeats)
+    raw_steps = [r.per_step_s for r in runs["raw"]]
+    reference = runs["raw"][0].weights
+    results = {}
+    for name, name_runs in runs.items():
+        per_step = [r.per_step_s for r in name_runs]
+        max_diff = max(float((r.weights - reference).abs().max()) for r in name_runs)
+        results[name] = {
+            "us_per_step": 1e6 * median(per_step),
+            "ratio_to_raw": paired_ratio(per_step, raw_steps),
+            "run_s": median([r.wall_s for r in name_runs]),
+            "max_weight_diff": max_diff,
+            "weights_match": max_diff <= 1e-5,
+            "runs_us": [1e6 * t for t in per_step],
+        }
+    return results
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description="Per-step overhead: raw loop vs Kiln, Lightning, Accelerate.")
+    parser.add_argument("--model", choices=["mlp", "transformer", "all"], default="all")
+    parser.add_argument("--steps", type=int, default=600, help="timed steps per run")
+    parser.add_argument("--warmup", type=int, default=50, help="steps before the clock starts")
+    parser.add_argument("--repeats", type=int, default=7, help="interleaved rounds (median taken)")
+    parser.add_argument("--log-every-n-steps", type=int, default=50)
+    parser.add_argument("--only", nargs="+", choices=list(CONTENDERS), help="contenders to run (raw always runs)")
+    parser.add_argument("--verbose", action="store_true", help="let progress bars, banners and warnings through")
+    parser.add_argument("--json", action="store_true", help="print machine-readable JSON")
+    args = parser.parse_args(argv)
+    for name in ("steps", "warmup", "repeats", "log_every_n_steps"):
+        if getattr(args, name) < 1:
+            parser.error(f"--{name.replace('_', '-')} must be ≥ 1, got {getattr(args, name)}")
+
+    torch.set_num_threads(1)
+    logging.getLogger("pytorch_lightning").setLevel(logging.WARNING)
+    logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)
+    wanted = ["raw", *(n for n in (args.only or CONTENDERS) if n != "raw")]
+    names = [n for n in wanted if CONTENDERS[n][1] is None or is_installed(CONTENDERS[n][1])]
+    skipped = [n for n in wanted if n not in names]
+
+    models = ["mlp", "transformer"] if args.model == "all" else [args.model]
+    results = {m: bench_model(Config(m, args.steps, args.warmup, args.log_every_n_steps), names, args.repeats,
+                              quiet=not args.verbose)
+               for m in models}
+
+    kiln_ok = all(r["kiln"]["weights_match"] for r in results.values() if "kiln" in r)
+    result = {"benchmark": "overhead", "target_ratio": TARGET_RATIO, "threads": 1, "batch_size": 32,
+              "steps": args.steps, "warmup": args.warmup, "repeats": args.repeats,
+              "log_every_n_steps": args.log_every_n_steps, "skipped": skipped, "results": results,
+              "machine": machine_info()}
+    tables = []
+    for model, res in results.items():
+        rows = [(name, r["us_per_step"], r["ratio_to_raw"], r["run_s"],
+                 f"{'yes' if r['weights_match'] else 'NO'} ({r['max_weight_diff']:.1e})")
+                for name, r in res.items()]
+        tables.append(f"### {model}\n\n" + format_table(
+            ["contender", "µs/step", "× raw", "run s", "weights == raw (max |Δ|)"], rows))
+        if model == "mlp" and "kiln" in res:
+            ratio = res["kiln"]["ratio_to_raw"]
+            tables[-1] += f"\n\nKiln / raw = {ratio:.3f} (target ≤ {TARGET_RATIO}: {'met' if ratio <= TARGET_RATIO else 'MISSED'})"
+    footer = (f"\n\n1 thread, batch 32, {args.steps} timed steps after {args.warmup} warm-up, median of "
+              f"{args.repeats} interleaved rounds; × raw = median of per-round ratios; run s includes start-up.")
+    if skipped:
+        footer += f"\nNot installed, skipped: {', '.join(skipped)}."
+    emit(result, args.json, "\n\n".join(tables) + footer)
+    if not kiln_ok:
+        print("FAILED: Kiln's final weights differ from the raw loop's", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
