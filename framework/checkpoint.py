@@ -477,12 +477,14 @@ def _read_dcp_model_state(path: str, manifest: Manifest, *, verify: bool) -> dic
     if verify:
         verify_checkpoint(path, manifest)
     loc = locate(path).join(DCP_DIR)
-    if loc.is_local:
-        loaded = _load_state_dict_from_keys({DCP_MODEL_KEY}, checkpoint_id=loc.url)
-    else:
-        from torch.distributed.checkpoint import FsspecReader
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="torch.distributed is .*unavailable")  # one process: intended
+        if loc.is_local:
+            loaded = _load_state_dict_from_keys({DCP_MODEL_KEY}, checkpoint_id=loc.url)
+        else:
+            from torch.distributed.checkpoint import FsspecReader
 
-        loaded = _load_state_dict_from_keys({DCP_MODEL_KEY}, storage_reader=FsspecReader(loc.url))
+            loaded = _load_state_dict_from_keys({DCP_MODEL_KEY}, storage_reader=FsspecReader(loc.url))
     return loaded[DCP_MODEL_KEY]
 
 

@@ -1,0 +1,471 @@
+"""Checkpoint directories: commit, verified load, integrity, discovery, fsspec/S3 (framework/checkpoint.py)."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import random
+import time
+import warnings
+
+import numpy as np
+import pytest
+import torch
+
+from framework import checkpoint as ckpt
+from framework.checkpoint import (
+    MANIFEST,
+    MODEL,
+    TRAINER,
+    CheckpointError,
+    begin_checkpoint,
+    cleanup_stale,
+    commit_checkpoint,
+    export_safetensors,
+    find_last,
+    list_checkpoints,
+    load_weights,
+    new_token,
+    rank_state_name,
+    read_manifest,
+    read_state,
+    remove_checkpoint,
+    save_checkpoint,
+    write_state,
+)
+
+
+class TiedNet(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.linear1 = torch.nn.Linear(4, 4)
+        self.linear2 = torch.nn.Linear(4, 4)
+        self.linear2.weight = self.linear1.weight
+        self.norm = torch.nn.BatchNorm1d(4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.linear2(self.norm(self.linear1(x)))
+
+
+def trained(seed: int = 0):
+    torch.manual_seed(seed)
+    model = TiedNet()
+    opt = torch.optim.Adam(model.parameters(), lr=0.01)
+    sched = torch.optim.lr_scheduler.StepLR(opt, step_size=2)
+    for _ in range(3):
+        model(torch.randn(8, 4)).pow(2).mean().backward()
+        opt.step()
+        opt.zero_grad()
+        sched.step()
+    return model, opt, sched
+
+
+def states(model, opt, sched):
+    scaler = torch.amp.GradScaler("cpu", init_scale=1024.0)
+    trainer = {"optimizers": [opt.state_dict()], "schedulers": [sched.state_dict()], "scaler": scaler.state_dict(),
+               "loop": {"epoch": 1, "global_step": 3, "batch_idx": 2, "skipped_steps": 0},
+               "callbacks": {"ModelCheckpoint{'monitor': None}": {"best": float("inf"), "kept": ("a", "b")}}}
+    rank = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
+            "data": {"epoch": 1, "position": 16, "seed": 7}}
+    return {MODEL: model.state_dict(), TRAINER: trainer, rank_state_name(0): rank}
+
+
+def save(path, step=3, safe=True, **kw):
+    model, opt, sched = trained(step)
+    return save_checkpoint(str(path), states(model, opt, sched), {"epoch": 1, "global_step": step},
+                           safe_serialization=safe, **kw)
+
+
+def damage(path, rel, how):
+    file = os.path.join(path, rel)
+    data = bytearray(open(file, "rb").read())
+    if how == "flip":
+        data[len(data) // 2] ^= 0x01
+    elif how == "flip-last":  # in the tensor data, away from the header
+        data[-1] ^= 0x01
+    else:
+        data = data[: len(data) // 2]
+    open(file, "wb").write(data)
+
+
+def rewrite_manifest(path, edit):
+    """Edit a manifest and re-sign it, as an attacker who can write files could."""
+    file = os.path.join(path, MANIFEST)
+    doc = json.load(open(file))
+    doc.pop("checksum")
+    edit(doc)
+    doc["checksum"] = ckpt._manifest_checksum(doc, "xxh3_64")
+    json.dump(doc, open(file, "w"))
+
+
+@pytest.mark.parametrize("safe", [True, False])
+def test_full_trainer_state_roundtrip_resumes_identically(tmp_path, safe):
+    model, opt, sched = trained()
+    saved = states(model, opt, sched)
+    path = save_checkpoint(str(tmp_path / "c"), saved, {"global_step": 3}, safe_serialization=safe)
+    exts = [".json", ".safetensors"] if safe else [".pt"]
+    assert sorted(os.listdir(path)) == sorted([MANIFEST] + [n + e for n in (MODEL, TRAINER, "rank-0") for e in exts])
+    manifest = read_manifest(path)
+    assert manifest.state_names() == [MODEL, "rank-0", TRAINER] and manifest.world_size == 1
+
+    model2, opt2, sched2 = trained(seed=99)
+    load_weights(path, model2)
+    trainer = read_state(path, TRAINER, manifest)
+    opt2.load_state_dict(trainer["optimizers"][0])
+    sched2.load_state_dict(trainer["schedulers"][0])
+    assert trainer["callbacks"]["ModelCheckpoint{'monitor': None}"] == {"best": float("inf"), "kept": ("a", "b")}
+    rank = read_state(path, "rank-0", manifest)
+    random.setstate(rank["python"])
+    np.random.set_state(rank["numpy"])
+    torch.set_rng_state(rank["torch"])
+    for m, o, s in ((model, opt, sched), (model2, opt2, sched2)):
+        torch.manual_seed(5)
+        m(torch.randn(8, 4)).pow(2).mean().backward()
+        o.step()
+        s.step()
+    for (k, a), b in zip(model.state_dict().items(), model2.state_dict().values()):
+        assert torch.equal(a, b), k
+
+
+def test_checkpoints_load_whatever_format_they_were_saved_in(tmp_path):
+    """Mixed formats in one checkpoint: the reader picks by file, not by a setting."""
+    model, opt, sched = trained()
+    staging = begin_checkpoint(str(tmp_path / "mixed"))
+    entries = write_state(staging, MODEL, model.state_dict(), safe_serialization=False)
+    entries += write_state(staging, TRAINER, {"optimizers": [opt.state_dict()]}, safe_serialization=True)
+    path = commit_checkpoint(staging, entries, {"global_step": 1})
+    assert sorted(os.listdir(path)) == [MANIFEST, "model.pt", "trainer.json", "trainer.safetensors"]
+    sd = read_state(path, MODEL)
+    assert all(torch.equal(sd[k], v) for k, v in model.state_dict().items())
+    torch.optim.Adam(model.parameters()).load_state_dict(read_state(path, TRAINER)["optimizers"][0])
+
+
+@pytest.mark.parametrize("safe", [True, False])
+def test_tied_weights_stored_once_and_stay_tied(tmp_path, safe):
+    path = save(tmp_path / "tied", safe=safe)
+    sd = read_state(path, MODEL)
+    assert sd["linear1.weight"] is sd["linear2.weight"]
+    if safe:
+        from safetensors import safe_open
+
+        with safe_open(os.path.join(path, "model.safetensors"), "pt") as f:
+            assert "linear1.weight" in f.keys() and "linear2.weight" not in f.keys()
+    fresh = TiedNet()
+    load_weights(path, fresh)
+    assert fresh.linear2.weight is fresh.linear1.weight
+    assert torch.equal(fresh.linear1.weight, trained(3)[0].linear1.weight)
+
+
+@pytest.mark.parametrize(("rel", "how"), [
+    ("model.safetensors", "flip"), ("model.json", "flip"), ("trainer.safetensors", "flip"),
+    ("model.safetensors", "truncate"), ("rank-0.json", "truncate"),
+])
+def test_damaged_file_raises_checkpointerror_naming_checkpoint_and_file(tmp_path, rel, how):
+    path = save(tmp_path / "epoch=1-step=3")
+    damage(path, rel, how)
+    name = rel.rsplit(".", 1)[0]
+    with pytest.raises(CheckpointError) as info:
+        read_state(path, name)
+    assert rel in str(info.value) and "epoch=1-step=3" in str(info.value)
+    assert ("bytes" in str(info.value)) == (how == "truncate")
+
+
+def test_flipped_byte_in_pt_file_detected(tmp_path):
+    path = save(tmp_path / "c", safe=False)
+    damage(path, "model.pt", "flip")
+    with pytest.raises(CheckpointError, match="model.pt is damaged"):
+        load_weights(path, TiedNet())
+
+
+def test_verify_false_skips_checksum_but_not_size(tmp_path):
+    path = save(tmp_path / "c")
+    damage(path, "trainer.safetensors", "flip-last")
+    read_state(path, TRAINER, verify=False)
+    with pytest.raises(CheckpointError, match="checksum"):
+        read_state(path, TRAINER)
+    damage(path, "trainer.safetensors", "truncate")
+    with pytest.raises(CheckpointError, match="trainer.safetensors"):
+        read_state(path, TRAINER, verify=False)
+
+
+def test_edited_manifest_is_rejected_by_its_own_checksum(tmp_path):
+    path = save(tmp_path / "c")
+    file = os.path.join(path, MANIFEST)
+    text = open(file).read()
+    assert '"global_step": 3' in text
+    open(file, "w").write(text.replace('"global_step": 3', '"global_step": 4'))
+    with pytest.raises(CheckpointError, match="manifest.json is invalid.*checksum"):
+        read_manifest(path)
+
+
+@pytest.mark.parametrize("evil", ["../outside.json", "/etc/passwd", "a/../../x", "C:/x", "a\\..\\x", "./x", ""])
+def test_path_traversal_in_manifest_rejected(tmp_path, evil):
+    path = save(tmp_path / "c")
+    rewrite_manifest(path, lambda doc: doc["files"].append({"path": evil, "size": 1, "checksum": "crc32:0"}))
+    with pytest.raises(CheckpointError, match="unsafe"):
+        read_manifest(path)
+
+
+def test_manifest_from_newer_kiln_asks_to_upgrade(tmp_path):
+    path = save(tmp_path / "c")
+    rewrite_manifest(path, lambda doc: doc.update(format_version=99))
+    with pytest.raises(CheckpointError, match="upgrade"):
+        read_manifest(path)
+
+
+class _Exploit:
+    def __init__(self, marker: str) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))
+
+
+@pytest.mark.parametrize("verify", [True, False])
+def test_malicious_pickle_in_checkpoint_is_never_executed(tmp_path, verify):
+    path = save(tmp_path / "c", safe=False)
+    marker = tmp_path / "pwned"
+    torch.save({"linear1.weight": _Exploit(str(marker))}, os.path.join(path, "model.pt"))
+    size = os.path.getsize(os.path.join(path, "model.pt"))
+    digest = ckpt.describe_files(ckpt.Staging(path, path, "x"), ["model.pt"])[0]["checksum"]
+
+    def swap(doc):
+        for e in doc["files"]:
+            if e["path"] == "model.pt":
+                e.update(size=size, checksum=digest)
+
+    rewrite_manifest(path, swap)
+    with pytest.raises(CheckpointError, match="model.pt.*refusing to unpickle"):
+        load_weights(path, TiedNet(), verify=verify)
+    assert not marker.exists()
+
+
+def test_missing_manifest_and_foreign_entries(tmp_path):
+    good = save(tmp_path / "good", step=1)
+    incomplete = save(tmp_path / "incomplete", step=9)
+    os.remove(os.path.join(incomplete, MANIFEST))
+    (tmp_path / "notes.txt").write_text("foreign file")
+    (tmp_path / ".hidden").mkdir()
+    (tmp_path / ".x.tmp-abc").mkdir()
+    with pytest.warns(UserWarning, match="incomplete.*no manifest.json") as record:
+        assert [m.path for m in list_checkpoints(str(tmp_path))] == [good]
+    assert len(record) == 1  # plain files and hidden dirs are ignored silently
+    with pytest.raises(CheckpointError, match="no manifest.json"):
+        read_state(incomplete, MODEL)
+
+
+def test_find_last_orders_by_step_then_created_and_skips_damaged_newest(tmp_path):
+    save(tmp_path / "step=10", step=10)
+    save(tmp_path / "step=9", step=9)  # newer mtime, lexically larger name, older step
+    later_same_step = save(tmp_path / "a-step=10", step=10)
+    newest = save(tmp_path / "step=11", step=11)
+    assert [os.path.basename(m.path) for m in list_checkpoints(str(tmp_path))] == \
+        ["step=11", "a-step=10", "step=10", "step=9"]
+    assert find_last(str(tmp_path)) == newest
+    damage(newest, "model.safetensors", "truncate")
+    with pytest.warns(UserWarning, match=r"step=11.*model.safetensors"):
+        assert find_last(str(tmp_path)) == later_same_step
+
+
+def test_find_last_on_missing_or_empty_dir(tmp_path):
+    assert find_last(str(tmp_path / "nothing")) is None
+    assert find_last(str(tmp_path)) is None
+
+
+def test_staging_is_invisible_until_commit_and_multi_rank_entries_merge(tmp_path):
+    target = str(tmp_path / "epoch=0-step=4")
+    token = new_token()
+    ranks = [begin_checkpoint(target, token) for _ in range(2)]  # each rank, same token
+    assert ranks[0].dir == ranks[1].dir and os.path.basename(ranks[0].dir).startswith(".epoch=0-step=4.tmp-")
+    gathered = []
+    for r, staging in enumerate(ranks):
+        gathered += write_state(staging, rank_state_name(r), {"rng": torch.get_rng_state(), "rank": r})
+    gathered += write_state(ranks[0], MODEL, TiedNet().state_dict())
+    assert find_last(str(tmp_path)) is None
+    with pytest.raises(CheckpointError, match="did every rank finish"):
+        commit_checkpoint(ranks[0], [{**gathered[0], "size": 1}, *gathered[1:]], world_size=2)
+    (tmp_path / os.path.basename(ranks[0].dir) / "rank-7.json").write_text("stale leftover")
+    json.loads(json.dumps(gathered))  # entries are plain JSON, fit for gather_object
+    path = commit_checkpoint(ranks[0], gathered, {"global_step": 4}, world_size=2, strategy="ddp")
+    assert find_last(str(tmp_path)) == path and not os.path.exists(ranks[0].dir)
+    manifest = read_manifest(path)
+    assert (manifest.world_size, manifest.strategy, manifest.global_step) == (2, "ddp", 4)
+    assert manifest.state_names() == [MODEL, "rank-0", "rank-1"] and "rank-7.json" not in os.listdir(path)
+    assert read_state(path, "rank-1")["rank"] == 1
+
+
+def test_commit_replaces_an_existing_checkpoint(tmp_path):
+    first = save(tmp_path / "last", step=1)
+    save(tmp_path / "last", step=2, safe=False)
+    assert read_manifest(first).global_step == 2 and sorted(os.listdir(first)) == [MANIFEST, "model.pt", "rank-0.pt", "trainer.pt"]
+    assert [p.name for p in tmp_path.iterdir()] == ["last"]
+
+
+def test_remove_checkpoint_deletes_manifest_first(tmp_path, monkeypatch):
+    path = save(tmp_path / "c")
+    monkeypatch.setattr(ckpt.Location, "remove_tree", lambda self: (_ for _ in ()).throw(OSError("crash")))
+    with pytest.raises(OSError, match="crash"):
+        remove_checkpoint(path)
+    monkeypatch.undo()
+    with pytest.warns(UserWarning, match="incomplete"):
+        assert find_last(str(tmp_path)) is None
+    with pytest.raises(CheckpointError, match="force=True"):
+        remove_checkpoint(path)
+    remove_checkpoint(path, force=True)
+    assert not os.path.exists(path)
+    with pytest.raises(FileNotFoundError):
+        remove_checkpoint(path)
+
+
+def test_cleanup_stale_removes_only_old_staging_dirs(tmp_path):
+    good = save(tmp_path / "good")
+    old, young = tmp_path / ".x.tmp-abc", tmp_path / ".y.tmp-def"
+    for d in (old, young, tmp_path / ".keep"):
+        d.mkdir()
+    os.utime(old, (time.time() - 7200,) * 2)
+    os.utime(tmp_path / ".keep", (time.time() - 7200,) * 2)
+    assert cleanup_stale(str(tmp_path), max_age_s=3600) == [str(old)]
+    assert young.exists() and (tmp_path / ".keep").exists() and os.path.exists(good)
+
+
+def test_metadata_is_made_json_and_bad_values_are_refused(tmp_path):
+    path = save_checkpoint(str(tmp_path / "c"), {MODEL: {}}, {"val_loss": torch.tensor(0.5), "np": np.float32(2)})
+    assert read_manifest(path).metadata == {"val_loss": 0.5, "np": 2.0}
+    with pytest.raises(TypeError, match="metadata\\['obj'\\]"):
+        save_checkpoint(str(tmp_path / "d"), {MODEL: {}}, {"obj": object()})
+
+
+@pytest.mark.parametrize(("call", "match"), [
+    (lambda p: begin_checkpoint(p, token="../x"), "token="),
+    (lambda p: begin_checkpoint(os.path.join(p, ".hidden")), "path="),
+    (lambda p: write_state(begin_checkpoint(p), "a/b", {}), "name="),
+    (lambda p: write_state(begin_checkpoint(p), "manifest", {}), "name="),
+])
+def test_bad_arguments_raise_valueerror_naming_them(tmp_path, call, match):
+    with pytest.raises(ValueError, match=match):
+        call(str(tmp_path / "c"))
+
+
+def test_unknown_state_name_lists_what_exists(tmp_path):
+    path = save(tmp_path / "c")
+    with pytest.raises(CheckpointError, match=r"no state 'rank-1'.*\['model', 'rank-0', 'trainer'\]"):
+        read_state(path, "rank-1")
+
+
+def test_unsupported_object_in_state_names_key_path(tmp_path):
+    with pytest.raises(TypeError, match=r"state\['callbacks'\]\['cb'\]"):
+        save_checkpoint(str(tmp_path / "c"), {TRAINER: {"callbacks": {"cb": object()}}})
+
+
+def test_export_safetensors_is_self_contained(tmp_path):
+    from safetensors.torch import load_file
+
+    path = save(tmp_path / "c", safe=False)
+    out = export_safetensors(path, str(tmp_path / "model.safetensors"))
+    loaded = load_file(out)
+    fresh = TiedNet()
+    fresh.load_state_dict(loaded, strict=True)
+    assert fresh.linear1.weight is fresh.linear2.weight
+    assert torch.equal(fresh.linear1.weight, trained(3)[0].linear1.weight)
+
+
+def test_load_weights_is_strict_by_default(tmp_path):
+    path = save(tmp_path / "c")
+    with pytest.raises(RuntimeError, match="Unexpected key"):
+        load_weights(path, torch.nn.Linear(4, 4))
+    assert load_weights(path, torch.nn.Linear(4, 4), strict=False).unexpected_keys
+
+
+@pytest.mark.filterwarnings("ignore:torch.distributed is disabled")
+def test_dcp_layout_is_read_through_the_model_hook(tmp_path):
+    import torch.distributed.checkpoint as dcp
+
+    model = trained()[0]
+    staging = begin_checkpoint(str(tmp_path / "sharded"))
+    dcp.save({"model": model.state_dict()}, checkpoint_id=os.path.join(staging.dir, ckpt.DCP_DIR))
+    rels = [f"{ckpt.DCP_DIR}/{f}" for f in os.listdir(os.path.join(staging.dir, ckpt.DCP_DIR))]
+    path = commit_checkpoint(staging, ckpt.describe_files(staging, rels), layout="dcp", world_size=2, strategy="fsdp")
+    fresh = TiedNet()
+    load_weights(path, fresh)
+    assert torch.equal(fresh.linear1.weight, model.linear1.weight)
+    damage(path, rels[0], "flip")
+    with pytest.raises(CheckpointError, match=rels[0]):
+        load_weights(path, fresh)
+
+
+# ----------------------------------------------------------------------------- fsspec
+
+
+def test_memory_url_roundtrip_discovery_and_removal():
+    import fsspec
+
+    root = f"memory://kiln-test-{new_token()}"
+    try:
+        first = save(f"{root}/epoch=0-step=1", step=1)
+        second = save(f"{root}/epoch=0-step=2", step=2, safe=False)
+        assert find_last(root) == second
+        sd = read_state(first, MODEL)
+        assert sd["linear1.weight"] is sd["linear2.weight"]
+        load_weights(second, TiedNet())
+        export_safetensors(first, f"{root}-export/model.safetensors")
+        remove_checkpoint(second)
+        assert [m.path for m in list_checkpoints(root)] == [first]
+    finally:
+        fsspec.filesystem("memory").rm(root.removeprefix("memory://"), recursive=True)
+
+
+@pytest.fixture(scope="module")
+def s3_endpoint():
+    moto_server = pytest.importorskip("moto.server")
+    pytest.importorskip("s3fs")
+    logging.getLogger("werkzeug").setLevel(logging.ERROR)
+    server = moto_server.ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    try:
+        yield "http://127.0.0.1:%d" % server.get_host_and_port()[1]
+    finally:
+        server.stop()
+
+
+@pytest.fixture
+def s3_bucket(s3_endpoint, monkeypatch):
+    import fsspec
+
+    monkeypatch.setenv("NO_PROXY", "127.0.0.1")
+    monkeypatch.setitem(fsspec.config.conf, "s3", {"client_kwargs": {"endpoint_url": s3_endpoint},
+                                                   "key": "testing", "secret": "testing"})
+    bucket = f"kiln-{new_token()[:12]}"
+    fsspec.filesystem("s3", skip_instance_cache=True).mkdir(bucket)
+    return bucket
+
+
+@pytest.mark.timeout(120)
+def test_s3_roundtrip_on_local_server(s3_bucket):
+    root = f"s3://{s3_bucket}/run/checkpoints"
+    first = save(f"{root}/epoch=0-step=1", step=1)
+    second = save(f"s3://AKIA:se%2Fcret@{s3_bucket}/run/checkpoints/epoch=0-step=2", step=2)
+    assert [m.path for m in list_checkpoints(root)] == [f"{root}/epoch=0-step=2", first]
+    fresh = TiedNet()
+    load_weights(second, fresh)
+    assert fresh.linear1.weight is fresh.linear2.weight
+    save(f"{root}/epoch=0-step=1", step=3, safe=False)  # overwrite in place: manifest last
+    assert read_manifest(first).global_step == 3 and "model.safetensors" not in read_manifest(first).files
+    remove_checkpoint(first)
+    assert find_last(root) == f"{root}/epoch=0-step=2"
+
+
+@pytest.mark.timeout(120)
+def test_credentials_never_appear_in_messages(s3_bucket, tmp_path):
+    secret = "TOPSECRETVALUE"
+    url = f"s3://AKIA:{secret}@{s3_bucket}/nothing/here"
+    with pytest.raises(CheckpointError) as info:
+        read_manifest(url)
+    assert secret not in str(info.value) and "***@" in str(info.value)
+    path = save(f"s3://AKIA:{secret}@{s3_bucket}/ck/c")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert find_last(f"s3://AKIA:{secret}@{s3_bucket}/ck") == path
+    with pytest.raises(CheckpointError) as info:
+        read_state(path, "rank-5")
+    assert secret not in str(info.value)
