@@ -143,6 +143,7 @@ class TrainingBatch:
                 t.grad_norm = strategy.clip_gradients(optimizer, t.gradient_clip_val, t.gradient_clip_algorithm)
             stepped = strategy.optimizer_step(optimizer) and stepped
             strategy.zero_grad(optimizer)
+        self.precision.finish_step()
         t._after_optimizer_step(stepped)
 
 
@@ -214,6 +215,7 @@ def run_manual_batch(t: Trainer, batch: Any, batch_idx: int, is_last: bool, plan
     t.sync_gradients = True
     with t.precision_plugin.forward_context():
         output = t._training_step_fn(batch, batch_idx)
+    t.precision_plugin.finish_step()  # the optimizers stepped in training_step share one scale update
     if isinstance(output, torch.Tensor):
         t.last_loss = output.detach()
     elif isinstance(output, Mapping) and isinstance(output.get("loss"), torch.Tensor):

@@ -52,6 +52,9 @@ class Precision:
         optimizer.step()
         return True
 
+    def finish_step(self) -> None:
+        """Called once every optimizer of an iteration has stepped (the fp16 scaler updates its scale here)."""
+
     def setup_sharded(self) -> None:
         """Called by sharding strategies (FSDP) before the first step, e.g. to swap in a sharded scaler."""
 
@@ -93,6 +96,10 @@ class MixedPrecision(Precision):
     fp16 uses a ``torch.amp.GradScaler`` (exposed as ``.scaler``): the loss is scaled for backward,
     gradients are unscaled once per optimizer step, and a step whose gradients hold inf/NaN is skipped
     while the scale is lowered. bf16 has fp32's exponent range and needs no scaler.
+
+    The scale is updated once per iteration, after every optimizer has stepped (``finish_step``, and at
+    the latest before the next backward): updating after the first of several optimizers would unscale
+    the others' gradients with a scale they were not produced with.
     """
 
     def __init__(self, dtype: torch.dtype, device_type: str = "cpu", scaler: torch.amp.GradScaler | None = None):
@@ -104,34 +111,22 @@ class MixedPrecision(Precision):
         if dtype == torch.float16 and scaler is None:
             scaler = torch.amp.GradScaler(device_type)
         self.scaler = scaler
-        self._unscaled: set[int] = set()
+        self._unscaled: set[int] = set()  # optimizers unscaled since the last scale update
+        self._stepped: set[int] = set()  # optimizers stepped through the scaler since the last update
 
     def set_device_type(self, device_type: str) -> None:
-        """Re-target autocast and the scaler once the strategy knows the device."""
+        """Re-target autocast and the scaler once the strategy knows the device (scaler state is kept)."""
         if device_type == self.device_type:
             return
         self.device_type = device_type
-        if self.scaler is not None and self.scaler._init_growth_tracker is None:
-            old = self.scaler
-            self.scaler = torch.amp.GradScaler(
-                device_type,
-                init_scale=old._init_scale,
-                growth_factor=old._growth_factor,
-                backoff_factor=old._backoff_factor,
-                growth_interval=old._growth_interval,
-                enabled=old._enabled,
-            )
+        if self.scaler is not None:
+            self.scaler = _rebuild_scaler(self.scaler, type(self.scaler), device_type, self)
 
     def setup_sharded(self) -> None:
         if self.scaler is not None and not _is_sharded_scaler(self.scaler):
             from torch.distributed.fsdp.sharded_grad_scaler import ShardedGradScaler
 
-            old = self.scaler
-            self.scaler = ShardedGradScaler(
-                self.device_type,
-                init_scale=old.get_scale() if old._scale is not None else old._init_scale,
-                growth_interval=old._growth_interval,
-            )
+            self.scaler = _rebuild_scaler(self.scaler, ShardedGradScaler, self.device_type, self)
 
     def forward_context(self) -> AbstractContextManager:
         return torch.autocast(self.device_type, dtype=self.dtype)
@@ -139,8 +134,9 @@ class MixedPrecision(Precision):
     def backward(self, loss: torch.Tensor) -> None:
         if self.scaler is None:
             loss.backward()
-        else:
-            self.scaler.scale(loss).backward()
+            return
+        self.finish_step()  # gradients of a new iteration are scaled with the updated scale
+        self.scaler.scale(loss).backward()
 
     def unscale_gradients(self, optimizer: torch.optim.Optimizer) -> None:
         if self.scaler is not None and id(optimizer) not in self._unscaled:
@@ -152,25 +148,52 @@ class MixedPrecision(Precision):
         if scaler is None:
             optimizer.step()
             return True
+        if id(optimizer) in self._stepped:  # stepped again without a backward in between
+            self.finish_step()
         self.unscale_gradients(optimizer)
         found_inf = scaler._per_optimizer_states[id(optimizer)]["found_inf_per_device"]
-        # GradScaler.step already synchronised on these flags, so reading them again is free.
+        if not found_inf:  # no parameter has a gradient: nothing to check, and the scaler refuses to step
+            scaler._per_optimizer_states.pop(id(optimizer), None)
+            self._unscaled.discard(id(optimizer))
+            optimizer.step()
+            return True
+        # One host sync per optimizer step; GradScaler.step makes the same one.
         skipped = any(flag.item() for flag in found_inf.values())
         scaler.step(optimizer)
-        scaler.update()
-        self._unscaled.discard(id(optimizer))
+        self._stepped.add(id(optimizer))
         return not skipped
 
+    def finish_step(self) -> None:
+        if self._stepped:
+            self.scaler.update()
+            self._stepped.clear()
+            self._unscaled.clear()
+
     def state_dict(self) -> dict[str, Any]:
-        return {"scaler": self.scaler.state_dict()} if self.scaler is not None else {}
+        if self.scaler is None:
+            return {}
+        self.finish_step()
+        return {"scaler": self.scaler.state_dict()}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         if self.scaler is not None and state_dict.get("scaler"):
+            self.finish_step()
             self.scaler.load_state_dict(state_dict["scaler"])
 
 
 def _is_sharded_scaler(scaler: Any) -> bool:
     return type(scaler).__name__ == "ShardedGradScaler"
+
+
+def _rebuild_scaler(old: torch.amp.GradScaler, cls: type, device_type: str,
+                    plugin: MixedPrecision) -> torch.amp.GradScaler:
+    """A scaler of ``cls`` on ``device_type`` carrying ``old``'s scale, growth tracker and factors."""
+    plugin.finish_step()
+    new = cls(device_type, enabled=old.is_enabled())
+    state = old.state_dict()
+    if state:
+        new.load_state_dict(state)
+    return new
 
 
 def _cast_floats(batch: Any, dtype: torch.dtype) -> Any:
