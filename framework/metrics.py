@@ -31,6 +31,9 @@ class MetricCollector:
         self.dataloader_suffix = ""
         self.step_values: dict[str, torch.Tensor] = {}  # latest step-level values (train)
         self.epoch_values: dict[str, torch.Tensor] = {}  # finished epoch-level values
+        # What callbacks see: the latest value under every name, kept across stages (Lightning's model), so a
+        # training value stays visible during validation and a bare name follows its newest step/epoch value.
+        self._callback: dict[str, torch.Tensor] = {}
         self.prog_bar_keys: set[str] = set()
         self._epoch_items: dict[str, tuple[list, list, str, bool]] = {}  # name -> (values, weights, fx, sync)
         self._metrics: dict[str, tuple[Any, bool]] = {}  # name -> (torchmetrics.Metric, sync_dist)
@@ -84,6 +87,9 @@ class MetricCollector:
         if sync_dist and self.reduce is not None:
             value = self.reduce(value.float(), "mean")
         self.step_values[key] = value
+        self._callback[key] = value
+        if also_epoch:
+            self._callback[name] = value
 
     # ---- called by the loops ---------------------------------------------------------------------
     def start_stage(self, stage: str) -> None:
@@ -117,28 +123,22 @@ class MetricCollector:
                 if sync and self.reduce is not None:
                     value = self.reduce(value, fx)
             out[self._epoch_key(name)] = value
+            self._callback[name] = value
         for name, (metric, _sync) in self._metrics.items():
             # torchmetrics synchronises across ranks inside compute() when a process group exists.
-            out[self._epoch_key(name)] = metric.compute().detach()
+            out[self._epoch_key(name)] = self._callback[name] = metric.compute().detach()
             metric.reset()
         self._epoch_items.clear()
         self._metrics.clear()
         self.epoch_values.update(out)
+        self._callback.update(out)
         return out
 
     def _epoch_key(self, name: str) -> str:
         return name + "_epoch" if (name + "_step") in self.step_values and self.stage == _TRAIN else name
 
     def callback_metrics(self) -> dict[str, torch.Tensor]:
-        merged = dict(self.epoch_values)
-        for key, value in self.step_values.items():
-            merged[key] = value
-            if key.endswith("_step"):
-                merged.setdefault(key[:-5], value)
-        for key, value in self.epoch_values.items():
-            if key.endswith("_epoch"):
-                merged[key[:-6]] = value
-        return merged
+        return dict(self._callback)
 
     def progress_bar_metrics(self) -> dict[str, torch.Tensor]:
         metrics = self.callback_metrics()
