@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import numbers
 import sys
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import torch
 
@@ -36,7 +37,7 @@ class MetricCollector:
         self._callback: dict[str, torch.Tensor] = {}
         self.prog_bar_keys: set[str] = set()
         self._epoch_items: dict[str, tuple[list, list, str, bool]] = {}  # name -> (values, weights, fx, sync)
-        self._metrics: dict[str, tuple[Any, bool]] = {}  # name -> (torchmetrics.Metric, sync_dist)
+        self._metrics: dict[str, tuple[Any, bool]] = {}  # name -> (torchmetrics.Metric, on_epoch)
         self._sync_step: set[str] = set()
         self.reduce: Callable[[torch.Tensor, str], torch.Tensor] | None = None  # strategy all_reduce
 
@@ -60,8 +61,9 @@ class MetricCollector:
                 cached = getattr(value, "_forward_cache", None)
                 if isinstance(cached, torch.Tensor):
                     self._store_step(name, cached.detach(), on_epoch, sync_dist)
-            if on_epoch:
-                self._metrics[name] = (value, sync_dist)
+            # Step-only metrics are registered too: every logged Metric is reset at epoch end, as in Lightning.
+            if on_epoch or name not in self._metrics:
+                self._metrics[name] = (value, on_epoch)
             return
         if isinstance(value, torch.Tensor):
             if value.numel() != 1:
@@ -124,9 +126,11 @@ class MetricCollector:
                     value = self.reduce(value, fx)
             out[self._epoch_key(name)] = value
             self._callback[name] = value
-        for name, (metric, _sync) in self._metrics.items():
+        for name, (metric, on_epoch) in self._metrics.items():
             # torchmetrics synchronises across ranks inside compute() when a process group exists.
-            out[self._epoch_key(name)] = self._callback[name] = metric.compute().detach()
+            if on_epoch:
+                out[self._epoch_key(name)] = self._callback[name] = metric.compute().detach()
+        for metric in {id(m): m for m, _ in self._metrics.values()}.values():  # after every compute
             metric.reset()
         self._epoch_items.clear()
         self._metrics.clear()
