@@ -1,0 +1,301 @@
+"""self.log aggregation: defaults, step/epoch keys, batch_size weighting, reducers, torchmetrics, dataloader
+suffixes, callback_metrics/logged_metrics, log_every_n_steps, and no host syncs on non-logging steps."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch.utils.data import DataLoader, TensorDataset
+
+from callbacks import Callback
+from framework import TrainModule
+from framework.loggers import Logger
+from framework.metrics import MetricCollector
+
+torchmetrics = pytest.importorskip("torchmetrics")
+
+
+class RecordingLogger(Logger):
+    def __init__(self) -> None:
+        self.records: list[tuple[int, dict[str, float]]] = []
+
+    def log_metrics(self, metrics, step):
+        self.records.append((step, dict(metrics)))
+
+
+def ranged_loader(start: float = 0.0, n: int = 10, batch_size: int = 4) -> DataLoader:
+    """x = start, start+1, ..., one value per sample: batch statistics are easy to compute by hand."""
+    x = torch.arange(n, dtype=torch.float32) + start
+    return DataLoader(TensorDataset(x), batch_size=batch_size)
+
+
+class Stats(TrainModule):
+    """Logs statistics of its input batches in every way self.log offers."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.w = torch.nn.Parameter(torch.ones(()))
+        self.mean_metric = torchmetrics.MeanMetric()
+
+    def training_step(self, batch, batch_idx):
+        (x,) = batch
+        self.log("x_mean", x.mean())
+        self.log("x_both", x.mean(), on_epoch=True)
+        self.log("x_epoch_only", x.mean(), on_step=False, on_epoch=True, batch_size=len(x))
+        return (self.w * x).mean()
+
+    def validation_step(self, batch, batch_idx, dataloader_idx=0):
+        (x,) = batch
+        self.log("mean", x.mean())  # default: epoch mean of batch means
+        self.log("weighted", x.mean(), batch_size=len(x))
+        self.log("total", x.sum(), reduce_fx="sum")
+        self.log("largest", x.max(), reduce_fx="max")
+        self.log("smallest", x.min(), reduce_fx="min")
+        self.log("count", 1)  # a plain number
+        self.mean_metric.update(x)
+        self.log("metric", self.mean_metric)
+
+    test_step = validation_step
+
+    def on_validation_epoch_end(self):
+        self.log("from_hook", 7.0)
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.0)
+
+
+def expected_eval(start: float, n: int = 10, batch_size: int = 4) -> dict[str, float]:
+    x = torch.arange(n, dtype=torch.float64) + start
+    batches = list(x.split(batch_size))
+    return {
+        "mean": sum(float(b.mean()) for b in batches) / len(batches),
+        "weighted": float(x.mean()),
+        "total": float(x.sum()),
+        "largest": float(x.max()),
+        "smallest": float(x.min()),
+        "count": 1.0,
+        "metric": float(x.mean()),  # MeanMetric weights every element
+    }
+
+
+def test_validate_returns_hand_computed_epoch_values(make_trainer):
+    results = make_trainer().validate(Stats(), ranged_loader())
+    assert len(results) == 1
+    assert results[0] == pytest.approx({**expected_eval(0.0), "from_hook": 7.0})
+    assert all(isinstance(v, float) for v in results[0].values())
+
+
+def test_test_returns_hand_computed_epoch_values(make_trainer):
+    [result] = make_trainer().test(Stats(), ranged_loader(5.0, n=7, batch_size=3))
+    assert result == pytest.approx(expected_eval(5.0, n=7, batch_size=3))
+
+
+def test_multiple_dataloaders_get_suffixes(make_trainer):
+    results = make_trainer().validate(Stats(), [ranged_loader(), ranged_loader(100.0, n=6, batch_size=5)])
+    assert len(results) == 2
+    for idx, expected in enumerate([expected_eval(0.0), expected_eval(100.0, n=6, batch_size=5)]):
+        suffixed = {f"{k}/dataloader_idx_{idx}": v for k, v in expected.items()}
+        # the shared metric object is logged under loader 0 and 1: it is computed and reset per loader
+        assert results[idx] == pytest.approx({**suffixed, "from_hook": 7.0})
+
+
+def test_torchmetric_is_reset_after_each_epoch(make_trainer):
+    module = Stats()
+    trainer = make_trainer()
+    first = trainer.validate(module, ranged_loader())[0]["metric"]
+    second = trainer.validate(module, ranged_loader(50.0))[0]["metric"]
+    assert (first, second) == pytest.approx((4.5, 54.5))  # not (4.5, 29.5): state did not carry over
+    assert module.mean_metric.update_count == 0
+
+
+def test_training_defaults_and_step_epoch_keys(make_trainer):
+    logger = RecordingLogger()
+    trainer = make_trainer(max_epochs=1, logger=logger, log_every_n_steps=1)
+    trainer.fit(Stats(), ranged_loader())  # batches [0..3] [4..7] [8, 9]
+    metrics = trainer.callback_metrics
+    assert metrics["x_mean"] == pytest.approx(8.5)  # last step's value
+    assert "x_mean_epoch" not in metrics and "x_mean_step" not in metrics
+    assert metrics["x_both_step"] == pytest.approx(8.5)
+    assert metrics["x_both_epoch"] == pytest.approx((1.5 + 5.5 + 8.5) / 3)
+    assert metrics["x_both"] == metrics["x_both_epoch"]  # the bare name follows the epoch value after the epoch
+    assert metrics["x_epoch_only"] == pytest.approx(4.5)
+    steps = [(step, m) for step, m in logger.records if "x_mean" in m]
+    assert [step for step, _ in steps] == [1, 2, 3]
+    assert [m["x_mean"] for _, m in steps] == pytest.approx([1.5, 5.5, 8.5])
+    assert all("x_both_step" in m and "x_both_epoch" not in m for _, m in steps)
+    epoch_rows = [m for _, m in logger.records if "x_both_epoch" in m]
+    assert epoch_rows == [pytest.approx({"x_both_epoch": 31 / 6, "x_epoch_only": 4.5, "epoch": 0.0})]
+
+
+def test_logged_metrics_is_what_the_loggers_received(make_trainer):
+    logger = RecordingLogger()
+    trainer = make_trainer(logger=logger, log_every_n_steps=1)
+    trainer.fit(Stats(), ranged_loader(), ranged_loader())
+    received = {}
+    for _, metrics in logger.records:
+        received.update(metrics)
+    received.pop("epoch")
+    assert set(trainer.logged_metrics) == set(received)
+    assert {k: float(v) for k, v in trainer.logged_metrics.items()} == pytest.approx(received)
+    assert trainer.logged_metrics["mean"] == pytest.approx(expected_eval(0.0)["mean"])
+
+
+def test_callback_metrics_visible_to_callbacks(make_trainer):
+    seen = {}
+
+    class Peek(Callback):
+        def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx):
+            seen.setdefault("batch", dict(trainer.callback_metrics))
+
+        def on_validation_end(self, trainer, module):
+            seen["validation"] = dict(trainer.callback_metrics)
+
+    make_trainer(callbacks=[Peek()]).fit(Stats(), ranged_loader(), ranged_loader())
+    assert seen["batch"]["x_mean"] == pytest.approx(1.5)
+    assert seen["validation"]["weighted"] == pytest.approx(4.5)
+    assert seen["validation"]["x_mean"] == pytest.approx(8.5)  # training values stay visible during validation
+
+
+def test_bare_name_follows_the_newest_value(make_trainer):
+    seen = []
+
+    class Peek(Callback):
+        def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx):
+            seen.append((trainer.current_epoch, float(trainer.callback_metrics["x_both"])))
+
+    make_trainer(max_epochs=2, callbacks=[Peek()]).fit(Stats(), ranged_loader())
+    # in epoch 1 the bare name is the latest step value again, not epoch 0's mean (31/6)
+    assert [epoch for epoch, _ in seen] == [0, 0, 0, 1, 1, 1]
+    assert [value for _, value in seen] == pytest.approx([1.5, 5.5, 8.5] * 2)
+
+
+@pytest.mark.parametrize("every", [1, 2, 4, 50])
+def test_log_every_n_steps(make_trainer, every):
+    logger = RecordingLogger()
+    trainer = make_trainer(max_epochs=2, logger=logger, log_every_n_steps=every)
+    trainer.fit(Stats(), ranged_loader(n=20))  # 5 steps per epoch
+    step_rows = [step for step, m in logger.records if "x_mean" in m]
+    assert step_rows == [s for s in range(1, 11) if s % every == 0]
+
+
+def test_step_metrics_of_torchmetric_use_forward_value(make_trainer):
+    class M(Stats):
+        def training_step(self, batch, batch_idx):
+            (x,) = batch
+            self.mean_metric(x)  # forward: batch value cached, state accumulated
+            self.log("tm", self.mean_metric, on_step=True, on_epoch=True)
+            return (self.w * x).mean()
+
+    trainer = make_trainer(max_epochs=1)
+    module = M()
+    trainer.fit(module, ranged_loader())
+    assert trainer.callback_metrics["tm_step"] == pytest.approx(8.5)
+    assert trainer.callback_metrics["tm_epoch"] == pytest.approx(4.5)
+    assert module.mean_metric.update_count == 0
+
+
+def test_step_only_torchmetric_is_reset_at_epoch_end(make_trainer):
+    class M(Stats):
+        def training_step(self, batch, batch_idx):
+            (x,) = batch
+            self.log("tm", self.mean_metric(x))  # logs the forward value tensor
+            self.log("tm_obj", self.mean_metric)  # and the Metric object, step only
+            return (self.w * x).mean()
+
+    module = M()
+    make_trainer(max_epochs=2).fit(module, ranged_loader())
+    assert module.mean_metric.update_count == 0  # otherwise its state grows across epochs forever
+
+
+def test_one_torchmetric_under_two_names_is_computed_before_reset(make_trainer):
+    class M(Stats):
+        def validation_step(self, batch, batch_idx):
+            self.mean_metric.update(batch[0])
+            self.log("first", self.mean_metric)
+            self.log("second", self.mean_metric)
+
+    [result] = make_trainer().validate(M(), ranged_loader())
+    assert (result["first"], result["second"]) == pytest.approx((4.5, 4.5))
+
+
+# ---- bad input to self.log ------------------------------------------------------------------------------
+@pytest.mark.parametrize(("value", "kwargs", "error", "words"), [
+    (torch.ones(3), {}, ValueError, ["'bad'", "shape (3,)", "log a scalar"]),
+    ("high", {}, TypeError, ["'bad'", "value='high'", "number, a scalar tensor or a torchmetrics.Metric"]),
+    (None, {}, TypeError, ["value=None"]),
+    (1.0, {"on_step": False, "on_epoch": False}, ValueError, ["would log nothing"]),
+    (1.0, {"reduce_fx": "median"}, ValueError, ["reduce_fx='median'", "'mean'"]),
+])
+def test_bad_log_calls(value, kwargs, error, words):
+    collector = MetricCollector()
+    with pytest.raises(error) as info:
+        collector.log("bad", value, kwargs.get("on_step"), kwargs.get("on_epoch"), False, False,
+                      kwargs.get("reduce_fx", "mean"), None)
+    for word in words:
+        assert word in str(info.value)
+
+
+def test_log_outside_a_run_explains():
+    with pytest.raises(RuntimeError, match="outside a Trainer run"):
+        Stats().log("x", 1.0)
+
+
+def test_log_dict_passes_options(make_trainer):
+    class M(Stats):
+        def validation_step(self, batch, batch_idx):
+            (x,) = batch
+            self.log_dict({"a": x.sum(), "b": x.max()}, reduce_fx="sum")
+
+    assert make_trainer().validate(M(), ranged_loader()) == [pytest.approx({"a": 45.0, "b": 3 + 7 + 9,
+                                                                            "from_hook": 7.0})]
+
+
+def test_prog_bar_metrics(make_trainer):
+    class M(Stats):
+        def training_step(self, batch, batch_idx):
+            self.log("shown", 1.0, prog_bar=True, on_epoch=True)
+            self.log("hidden", 2.0)
+            return super().training_step(batch, batch_idx)
+
+    trainer = make_trainer()
+    trainer.fit(M(), ranged_loader())
+    assert set(trainer.progress_bar_metrics) == {"shown", "shown_step", "shown_epoch"}
+
+
+# ---- no host synchronisation per step -----------------------------------------------------------------------
+SYNCING = ("item", "tolist", "cpu", "__bool__", "__float__", "__int__", "numpy")
+
+
+@pytest.fixture
+def sync_counter(monkeypatch):
+    """Counts calls of Tensor methods that copy a value to the host."""
+    counter = {"n": 0}
+    for name in SYNCING:
+        original = getattr(torch.Tensor, name)
+
+        def counting(self, *args, _original=original, **kwargs):
+            counter["n"] += 1
+            return _original(self, *args, **kwargs)
+
+        monkeypatch.setattr(torch.Tensor, name, counting)
+    return counter
+
+
+class SyncsPerBatch(Callback):
+    def __init__(self, counter):
+        self.counter, self.at_start = counter, []
+
+    def on_train_batch_start(self, trainer, module, batch, batch_idx):
+        self.at_start.append(self.counter["n"])
+
+
+@pytest.mark.parametrize(("logger", "every", "expected_logging_batches"), [
+    (False, 1, []), (True, 3, [2, 5, 8])])
+def test_no_host_sync_on_steps_without_logger_writes(make_trainer, make_loader, tiny_module_cls, sync_counter,
+                                                     logger, every, expected_logging_batches):
+    probe = SyncsPerBatch(sync_counter)
+    trainer = make_trainer(max_epochs=1, callbacks=[probe], logger=RecordingLogger() if logger else False,
+                           log_every_n_steps=every, gradient_clip_val=1.0)
+    trainer.fit(tiny_module_cls(), make_loader(44, batch_size=4))  # 11 batches, loss logged every step
+    syncs = [b - a for a, b in zip(probe.at_start, probe.at_start[1:])]  # syncs during batch i (i < 10)
+    assert [i for i, n in enumerate(syncs) if n] == expected_logging_batches
