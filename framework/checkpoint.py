@@ -46,8 +46,7 @@ __all__ = [
     "CheckpointError", "FileEntry", "Manifest", "Staging", "MODEL", "TRAINER", "MANIFEST", "redact",
     "rank_state_name", "new_token", "begin_checkpoint", "write_state", "describe_files",
     "commit_checkpoint", "save_checkpoint", "read_manifest", "read_state", "verify_checkpoint",
-    "list_checkpoints", "find_last", "remove_checkpoint", "cleanup_stale", "read_model_state",
-    "load_weights", "export_safetensors", "AsyncCheckpointWriter",
+    "list_checkpoints", "find_last", "remove_checkpoint", "cleanup_stale", "AsyncCheckpointWriter",
 ]
 
 FORMAT = "kiln-checkpoint"
@@ -112,7 +111,8 @@ def new_token() -> str:
     return uuid.uuid4().hex
 
 
-def _fail(path: str, msg: str) -> CheckpointError:
+def checkpoint_error(path: str, msg: str) -> CheckpointError:
+    """CheckpointError naming the (redacted) checkpoint."""
     return CheckpointError(f"checkpoint {redact(path)}: {msg}")
 
 
@@ -148,7 +148,8 @@ def begin_checkpoint(path: str, token: str | None = None) -> Staging:
     return Staging(target=path, dir=path, token=token)
 
 
-def _write_file(loc: Location, write: Any, fsync: bool) -> tuple[int, str]:
+def write_file(loc: Location, write: Any, fsync: bool = False) -> tuple[int, str]:
+    """Write one file via ``write(f, hasher) -> size``; returns (size, checksum)."""
     hasher = tensor_files.StreamHasher()
     with loc.open("wb") as f:
         size = write(f, hasher)
@@ -170,7 +171,7 @@ def write_state(staging: Staging, name: str, tree: Any, *, safe_serialization: b
     tensors, skeleton = flatten_state(tree)
     root = locate(staging.dir)
     if not safe_serialization:
-        size, digest = _write_file(root.join(f"{name}.pt"),
+        size, digest = write_file(root.join(f"{name}.pt"),
                                    lambda f, h: tensor_files.write_pt(f, tensors, skeleton, h), fsync)
         return [FileEntry(path=f"{name}.pt", size=size, checksum=digest)]
     skeleton_bytes = skeleton_to_json(skeleton)
@@ -180,9 +181,9 @@ def write_state(staging: Staging, name: str, tree: Any, *, safe_serialization: b
         hasher.update(skeleton_bytes)
         return len(skeleton_bytes)
 
-    size, digest = _write_file(root.join(f"{name}.safetensors"),
+    size, digest = write_file(root.join(f"{name}.safetensors"),
                                lambda f, h: tensor_files.write_safetensors(f, tensors, h), fsync)
-    json_size, json_digest = _write_file(root.join(f"{name}.json"), write_skeleton, fsync)
+    json_size, json_digest = write_file(root.join(f"{name}.json"), write_skeleton, fsync)
     return [FileEntry(path=f"{name}.safetensors", size=size, checksum=digest),
             FileEntry(path=f"{name}.json", size=json_size, checksum=json_digest)]
 
@@ -208,7 +209,7 @@ def _jsonable(metadata: Mapping[str, Any]) -> dict[str, Any]:
     def convert(value: Any, key: str) -> Any:
         if isinstance(value, torch.Tensor) and value.numel() == 1:
             return value.item()
-        if hasattr(value, "item") and type(value).__module__ == "numpy":
+        if type(value).__module__ == "numpy" and getattr(value, "ndim", None) == 0:
             return value.item()
         if isinstance(value, Mapping):
             return {str(k): convert(v, f"{key}.{k}") for k, v in value.items()}
@@ -246,7 +247,7 @@ def commit_checkpoint(staging: Staging, entries: Iterable[Mapping[str, Any]],
     sizes = root.file_sizes()
     for e in entries:
         if sizes.get(e["path"]) != e["size"]:
-            raise _fail(staging.target, f"file {e['path']} in the staging dir has size {sizes.get(e['path'])}, "
+            raise checkpoint_error(staging.target, f"file {e['path']} in the staging dir has size {sizes.get(e['path'])}, "
                                         f"but its entry says {e['size']} (did every rank finish writing?)")
     for rel in set(sizes) - seen:
         root.join(rel).remove_file(missing_ok=True)
@@ -255,7 +256,7 @@ def commit_checkpoint(staging: Staging, entries: Iterable[Mapping[str, Any]],
            "metadata": _jsonable(metadata or {}), "files": sorted(entries, key=lambda e: e["path"])}
     doc["checksum"] = _manifest_checksum(doc, tensor_files.default_algorithm())
     data = json.dumps(doc, indent=1).encode()
-    _write_file(root.join(MANIFEST), lambda f, h: f.write(data), fsync)
+    write_file(root.join(MANIFEST), lambda f, h: f.write(data), fsync)
     if root.is_local:
         locate(staging.target).replace_with(root, staging.token, fsync=fsync)
     return staging.target
@@ -298,7 +299,7 @@ def _parse_manifest(path: str, data: bytes) -> Manifest:
                             strategy=str(doc["strategy"]), layout=str(doc["layout"]), created=float(doc["created"]),
                             metadata=dict(doc["metadata"]), files=files)
     except (ValueError, KeyError, TypeError, AttributeError) as exc:
-        raise _fail(path, f"{MANIFEST} is invalid: {exc}") from None
+        raise checkpoint_error(path, f"{MANIFEST} is invalid: {exc}") from None
     return manifest
 
 
@@ -309,11 +310,13 @@ def read_manifest(path: str) -> Manifest:
         data = loc.join(MANIFEST).read_bytes()
     except FileNotFoundError:
         reason = "it does not exist" if not loc.exists() else f"it has no {MANIFEST} (incomplete or not a checkpoint)"
-        raise _fail(path, reason) from None
+        raise checkpoint_error(path, reason) from None
     return _parse_manifest(path, data)
 
 
-class _NoHash:
+class NoHash:
+    """Stand-in hasher for unverified reads."""
+
     algorithm = "none"
 
     def update(self, data: Any) -> None:
@@ -327,16 +330,16 @@ def _read_file(path: str, manifest: Manifest, rel: str, reader: Any, verify: boo
         with loc.open("rb") as f:
             size = loc.size_of_open(f)
             if size != entry["size"]:
-                raise _fail(path, f"file {rel} is damaged: it has {size} bytes, the manifest says {entry['size']} "
+                raise checkpoint_error(path, f"file {rel} is damaged: it has {size} bytes, the manifest says {entry['size']} "
                                   "(truncated or overwritten)")
-            hasher = tensor_files.StreamHasher(tensor_files.split_checksum(entry["checksum"])) if verify else _NoHash()
+            hasher = tensor_files.StreamHasher(tensor_files.split_checksum(entry["checksum"])) if verify else NoHash()
             result = reader(f, size, hasher)
     except FileNotFoundError:
-        raise _fail(path, f"file {rel} listed in the manifest is missing") from None
+        raise checkpoint_error(path, f"file {rel} listed in the manifest is missing") from None
     except ValueError as exc:
-        raise _fail(path, f"file {rel} is damaged or unreadable: {exc}") from None
+        raise checkpoint_error(path, f"file {rel} is damaged or unreadable: {exc}") from None
     if verify and hasher.hexdigest() != entry["checksum"]:
-        raise _fail(path, f"file {rel} is damaged: its checksum does not match the manifest")
+        raise checkpoint_error(path, f"file {rel} is damaged: its checksum does not match the manifest")
     return result
 
 
@@ -345,17 +348,17 @@ def read_state(path: str, name: str, manifest: Manifest | None = None, *, verify
     manifest = manifest if manifest is not None else read_manifest(path)
     if f"{name}.safetensors" in manifest.files:
         if f"{name}.json" not in manifest.files:
-            raise _fail(path, f"state {name!r} has no {name}.json skeleton")
+            raise checkpoint_error(path, f"state {name!r} has no {name}.json skeleton")
         skeleton = _read_file(path, manifest, f"{name}.json",
                               lambda f, size, h: _read_json_skeleton(f, size, h), verify)
         tensors = _read_file(path, manifest, f"{name}.safetensors", tensor_files.read_safetensors, verify)
         try:
             return unflatten_state(skeleton, tensors)
         except ValueError as exc:
-            raise _fail(path, f"file {name}.json does not match {name}.safetensors: {exc}") from None
+            raise checkpoint_error(path, f"file {name}.json does not match {name}.safetensors: {exc}") from None
     if f"{name}.pt" in manifest.files:
         return _read_file(path, manifest, f"{name}.pt", tensor_files.read_pt, verify)
-    raise _fail(path, f"it has no state {name!r}; it holds {manifest.state_names()}")
+    raise checkpoint_error(path, f"it has no state {name!r}; it holds {manifest.state_names()}")
 
 
 def _read_json_skeleton(f: Any, size: int, hasher: Any) -> Any:
@@ -387,7 +390,7 @@ def _check_sizes(path: str, manifest: Manifest) -> None:
     for rel, entry in manifest.files.items():
         if sizes.get(rel) != entry["size"]:
             found = "missing" if rel not in sizes else f"{sizes[rel]} bytes"
-            raise _fail(path, f"file {rel} is {found}, the manifest says {entry['size']} bytes")
+            raise checkpoint_error(path, f"file {rel} is {found}, the manifest says {entry['size']} bytes")
 
 
 def list_checkpoints(dirpath: str) -> list[Manifest]:
@@ -428,7 +431,7 @@ def remove_checkpoint(path: str, *, force: bool = False) -> None:
     elif not loc.exists():
         raise FileNotFoundError(f"checkpoint {redact(path)} does not exist")
     elif not force:
-        raise _fail(path, f"it has no {MANIFEST}, so it may not be a checkpoint; pass force=True to delete it")
+        raise checkpoint_error(path, f"it has no {MANIFEST}, so it may not be a checkpoint; pass force=True to delete it")
     loc.remove_tree()
 
 
@@ -442,68 +445,3 @@ def cleanup_stale(dirpath: str, max_age_s: float = 3600.0) -> list[str]:
             stale.remove_tree()
             removed.append(stale.url)
     return removed
-
-
-# ----------------------------------------------------------------------------- consolidation
-
-
-def read_model_state(path: str, manifest: Manifest | None = None, *, verify: bool = True) -> dict[str, Any]:
-    """The full module state dict of any Kiln checkpoint, on CPU.
-
-    This is the one place that knows checkpoint layouts: ``"full"`` stores ``model.*``; sharded
-    layouts are read by ``_read_dcp_model_state`` (extend the dispatch here for new layouts).
-    """
-    manifest = manifest if manifest is not None else read_manifest(path)
-    if manifest.layout == "full":
-        state = read_state(path, MODEL, manifest, verify=verify)
-    elif manifest.layout == "dcp":
-        state = _read_dcp_model_state(path, manifest, verify=verify)
-    else:
-        raise _fail(path, f"its layout {manifest.layout!r} is unknown to this Kiln; upgrade Kiln")
-    if not isinstance(state, Mapping):
-        raise _fail(path, f"its model state is a {type(state).__qualname__}, not a state dict")
-    return dict(state)
-
-
-DCP_DIR = "dcp"
-DCP_MODEL_KEY = "model"
-
-
-def _read_dcp_model_state(path: str, manifest: Manifest, *, verify: bool) -> dict[str, Any]:
-    """Layout ``"dcp"``: files under ``dcp/`` written by torch.distributed.checkpoint.save of a dict
-    whose ``"model"`` entry is the module state dict. Loaded without a process group."""
-    from torch.distributed.checkpoint.state_dict_loader import _load_state_dict_from_keys
-
-    if verify:
-        verify_checkpoint(path, manifest)
-    loc = locate(path).join(DCP_DIR)
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message="torch.distributed is .*unavailable")  # one process: intended
-        if loc.is_local:
-            loaded = _load_state_dict_from_keys({DCP_MODEL_KEY}, checkpoint_id=loc.url)
-        else:
-            from torch.distributed.checkpoint import FsspecReader
-
-            loaded = _load_state_dict_from_keys({DCP_MODEL_KEY}, storage_reader=FsspecReader(loc.url))
-    return loaded[DCP_MODEL_KEY]
-
-
-def load_weights(path: str, module: torch.nn.Module, *, strict: bool = True, verify: bool = True) -> Any:
-    """Load a checkpoint's model weights into a plain ``nn.Module`` (returns load_state_dict's result)."""
-    return module.load_state_dict(read_model_state(path, verify=verify), strict=strict)
-
-
-def export_safetensors(path: str, out_file: str, *, verify: bool = True) -> str:
-    """Write the checkpoint's model weights as one self-contained ``model.safetensors``.
-
-    Tied weights are written under each of their keys, so the file loads with
-    ``safetensors.torch.load_file`` + ``load_state_dict(strict=True)``.
-    """
-    state = read_model_state(path, verify=verify)
-    tensors = {k: v for k, v in state.items() if isinstance(v, torch.Tensor)}
-    skipped = sorted(str(k) for k in state.keys() - tensors.keys())
-    if skipped:
-        warnings.warn(f"export_safetensors: skipping non-tensor model entries {skipped}", stacklevel=2)
-    out = locate(out_file)
-    _write_file(out, lambda f, h: tensor_files.write_safetensors(f, tensors, _NoHash()), fsync=False)
-    return out_file

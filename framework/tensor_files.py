@@ -11,6 +11,7 @@ from __future__ import annotations
 import io
 import json
 import math
+import os
 import threading
 import zlib
 from collections.abc import Callable
@@ -71,6 +72,15 @@ def default_algorithm() -> str:
 _executor: ThreadPoolExecutor | None = None
 _executor_lock = threading.Lock()
 _SMALL = 1 << 20
+
+
+def _forget_executor_after_fork() -> None:
+    global _executor
+    _executor = None  # its thread does not exist in a forked child
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_forget_executor_after_fork)
 
 
 def _hash_executor() -> ThreadPoolExecutor:

@@ -22,10 +22,8 @@ from framework.checkpoint import (
     begin_checkpoint,
     cleanup_stale,
     commit_checkpoint,
-    export_safetensors,
     find_last,
     list_checkpoints,
-    load_weights,
     new_token,
     rank_state_name,
     read_manifest,
@@ -34,6 +32,7 @@ from framework.checkpoint import (
     save_checkpoint,
     write_state,
 )
+from framework.consolidate import export_safetensors, load_weights
 
 
 class TiedNet(torch.nn.Module):
@@ -358,42 +357,6 @@ def test_unsupported_object_in_state_names_key_path(tmp_path):
         save_checkpoint(str(tmp_path / "c"), {TRAINER: {"callbacks": {"cb": object()}}})
 
 
-def test_export_safetensors_is_self_contained(tmp_path):
-    from safetensors.torch import load_file
-
-    path = save(tmp_path / "c", safe=False)
-    out = export_safetensors(path, str(tmp_path / "model.safetensors"))
-    loaded = load_file(out)
-    fresh = TiedNet()
-    fresh.load_state_dict(loaded, strict=True)
-    assert fresh.linear1.weight is fresh.linear2.weight
-    assert torch.equal(fresh.linear1.weight, trained(3)[0].linear1.weight)
-
-
-def test_load_weights_is_strict_by_default(tmp_path):
-    path = save(tmp_path / "c")
-    with pytest.raises(RuntimeError, match="Unexpected key"):
-        load_weights(path, torch.nn.Linear(4, 4))
-    assert load_weights(path, torch.nn.Linear(4, 4), strict=False).unexpected_keys
-
-
-@pytest.mark.filterwarnings("ignore:torch.distributed is disabled")
-def test_dcp_layout_is_read_through_the_model_hook(tmp_path):
-    import torch.distributed.checkpoint as dcp
-
-    model = trained()[0]
-    staging = begin_checkpoint(str(tmp_path / "sharded"))
-    dcp.save({"model": model.state_dict()}, checkpoint_id=os.path.join(staging.dir, ckpt.DCP_DIR))
-    rels = [f"{ckpt.DCP_DIR}/{f}" for f in os.listdir(os.path.join(staging.dir, ckpt.DCP_DIR))]
-    path = commit_checkpoint(staging, ckpt.describe_files(staging, rels), layout="dcp", world_size=2, strategy="fsdp")
-    fresh = TiedNet()
-    load_weights(path, fresh)
-    assert torch.equal(fresh.linear1.weight, model.linear1.weight)
-    damage(path, rels[0], "flip")
-    with pytest.raises(CheckpointError, match=rels[0]):
-        load_weights(path, fresh)
-
-
 # ----------------------------------------------------------------------------- fsspec
 
 
@@ -423,7 +386,7 @@ def s3_endpoint():
     server = moto_server.ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
     server.start()
     try:
-        yield "http://127.0.0.1:%d" % server.get_host_and_port()[1]
+        yield f"http://127.0.0.1:{server.get_host_and_port()[1]}"
     finally:
         server.stop()
 
