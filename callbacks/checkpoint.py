@@ -60,6 +60,7 @@ class ModelCheckpoint(Callback):
         self.best_model_score: float | None = None
         self.last_model_path = ""
         self._last_saved_step = -1
+        self._kept_as_last = ""  # a checkpoint outside the top-k kept only because it was the newest
         self._writer: Any = None
 
     @property
@@ -108,6 +109,9 @@ class ModelCheckpoint(Callback):
     def _save(self, trainer: Trainer) -> None:
         if trainer.global_step == self._last_saved_step or trainer.stage != "fit":
             return
+        # The previous background save rotates (mutating best_k_models) when it commits: let it finish before
+        # this save ranks itself and snapshots this callback's state. The snapshot would wait for it anyway.
+        self.wait(trainer)
         metrics = trainer.callback_metrics
         score = self._monitored(metrics)
         path = _join(self.dirpath, self._name(trainer, metrics))
@@ -137,13 +141,20 @@ class ModelCheckpoint(Callback):
             doomed.update(ranked[self.save_top_k:])
             for path in ranked[self.save_top_k:]:
                 self.best_k_models.pop(path, None)
+            if self._kept_as_last and self._kept_as_last != newest:  # no longer the newest
+                doomed.add(self._kept_as_last)
         if self.total_limit is not None:
             complete = [info.path for info in list_checkpoints(self.dirpath)]
             doomed.update(complete[self.total_limit:])
-        if self.save_last:
+        self._kept_as_last = ""
+        if self.save_last and newest in doomed:
             doomed.discard(newest)
-        for path in doomed:
-            remove_checkpoint(path)
+            self._kept_as_last = newest
+        for path in sorted(doomed):
+            try:  # force: finish deleting one whose manifest went first but whose files were left by a crash
+                remove_checkpoint(path, force=True)
+            except FileNotFoundError:  # already gone: rankings restored from a checkpoint predate its rotation
+                pass
 
     def _monitored(self, metrics: dict[str, torch.Tensor]) -> float | None:
         if self.monitor is None:
@@ -165,11 +176,11 @@ class ModelCheckpoint(Callback):
             name = self.filename.format(**values)
         except (KeyError, ValueError) as exc:
             raise ValueError(f"ModelCheckpoint(filename={self.filename!r}) could not be formatted ({exc}); use "
-                             f"fields among {sorted(values)} or logged metric names.") from None
+                             f"fields among {sorted(values)} or logged metric names {sorted(metrics)}.") from None
         name = name.replace("/", "_")
         existing = set(self.best_k_models) | {self.last_model_path}
         base, version = name, 1
-        while _join(self.dirpath, name) in existing:
+        while _join(self.dirpath, name) in existing or _exists(_join(self.dirpath, name)):
             name, version = f"{base}-v{version}", version + 1
         return name
 
@@ -177,7 +188,7 @@ class ModelCheckpoint(Callback):
     def state_dict(self) -> dict[str, Any]:
         return {"best_k_models": dict(self.best_k_models), "best_model_path": self.best_model_path,
                 "best_model_score": self.best_model_score, "last_model_path": self.last_model_path,
-                "dirpath": self.dirpath}
+                "dirpath": self.dirpath, "last_saved_step": self._last_saved_step, "kept_as_last": self._kept_as_last}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         if state_dict.get("dirpath") not in (None, self.dirpath):
@@ -185,8 +196,21 @@ class ModelCheckpoint(Callback):
         self.best_k_models = {str(k): float(v) for k, v in state_dict.get("best_k_models", {}).items()}
         self.best_model_path = state_dict.get("best_model_path", "")
         self.best_model_score = state_dict.get("best_model_score")
+        if self.best_k_models:  # the saved ranking already holds the checkpoint being resumed
+            best = min if self.mode == "min" else max
+            self.best_model_path = best(self.best_k_models, key=self.best_k_models.get)
+            self.best_model_score = self.best_k_models[self.best_model_path]
         self.last_model_path = state_dict.get("last_model_path", "")
+        # the step of the checkpoint being resumed is not saved again (e.g. by the epoch end right after it)
+        self._last_saved_step = int(state_dict.get("last_saved_step", -1))
+        self._kept_as_last = state_dict.get("kept_as_last", "")
 
 
 def _join(base: str, name: str) -> str:
     return base.rstrip("/") + "/" + name if "://" in base else __import__("os").path.join(base, name)
+
+
+def _exists(path: str) -> bool:
+    from framework.checkpoint_storage import locate
+
+    return locate(path).exists()
