@@ -186,10 +186,14 @@ class Strategy:
 
         def write_files() -> tuple[Any, list]:
             staging = io.begin_checkpoint(path, token)
-            entries = [e for name, tree in states.items()
-                       for e in io.write_state(staging, name, tree, safe_serialization=safe_serialization)]
-            if extra_files is not None:
-                entries += extra_files(staging)
+            try:
+                entries = [e for name, tree in states.items()
+                           for e in io.write_state(staging, name, tree, safe_serialization=safe_serialization)]
+                if extra_files is not None:
+                    entries += extra_files(staging)
+            except BaseException:
+                _discard_staging(staging)  # a failed save leaves no partial files in the checkpoint dir
+                raise
             return staging, entries
 
         if writer is None:
@@ -265,6 +269,16 @@ class Strategy:
     def teardown(self) -> None:
         """Release wrappers and process groups; the module stays usable afterwards."""
         self.model = self.module
+
+
+def _discard_staging(staging: Any) -> None:
+    """Best-effort removal of a failed save's files (it has no manifest, so it was never a checkpoint)."""
+    from framework.checkpoint_storage import locate
+
+    try:
+        locate(staging.dir).remove_tree()
+    except Exception as exc:  # the write error is the one to report
+        warnings.warn(f"could not remove the partial checkpoint files in {staging.dir}: {exc}", stacklevel=3)
 
 
 def move_to_device(batch: Any, device: torch.device) -> Any:
