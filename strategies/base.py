@@ -225,9 +225,10 @@ class Strategy:
                         ) -> tuple[dict[str, Any], dict[str, Any]]:
         """Load model (and optimizer) state in place; return ``(trainer_state, this rank's state)``."""
         from framework import checkpoint as io
+        from framework.consolidate import read_model_state
 
         manifest = io.read_manifest(path)
-        self.load_module_state_dict(io.read_model_state(path, manifest))
+        self.load_module_state_dict(read_model_state(path, manifest))
         shared = io.read_state(path, io.TRAINER, manifest)
         if optimizers:
             saved = shared.get("optimizers", [])
