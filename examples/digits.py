@@ -103,7 +103,8 @@ def main(argv: list[str] | None = None) -> int:
 
     checkpoints = getattr(trainer.checkpoint_callback, "dirpath", None) or f"{trainer.default_root_dir}/checkpoints"
     print(f"\nFinal validation accuracy: {accuracy:.4f} ({len(val_loader.dataset)} held-out digits)")
-    print(f"TensorBoard logs: {trainer.default_root_dir}  (view with: tensorboard --logdir {trainer.default_root_dir})")
+    logs = getattr(trainer.logger, "log_dir", None) or trainer.default_root_dir
+    print(f"TensorBoard logs: {logs}  (view with: tensorboard --logdir {trainer.default_root_dir})")
     print(f"Checkpoints:      {checkpoints}  (resume with trainer.fit(..., ckpt_path='last'))")
     if accuracy < MIN_ACCURACY:
         print(f"FAILED: validation accuracy {accuracy:.4f} is below {MIN_ACCURACY}", file=sys.stderr)
