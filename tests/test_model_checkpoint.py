@@ -141,6 +141,25 @@ def test_top_k_keeps_the_k_best(make_trainer, scored_module_cls, make_loader, tm
     assert callback.last_model_path == str(dirpath / "step=10")
 
 
+def test_top_k_continues_after_resume(make_trainer, scored_module_cls, make_loader, tmp_path):
+    """The ranking restored from a checkpoint predates that checkpoint's own rotation (it still lists the
+    checkpoints the rotation then deleted); continuing must neither fail on them nor keep stale ones."""
+    def callback() -> ModelCheckpoint:
+        return ModelCheckpoint(monitor="score", save_top_k=1, every_n_train_steps=1, every_n_epochs=None,
+                               filename="step={step}")
+
+    trainer = make_trainer(max_steps=4, max_epochs=2, enable_checkpointing=True, callbacks=[callback()])
+    trainer.fit(scored_module_cls(SCORES), make_loader())
+    dirpath = tmp_path / "checkpoints"
+    assert listing(str(dirpath)) == ["step=4"]
+
+    resumed_callback = callback()
+    resumed = make_trainer(max_epochs=2, enable_checkpointing=True, callbacks=[resumed_callback])
+    resumed.fit(scored_module_cls(SCORES), make_loader(), ckpt_path="last")
+    assert listing(str(dirpath)) == ["step=10", "step=4"]
+    assert resumed_callback.best_model_path == str(dirpath / "step=4")
+
+
 def test_top_k_and_total_limit_together(make_trainer, scored_module_cls, make_loader, tmp_path):
     # A checkpoint goes when either rule drops it; the newest always stays (save_last). At step 10 the
     # survivors are steps 2, 4, 6 (top-3) and 9 (kept as the newest so far): 9 is no longer the newest and
