@@ -1,0 +1,99 @@
+"""Jobs run on two gloo ranks by tests/test_ddp.py (through framework.testing.run_distributed)."""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import torch.distributed as dist
+from dist_common import Regression, assert_close, chunks, dataset, loader, reference_sgd, trainer
+
+from framework import DistributedState
+
+
+def _topology_and_collectives(strategy) -> None:
+    rank = dist.get_rank()
+    state = DistributedState()
+    assert (state.num_processes, state.process_index, state.local_process_index) == (2, rank, rank)
+    assert state.backend == "gloo" and state.device == torch.device("cpu") and state.initialized
+    assert state.is_main_process == (rank == 0) and state.is_local_main_process == (rank == 0)
+    value = torch.tensor(float(rank + 1))
+    assert strategy.all_reduce(value, "sum").item() == 3.0 and strategy.all_reduce(value, "mean").item() == 1.5
+    assert strategy.all_reduce(value, "max").item() == 2.0 and strategy.all_reduce(value, "min").item() == 1.0
+    assert value.item() == rank + 1  # not reduced in place
+    assert strategy.all_gather(value).tolist() == [1.0, 2.0]
+    assert strategy.broadcast({"rank": rank}) == {"rank": 0}
+    assert strategy.all_gather_object(rank) == [0, 1]
+    assert strategy.reduce_boolean_decision(rank == 0) is False
+    assert strategy.reduce_boolean_decision(rank == 0, all=False) is True
+    strategy.barrier()
+
+
+def _count_allreduces(ddp_model) -> list[int]:
+    from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_hook
+
+    calls = [0]
+
+    def hook(state, bucket):
+        calls[0] += 1
+        return allreduce_hook(state, bucket)
+
+    ddp_model.register_comm_hook(None, hook)
+    return calls
+
+
+def equivalence_job() -> None:
+    """Two ranks x batch B == one process x batch 2B; accumulation syncs once per window; topology."""
+    data = dataset(16)
+    module = Regression()
+    t = trainer(strategy="ddp", max_epochs=2)
+    t.fit(module, loader(16, 2))
+    _topology_and_collectives(t.strategy)
+    expected = reference_sgd(Regression(), [[ids] for ids in chunks(list(range(16)), 4)] * 2, data=data)
+    assert_close(module.state_dict(), expected)
+    assert t.global_step == 8
+
+    # accumulation: B=1 per rank, 2 micro-batches per window == batches of 4 in one process
+    module = Regression()
+    t = trainer(strategy="ddp", accumulate_grad_batches=2, gradient_clip_val=0.5)
+    calls = []
+    module.on_fit_start = lambda: calls.append(_count_allreduces(t.strategy.model))
+    t.fit(module, loader(16, 1))
+    expected = reference_sgd(Regression(), [[ids] for ids in chunks(list(range(16)), 4)], data=data, clip=0.5)
+    assert_close(module.state_dict(), expected)
+    assert t.global_step == 4 and calls[0][0] == 4, (t.global_step, calls[0][0])  # one all-reduce per window
+
+
+def uneven_job() -> None:
+    """even_batches True/False over 9 samples; exact validation metric and predictions without padding."""
+    rank = int(os.environ["RANK"])
+    data = dataset(9)
+
+    module = Regression()
+    t = trainer(strategy="ddp", even_batches=True)
+    t.fit(module, loader(9, 2))
+    assert [len(ids) for ids, _ in module.seen] == [2, 2, 1] and not any(g for _, g in module.seen)
+    assert t.global_step == 3
+
+    module = Regression()
+    t = trainer(strategy="ddp", even_batches=False, max_epochs=2)
+    t.fit(module, loader(9, 2), val_dataloaders=loader(9, 2))
+    real = [ids for ids, ghost in module.seen if not ghost]
+    ghosts = [ids for ids, ghost in module.seen if ghost]
+    assert len(real) == (6 if rank == 0 else 4) and len(ghosts) == (0 if rank == 0 else 2), module.seen
+    per_epoch = [sorted(sum(real[e * len(real) // 2:(e + 1) * len(real) // 2], [])) for e in range(2)]
+    gathered = t.strategy.all_gather_object(per_epoch)
+    for epoch in range(2):
+        assert sorted(gathered[0][epoch] + gathered[1][epoch]) == list(range(9))  # each sample once per epoch
+    assert t.global_step == 6 and t.strategy.all_gather_object(t.global_step) == [6, 6]
+    # rank 0 holds ids 0,2,4,6,8 and rank 1 holds 1,3,5,7: steps average the ranks that have data
+    steps = [[[0, 2], [1, 3]], [[4, 6], [5, 7]], [[8]]] * 2
+    assert_close(module.state_dict(), reference_sgd(Regression(), steps, data=data))
+
+    x, y, _ = data[:]
+    exact = torch.nn.functional.mse_loss(module(x), y).item()
+    (metrics,) = t.validate(module, loader(9, 2))
+    assert abs(metrics["val_loss"] - exact) < 1e-5, (metrics, exact)
+    predicted = t.predict(module, loader(9, 2))
+    mine = sum((ids.tolist() for ids in predicted), [])
+    assert sorted(sum(t.strategy.all_gather_object(mine), [])) == list(range(9))  # every sample exactly once
