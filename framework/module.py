@@ -41,8 +41,8 @@ class TrainModule(nn.Module):
     def test_step(self, batch: Any, batch_idx: int) -> Any:
         """Optional; needed by ``trainer.test``."""
 
-    def predict_step(self, batch: Any, batch_idx: int) -> Any:
-        """Defaults to ``self(batch)``."""
+    def predict_step(self, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> Any:
+        """Defaults to ``self(batch)``; ``dataloader_idx`` is passed when predicting over several loaders."""
         return self(batch)
 
     def configure_model(self) -> None:
