@@ -134,16 +134,21 @@ class TrainingBatch:
             factor = plan.tail_correction(batch_idx)
         if factor is not None:
             strategy.scale_gradients(self.optimizers, factor)
-        stepped = True
+        stepped, norms = True, []
         for optimizer in self.optimizers:
             if self.has_hooks["on_before_optimizer_step"]:
                 self.precision.unscale_gradients(optimizer)
                 t._call_hooks("on_before_optimizer_step", optimizer)
             if t.gradient_clip_val:
-                t.grad_norm = strategy.clip_gradients(optimizer, t.gradient_clip_val, t.gradient_clip_algorithm)
+                norm = strategy.clip_gradients(optimizer, t.gradient_clip_val, t.gradient_clip_algorithm)
+                if norm is not None:
+                    norms.append(norm)
             stepped = strategy.optimizer_step(optimizer) and stepped
             strategy.zero_grad(optimizer)
         self.precision.finish_step()
+        if norms:
+            t.grad_norm = norms[0] if len(norms) == 1 else torch.linalg.vector_norm(torch.stack(
+                [n.to(norms[0]) for n in norms]))
         t._after_optimizer_step(stepped)
 
 

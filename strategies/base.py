@@ -102,15 +102,20 @@ class Strategy:
         self.precision.backward(loss)
 
     def clip_gradients(self, optimizer: torch.optim.Optimizer, clip_val: float, algorithm: str) -> torch.Tensor | None:
-        """Clip this optimizer's gradients after unscaling; returns the total norm for ``"norm"``."""
+        """Clip this optimizer's true (unscaled) gradients by ``"norm"`` or ``"value"``.
+
+        Returns the total 2-norm of the gradients before clipping (for either algorithm; None when no
+        parameter has a gradient). Sharded strategies override this with a norm over all shards.
+        """
         self.precision.unscale_gradients(optimizer)
         params = [p for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
         if not params:
             return None
-        if algorithm == "value":
-            torch.nn.utils.clip_grad_value_(params, clip_val)
-            return None
-        return torch.nn.utils.clip_grad_norm_(params, clip_val)
+        if algorithm == "norm":
+            return torch.nn.utils.clip_grad_norm_(params, clip_val)
+        norm = torch.nn.utils.get_total_norm([p.grad for p in params])
+        torch.nn.utils.clip_grad_value_(params, clip_val)
+        return norm
 
     def optimizer_step(self, optimizer: torch.optim.Optimizer) -> bool:
         """Step one optimizer through the precision plugin; False when the step was skipped."""
