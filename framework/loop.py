@@ -64,7 +64,7 @@ def run_train_epoch(t: Trainer, start: int = 0) -> bool:
     if completed and t._should_validate_at_epoch_end():
         t._run_validation()
     t._flush_epoch_metrics("train")
-    if completed:
+    if completed and module.automatic_optimization:  # manual optimization steps its own schedulers
         step_schedulers(t.lr_scheduler_configs, "epoch", epoch + 1, t.callback_metrics)
     t._epoch_finished = completed
     t._call_hooks_end("on_train_epoch_end")
@@ -194,14 +194,20 @@ class ManualOptimizer:
         self._trainer = trainer
 
     def step(self, closure: Any = None) -> None:
+        """Run ``closure`` (if given), then hooks, clipping and the step on true (unscaled) gradients.
+
+        A step the fp16 scaler skips still counts in ``global_step`` and ``skipped_steps``. LR schedulers
+        are not stepped: in manual optimization that is the user's call (``self.lr_schedulers()``).
+        """
         t = self._trainer
         if closure is not None:
             closure()
+        t.precision_plugin.unscale_gradients(self.optimizer)
         t._call_hooks("on_before_optimizer_step", self.optimizer)
         if t.gradient_clip_val:
-            t.strategy.clip_gradients(self.optimizer, t.gradient_clip_val, t.gradient_clip_algorithm)
+            t.grad_norm = t.strategy.clip_gradients(self.optimizer, t.gradient_clip_val, t.gradient_clip_algorithm)
         stepped = t.strategy.optimizer_step(self.optimizer)
-        t._after_optimizer_step(stepped)
+        t._after_optimizer_step(stepped, schedulers=False)
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         self.optimizer.zero_grad(set_to_none=set_to_none)

@@ -295,11 +295,11 @@ class Trainer:
     def _max_steps_reached(self) -> bool:
         return 0 <= self.max_steps <= self.global_step
 
-    def _after_optimizer_step(self, stepped: bool) -> None:
+    def _after_optimizer_step(self, stepped: bool, schedulers: bool = True) -> None:
         self.global_step += 1
         if not stepped:
             self.skipped_steps += 1
-        if self.lr_scheduler_configs:
+        if schedulers and self.lr_scheduler_configs:
             step_schedulers(self.lr_scheduler_configs, "step", self.global_step, skipped=not stepped)
         if self.loggers and self.global_step % self.log_every_n_steps == 0 and self._metrics.step_values:
             self._log_to_loggers(self._metrics.step_values)
