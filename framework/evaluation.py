@@ -25,7 +25,7 @@ def run_evaluation(t: Trainer, stage: str, feeds: list[Any]) -> list[dict[str, f
     module, strategy, precision = t.module, t.strategy, t.precision_plugin
     hook = _HOOK[stage]
     cbs = t._callback_list
-    was_training = module.training
+    modes = _capture_modes(module)
     module.eval()
     t._metrics.start_stage(stage)
     t._call_hooks(f"on_{hook}_start", module_hook=False)
@@ -58,7 +58,7 @@ def run_evaluation(t: Trainer, stage: str, feeds: list[Any]) -> list[dict[str, f
     finally:
         t._metrics.dataloader_suffix = ""
         t._metrics.end_stage()
-        module.train(was_training)
+        _restore_modes(modes)
     merged: dict[str, torch.Tensor] = {}
     for metrics in results:
         merged.update(metrics)
@@ -70,28 +70,42 @@ def run_predict(t: Trainer, feeds: list[Any]) -> list[Any]:
     """Run ``predict_step`` over every loader; a list of outputs per loader (flattened for one loader)."""
     module, strategy, precision = t.module, t.strategy, t.precision_plugin
     cbs = t._callback_list
+    modes = _capture_modes(module)
     module.eval()
     t._call_hooks("on_predict_start", module_hook=False)
     t._call_hooks("on_predict_epoch_start", module_hook=False)
     step_fn = strategy.step_function("predict_step")
     all_outputs: list[list[Any]] = []
-    with torch.no_grad():
-        for loader_idx, feed in enumerate(feeds):
-            extra = (loader_idx,) if len(feeds) > 1 else ()
-            outputs: list[Any] = []
-            for batch_idx, batch, _ in feed.epoch_batches(0, 0):
-                if strategy.needs_batch_transfer:
-                    batch = strategy.batch_to_device(batch)
-                if precision.converts_input:
-                    batch = precision.convert_input(batch)
-                if cbs.on_predict_batch_start:
-                    cbs.on_predict_batch_start(t, module, batch, batch_idx)
-                with precision.forward_context():
-                    output = step_fn(batch, batch_idx, *extra)
-                if cbs.on_predict_batch_end:
-                    cbs.on_predict_batch_end(t, module, output, batch, batch_idx)
-                outputs.append(output)
-            all_outputs.append(outputs)
-    t._call_hooks_end("on_predict_epoch_end", module_hook=False)
-    t._call_hooks_end("on_predict_end", module_hook=False)
+    try:
+        with torch.no_grad():
+            for loader_idx, feed in enumerate(feeds):
+                extra = (loader_idx,) if len(feeds) > 1 else ()
+                outputs: list[Any] = []
+                for batch_idx, batch, _ in feed.epoch_batches(0, 0):
+                    if strategy.needs_batch_transfer:
+                        batch = strategy.batch_to_device(batch)
+                    if precision.converts_input:
+                        batch = precision.convert_input(batch)
+                    if cbs.on_predict_batch_start:
+                        cbs.on_predict_batch_start(t, module, batch, batch_idx)
+                    with precision.forward_context():
+                        output = step_fn(batch, batch_idx, *extra)
+                    if cbs.on_predict_batch_end:
+                        cbs.on_predict_batch_end(t, module, output, batch, batch_idx)
+                    outputs.append(output)
+                all_outputs.append(outputs)
+        t._call_hooks_end("on_predict_epoch_end", module_hook=False)
+        t._call_hooks_end("on_predict_end", module_hook=False)
+    finally:
+        _restore_modes(modes)
     return all_outputs[0] if len(all_outputs) == 1 else all_outputs
+
+
+def _capture_modes(module: torch.nn.Module) -> list[tuple[torch.nn.Module, bool]]:
+    """Every submodule's train/eval flag, so a submodule the user froze (e.g. BatchNorm) stays in eval."""
+    return [(m, m.training) for m in module.modules()]
+
+
+def _restore_modes(modes: list[tuple[torch.nn.Module, bool]]) -> None:
+    for m, training in modes:
+        m.training = training
