@@ -90,6 +90,8 @@ class TrainingBatch:
         self.items: Any = 0
         self.has_hooks = {name: bool(getattr(t._callback_list, name)) or _overrides(self.module, name)
                           for name in ("on_before_backward", "on_after_backward", "on_before_optimizer_step")}
+        for optimizer in self.optimizers:  # a window cut short by a stop in an earlier fit is not carried over
+            self.strategy.zero_grad(optimizer)
 
     def __call__(self, batch: Any, batch_idx: int, is_last: bool, plan: Any) -> Any:
         t, strategy = self.t, self.strategy
