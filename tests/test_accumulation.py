@@ -305,3 +305,31 @@ def test_schedule_factor_per_epoch():
 def test_invalid_accumulate_grad_batches_is_refused(make_trainer, value, error):
     with pytest.raises(error, match="accumulate_grad_batches"):
         make_trainer(accumulate_grad_batches=value)
+
+
+class StopAt(Callback):
+    def __init__(self, batch_idx: int) -> None:
+        self.batch_idx = batch_idx
+
+    def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx):
+        if batch_idx == self.batch_idx:
+            trainer.should_stop = True
+            self.batch_idx = -1
+
+
+def test_a_window_cut_short_by_a_stop_does_not_leak_into_the_next_fit(make_trainer):
+    """Stopping mid-window leaves that window's gradients unstepped; the next fit starts from clean ones."""
+    g = torch.Generator().manual_seed(5)
+    dataset = TensorDataset(torch.randn(12, 3, generator=g), torch.randn(12, 1, generator=g))
+    module = Regressor()
+    initial = copy.deepcopy(module.net).double()
+    trainer = make_trainer(precision="64-true", accumulate_grad_batches=3, callbacks=[StopAt(batch_idx=4)])
+    loader = make_loader(dataset, 2, "map")
+    trainer.fit(module, loader)
+    assert trainer.global_step == 1 and trainer.current_epoch == 0
+    first_window = module.seen[:3]
+    module.seen.clear()
+    trainer.fit(module, loader)  # runs epoch 0 again, from its first batch
+    assert trainer.global_step == 3
+    windows = [first_window] + split_into_windows(module.seen, [[3, 3]])
+    assert_params_close(module.net, reference_sgd(initial, windows, mse))
