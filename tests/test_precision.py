@@ -348,3 +348,77 @@ def test_overflow_in_one_optimizer_leaves_the_other_exact(make_trainer, manual):
         torch.testing.assert_close(p, q, atol=1e-6, rtol=0)
     assert not torch.allclose(bad.a.weight, clean.a.weight)
     assert all(torch.isfinite(p).all() for p in bad.parameters())
+
+
+def test_scaler_state_is_part_of_trainer_checkpoints(make_trainer, tmp_path):
+    """Fit 1 epoch (with a backoff), save, resume to 2 epochs == 2 epochs straight: params and scaler alike."""
+    loader = DataLoader(small_data(), batch_size=4)
+    straight = Overflow(bad_batch=1)
+    straight_trainer = make_trainer(precision="16-mixed", max_epochs=2)
+    straight_trainer.fit(straight, loader)
+
+    first = make_trainer(precision="16-mixed", max_epochs=1)
+    first.fit(Overflow(bad_batch=1), loader)
+    first.save_checkpoint(str(tmp_path / "ckpt"))
+    resumed = Overflow(bad_batch=1)
+    resumed_trainer = make_trainer(precision="16-mixed", max_epochs=2)
+    resumed_trainer.fit(resumed, loader, ckpt_path=str(tmp_path / "ckpt"))
+
+    assert straight_trainer.skipped_steps == resumed_trainer.skipped_steps == 2
+    assert resumed_trainer.precision_plugin.state_dict() == straight_trainer.precision_plugin.state_dict()
+    assert straight_trainer.precision_plugin.scaler.get_scale() == 2.0**14
+    for p, q in zip(resumed.parameters(), straight.parameters()):
+        assert torch.equal(p, q)
+
+
+class PartlyIdle(TrainModule):
+    """Two heads; head ``b`` gets no gradient at all in some windows (its optimizer has nothing to step)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.a, self.b = torch.nn.Linear(4, 1), torch.nn.Linear(4, 1)
+
+    def training_step(self, batch: Any, batch_idx: int) -> Any:
+        x, y, _ = batch
+        loss = torch.nn.functional.mse_loss(self.a(x), y)
+        if batch_idx >= 4:
+            loss = loss + torch.nn.functional.mse_loss(self.b(x), y)
+        return loss
+
+    def configure_optimizers(self) -> Any:
+        return [torch.optim.SGD(self.a.parameters(), lr=0.1), torch.optim.SGD(self.b.parameters(), lr=0.1)]
+
+
+def test_fp16_optimizer_without_gradients_is_not_an_error(make_trainer):
+    module = PartlyIdle()
+    b_initial = module.b.weight.detach().clone()
+    trainer = make_trainer(precision="16-mixed", accumulate_grad_batches=2, max_epochs=2)
+    trainer.fit(module, DataLoader(small_data(), batch_size=4))
+    assert trainer.global_step == 8 and trainer.skipped_steps == 0
+    assert not torch.equal(module.b.weight, b_initial)
+    assert trainer.precision_plugin.scaler.get_scale() == 2.0**16
+
+
+def test_setup_sharded_keeps_the_scaler_state(tmp_path):
+    import torch.distributed as dist
+
+    plugin = resolve_precision("16-mixed")
+    weight = torch.nn.Parameter(torch.ones(2))
+    optimizer = torch.optim.SGD([weight], lr=0.1)
+    plugin.backward((weight * torch.tensor([1.0, math.inf])).sum())
+    assert plugin.optimizer_step(optimizer) is False
+    state = plugin.state_dict()
+    assert state["scaler"]["scale"] == 2.0**15
+
+    dist.init_process_group("gloo", store=dist.FileStore(str(tmp_path / "store"), 1), rank=0, world_size=1)
+    try:
+        plugin.setup_sharded()
+        assert type(plugin.scaler).__name__ == "ShardedGradScaler" and plugin.state_dict() == state
+        optimizer.zero_grad()
+        plugin.backward(weight.sum())
+        assert plugin.optimizer_step(optimizer) is True
+        plugin.finish_step()
+        assert torch.equal(weight.detach(), torch.full((2,), 0.9))
+    finally:
+        dist.destroy_process_group()
