@@ -10,7 +10,8 @@ Strings (contract): "32-true" (alias "32"), "64-true", "16-mixed", "bf16-mixed",
 
 from __future__ import annotations
 
-from contextlib import AbstractContextManager, nullcontext
+from collections.abc import Iterator
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from typing import Any
 
 import torch
@@ -69,7 +70,11 @@ class Precision:
 
 
 class DoublePrecision(Precision):
-    """``"64-true"``: parameters and floating-point inputs in float64 (numerical checks, gradcheck)."""
+    """``"64-true"``: parameters and floating-point inputs in float64 (numerical checks, gradcheck).
+
+    Inside steps the default dtype is float64 too, so tensors a forward creates (``torch.zeros(n)``)
+    match the parameters.
+    """
 
     name = "64-true"
     converts_input = True
@@ -80,6 +85,9 @@ class DoublePrecision(Precision):
 
     def convert_input(self, batch: Any) -> Any:
         return _cast_floats(batch, self.dtype)
+
+    def forward_context(self) -> AbstractContextManager:
+        return _default_dtype(self.dtype)
 
 
 class HalfPrecision(DoublePrecision):
@@ -179,6 +187,16 @@ class MixedPrecision(Precision):
         if self.scaler is not None and state_dict.get("scaler"):
             self.finish_step()
             self.scaler.load_state_dict(state_dict["scaler"])
+
+
+@contextmanager
+def _default_dtype(dtype: torch.dtype) -> Iterator[None]:
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        yield
+    finally:
+        torch.set_default_dtype(previous)
 
 
 def _is_sharded_scaler(scaler: Any) -> bool:
