@@ -34,7 +34,8 @@ class Probe(TrainModule):
         super().__init__()
         torch.manual_seed(0)
         self.layer = torch.nn.Linear(4, 1)
-        self.dtypes: dict[str, set] = {"param": set(), "x": set(), "index": set(), "out": set(), "val_out": set()}
+        self.dtypes: dict[str, set] = {"param": set(), "x": set(), "index": set(), "out": set(), "val_out": set(),
+                                       "default": set()}
 
     def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
         x, y, index = batch
@@ -43,6 +44,7 @@ class Probe(TrainModule):
         self.dtypes["x"].add(x.dtype)
         self.dtypes["index"].add(index.dtype)
         self.dtypes["out"].add(out.dtype)
+        self.dtypes["default"].add(torch.get_default_dtype())
         return torch.nn.functional.mse_loss(out.float(), y.float())
 
     def validation_step(self, batch: Any, batch_idx: int) -> None:
@@ -109,7 +111,9 @@ def test_dtypes_inside_steps(make_trainer, precision, param, x, out):
     trainer = make_trainer(precision=precision, limit_train_batches=3)
     loader = DataLoader(small_data(), batch_size=8)
     trainer.fit(module, loader, val_dataloaders=loader)
-    assert module.dtypes == {"param": {param}, "x": {x}, "index": {torch.int64}, "out": {out}, "val_out": {out}}
+    assert module.dtypes == {"param": {param}, "x": {x}, "index": {torch.int64}, "out": {out}, "val_out": {out},
+                             "default": {param}}  # tensors created inside a *-true step match the parameters
+    assert torch.get_default_dtype() == torch.float32
     assert trainer.global_step == 3 and trainer.skipped_steps == 0
     assert all(p.dtype == param and torch.isfinite(p).all() for p in module.parameters())
 
