@@ -49,8 +49,21 @@ def test_async_save_equals_sync_save(tmp_path, safe):
         assert file_checksums(str(tmp_path / "async")) == file_checksums(sync)
     for name in (MODEL, TRAINER):
         a, b = read_state(sync, name), read_state(str(tmp_path / "async"), name)
-        assert torch.equal(a["0.weight"] if name == MODEL else a["opt"]["state"][0]["exp_avg"],
-                           b["0.weight"] if name == MODEL else b["opt"]["state"][0]["exp_avg"])
+        assert_trees_equal(a, b)
+
+
+def assert_trees_equal(a, b):
+    assert type(a) is type(b)
+    if isinstance(a, torch.Tensor):
+        assert torch.equal(a, b)
+    elif isinstance(a, dict):
+        assert list(a) == list(b) and all(assert_trees_equal(a[k], b[k]) is None for k in a)
+    elif isinstance(a, (list, tuple)):
+        assert len(a) == len(b) and all(assert_trees_equal(x, y) is None for x, y in zip(a, b))
+    elif isinstance(a, np.ndarray):
+        assert np.array_equal(a, b)
+    else:
+        assert a == b
 
 
 def test_snapshot_is_decoupled_from_later_training(tmp_path):
