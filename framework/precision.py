@@ -94,6 +94,9 @@ class HalfPrecision(DoublePrecision):
     """``"16-true"`` / ``"bf16-true"``: parameters, gradients and optimizer state all in half precision."""
 
     def __init__(self, dtype: torch.dtype) -> None:
+        if dtype not in (torch.float16, torch.bfloat16):
+            raise ValueError(f"HalfPrecision(dtype={dtype}) is not supported; use torch.float16 or torch.bfloat16 "
+                             "(or DoublePrecision for float64).")
         self.dtype = dtype
         self.name = "16-true" if dtype == torch.float16 else "bf16-true"
 

@@ -87,9 +87,10 @@ def test_unknown_precision_is_refused(make_trainer, value, hint):
         assert f"did you mean {hint!r}" in str(info.value)
 
 
-def test_mixed_precision_refuses_other_dtypes():
+@pytest.mark.parametrize("cls", [MixedPrecision, HalfPrecision])
+def test_half_plugins_refuse_other_dtypes(cls):
     with pytest.raises(ValueError, match="float16 or torch.bfloat16"):
-        MixedPrecision(torch.float64)
+        cls(torch.float64)
 
 
 # ---- dtypes during fit ------------------------------------------------------------------------------------
