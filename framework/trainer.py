@@ -301,8 +301,8 @@ class Trainer:
             self.skipped_steps += 1
         if schedulers and self.lr_scheduler_configs:
             step_schedulers(self.lr_scheduler_configs, "step", self.global_step, skipped=not stepped)
-        if self.loggers and self.global_step % self.log_every_n_steps == 0 and self._metrics.step_values:
-            self._log_to_loggers(self._metrics.step_values)
+        if self.global_step % self.log_every_n_steps == 0 and self._metrics.step_values:
+            self._log_to_loggers(self._metrics.step_values)  # host transfer only when a logger is attached
 
     def _log_to_loggers(self, metrics: dict[str, torch.Tensor]) -> None:
         if not metrics:
