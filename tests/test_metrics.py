@@ -140,6 +140,15 @@ def test_logged_metrics_is_what_the_loggers_received(make_trainer):
     assert trainer.logged_metrics["mean"] == pytest.approx(expected_eval(0.0)["mean"])
 
 
+def test_logged_metrics_without_a_logger(make_trainer):
+    """As in Lightning, logged_metrics fills on logging steps and epoch ends even when no logger is attached."""
+    trainer = make_trainer(logger=False, log_every_n_steps=2)
+    trainer.fit(Stats(), ranged_loader(), ranged_loader())  # 3 steps: the step-2 values are the last logged
+    assert trainer.logged_metrics["x_mean"] == pytest.approx(5.5)
+    assert trainer.logged_metrics["x_both_epoch"] == pytest.approx(31 / 6)
+    assert trainer.logged_metrics["weighted"] == pytest.approx(4.5)
+
+
 def test_callback_metrics_visible_to_callbacks(make_trainer):
     seen = {}
 
