@@ -264,13 +264,16 @@ def commit_checkpoint(staging: Staging, entries: Iterable[Mapping[str, Any]],
 
 def save_checkpoint(path: str, states: Mapping[str, Any], metadata: Mapping[str, Any] | None = None, *,
                     safe_serialization: bool = True, world_size: int = 1, strategy: str = "single_device",
-                    token: str | None = None) -> str:
-    """Single-process save: ``states`` maps state names (``MODEL``, ``TRAINER``, ...) to trees."""
+                    token: str | None = None, fsync: bool = False) -> str:
+    """Single-process save: ``states`` maps state names (``MODEL``, ``TRAINER``, ...) to trees.
+
+    ``fsync=True`` also survives power loss (the atomic rename alone survives a killed process).
+    """
     staging = begin_checkpoint(path, token)
     entries: list[FileEntry] = []
     for name, tree in states.items():
-        entries += write_state(staging, name, tree, safe_serialization=safe_serialization)
-    return commit_checkpoint(staging, entries, metadata, world_size=world_size, strategy=strategy)
+        entries += write_state(staging, name, tree, safe_serialization=safe_serialization, fsync=fsync)
+    return commit_checkpoint(staging, entries, metadata, world_size=world_size, strategy=strategy, fsync=fsync)
 
 
 # ----------------------------------------------------------------------------- reading

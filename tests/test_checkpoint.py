@@ -432,3 +432,8 @@ def test_credentials_never_appear_in_messages(s3_bucket, tmp_path):
     with pytest.raises(CheckpointError) as info:
         read_state(path, "rank-5")
     assert secret not in str(info.value)
+
+
+def test_durable_save_with_fsync(tmp_path):
+    path = save(tmp_path / "durable", fsync=True)
+    assert read_manifest(path).global_step == 3 and read_state(path, "rank-0")["data"]["position"] == 16
