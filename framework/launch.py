@@ -138,6 +138,7 @@ def resolve_environment(num_processes: int, num_nodes: int = 1) -> ClusterEnviro
 _children: list[subprocess.Popen] = []
 _lock = threading.Lock()
 _rank0_failed = False
+_stopping = False  # set once rank 0 stops the children itself: the watchdog then stays quiet
 
 
 def script_command(argv: list[str] | None = None) -> list[str]:
@@ -186,6 +187,8 @@ def _watch_children() -> None:
     while True:
         time.sleep(_POLL_S)
         with _lock:
+            if _stopping:
+                return
             for rank, child in enumerate(_children, start=1):
                 code = child.poll()
                 if code not in (None, 0):
@@ -198,6 +201,8 @@ def _watch_children() -> None:
 
 
 def _terminate_children() -> None:
+    global _stopping
+    _stopping = True
     alive = [child for child in _children if child.poll() is None]
     for child in alive:
         child.send_signal(signal.SIGTERM)
