@@ -74,6 +74,9 @@ def val_every_batches(value: int | float | None, num_batches: int | None) -> int
             raise ValueError(f"val_check_interval={value!r} is a fraction of an epoch, but the training dataloader "
                              "has no length; use an int number of batches instead.")
         return max(1, int(num_batches * value))
+    if num_batches is not None and value > num_batches:
+        raise ValueError(f"val_check_interval={value} is more than the {num_batches} training batches per epoch, so "
+                         "validation would never run; use at most that many, or a float fraction of the epoch.")
     return value
 
 
