@@ -94,7 +94,7 @@ def test_gradient_clip_val_zero_disables_clipping():
 
 
 @pytest.mark.parametrize(("value", "num_batches", "expected"), [
-    (None, 10, None), (1.0, 10, None), (0.5, 10, 5), (0.25, 10, 2), (0.01, 10, 1), (3, 10, 3), (3, None, 3)])
+    (None, 10, None), (1.0, 10, None), (0.5, 10, 5), (0.25, 10, 2), (0.01, 10, 1), (3, 10, 3), (10, 10, 10), (3, None, 3)])
 def test_val_every_batches(value, num_batches, expected):
     assert val_every_batches(value, num_batches) == expected
 

@@ -113,12 +113,17 @@ def test_fraction_that_selects_no_batch_is_refused(make_trainer, tiny_module_cls
 
 # ---- validation cadence -------------------------------------------------------------------------------------
 @pytest.mark.parametrize(("interval", "expected_batches"), [
-    (None, [10]), (1.0, [10]), (3, [3, 6, 9]), (5, [5, 10]), (0.5, [5, 10]), (0.25, [2, 4, 6, 8, 10]), (20, [])])
+    (None, [10]), (1.0, [10]), (3, [3, 6, 9]), (5, [5, 10]), (0.5, [5, 10]), (0.25, [2, 4, 6, 8, 10]), (10, [10])])
 def test_val_check_interval(make_trainer, tiny_module_cls, make_loader, interval, expected_batches):
     counter = CountValidations()
     trainer = make_trainer(max_epochs=2, val_check_interval=interval, callbacks=[counter])
     trainer.fit(tiny_module_cls(), make_loader(40, batch_size=4), make_loader(8))  # 10 batches per epoch
     assert counter.at == [(epoch, b) for epoch in (0, 1) for b in expected_batches]
+
+
+def test_val_check_interval_beyond_the_epoch_is_refused(make_trainer, tiny_module_cls, make_loader):
+    with pytest.raises(ValueError, match="val_check_interval=11 is more than the 10 training batches"):
+        make_trainer(val_check_interval=11).fit(tiny_module_cls(), make_loader(40, batch_size=4), make_loader())
 
 
 @pytest.mark.parametrize(("every", "expected_epochs"), [(1, [0, 1, 2, 3]), (2, [1, 3]), (3, [2]), (None, [])])
