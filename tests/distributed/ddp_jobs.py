@@ -6,7 +6,7 @@ import os
 
 import torch
 import torch.distributed as dist
-from dist_common import Regression, assert_close, chunks, dataset, loader, reference_sgd, trainer
+from dist_common import Regression, SummedRegression, assert_close, chunks, dataset, loader, reference_sgd, trainer
 
 from framework import DistributedState
 
@@ -88,6 +88,11 @@ def uneven_job() -> None:
     assert t.global_step == 6 and t.strategy.all_gather_object(t.global_step) == [6, 6]
     # rank 0 holds ids 0,2,4,6,8 and rank 1 holds 1,3,5,7: steps average the ranks that have data
     steps = [[[0, 2], [1, 3]], [[4, 6], [5, 7]], [[8]]] * 2
+    assert_close(module.state_dict(), reference_sgd(Regression(), steps, data=data))
+
+    # num_items: ghost batches count zero items, so each step is the exact mean over its real items
+    module = SummedRegression()
+    trainer(strategy="ddp", even_batches=False, max_epochs=2).fit(module, loader(9, 2))
     assert_close(module.state_dict(), reference_sgd(Regression(), steps, data=data))
 
     x, y, _ = data[:]

@@ -47,6 +47,18 @@ class Regression(TrainModule):
         return torch.optim.SGD(self.parameters(), lr=self.lr)
 
 
+class SummedRegression(Regression):
+    """``num_items`` mode: the step returns the summed loss; the Trainer divides by the global item count."""
+
+    def num_items(self, batch: Any) -> int:
+        return len(batch[0])
+
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        x, y, ids = batch
+        self.seen.append((ids.tolist(), self.trainer.strategy.in_ghost_step))
+        return torch.nn.functional.mse_loss(self(x), y, reduction="sum")
+
+
 def dataset(num_samples: int, seed: int = 1) -> TensorDataset:
     g = torch.Generator().manual_seed(seed)
     return TensorDataset(torch.randn(num_samples, FEATURES, generator=g), torch.randn(num_samples, 1, generator=g),

@@ -41,6 +41,14 @@ def equivalence_job() -> None:
     (metrics,) = t.validate(module, loader(9, 2))
     assert abs(metrics["val_loss"] - exact) < 1e-5, (metrics, exact)
 
+    # uneven training (even_batches=False): rank 1 runs a ghost step that all-gathers but adds nothing
+    module = Regression()
+    t = trainer(strategy=_fsdp(auto_wrap_policy={nn.Linear}), even_batches=False)
+    t.fit(module, loader(9, 2))
+    nine = dataset(9)
+    assert_close(t.strategy.module_state_dict(),
+                 reference_sgd(Regression(), [[[0, 2], [1, 3]], [[4, 6], [5, 7]], [[8]]], data=nine))
+
     # accumulation: B=1 per rank, windows of 2 == batches of 4; sync disabled inside the window
     module = Regression()
     syncs: list[bool] = []
