@@ -41,7 +41,8 @@ def run_train_epoch(t: Trainer, start: int = 0) -> bool:
     module.train()
     t._metrics.start_stage("train")
     t._epoch_finished = False
-    t._call_hooks("on_train_epoch_start")
+    with t._metrics.epoch_level():
+        t._call_hooks("on_train_epoch_start")
 
     step = t._training_batch if module.automatic_optimization else t._manual_batch
     completed = True
@@ -63,11 +64,15 @@ def run_train_epoch(t: Trainer, start: int = 0) -> bool:
 
     if completed and t._should_validate_at_epoch_end():
         t._run_validation()
+    t._epoch_finished = completed
+    # The module's hook runs before the epoch is reduced, so what it logs reaches loggers, schedulers
+    # (ReduceLROnPlateau) and the callbacks' on_train_epoch_end (EarlyStopping, ModelCheckpoint).
+    with t._metrics.epoch_level():
+        module.on_train_epoch_end()
     t._flush_epoch_metrics("train")
     if completed and module.automatic_optimization:  # manual optimization steps its own schedulers
         step_schedulers(t.lr_scheduler_configs, "epoch", epoch + 1, t.callback_metrics)
-    t._epoch_finished = completed
-    t._call_hooks_end("on_train_epoch_end")
+    t._call_callbacks("on_train_epoch_end")
     t._metrics.end_stage()
     return completed
 

@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import numbers
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import torch
@@ -36,6 +37,7 @@ class MetricCollector:
         # training value stays visible during validation and a bare name follows its newest step/epoch value.
         self._callback: dict[str, torch.Tensor] = {}
         self.prog_bar_keys: set[str] = set()
+        self.epoch_hook = False  # inside on_train_epoch_start/end: self.log defaults to an epoch value
         self._epoch_items: dict[str, tuple[list, list, str, bool]] = {}  # name -> (values, weights, fx, sync)
         self._metrics: dict[str, tuple[Any, bool]] = {}  # name -> (torchmetrics.Metric, on_epoch)
         self._sync_step: set[str] = set()
@@ -46,9 +48,9 @@ class MetricCollector:
             sync_dist: bool, reduce_fx: str, batch_size: int | None) -> None:
         training = self.stage == _TRAIN
         if on_step is None:
-            on_step = training
+            on_step = training and not self.epoch_hook
         if on_epoch is None:
-            on_epoch = not training
+            on_epoch = not training or self.epoch_hook
         if not (on_step or on_epoch):
             raise ValueError(f"self.log({name!r}, on_step=False, on_epoch=False) would log nothing; set one to True.")
         if reduce_fx not in _REDUCERS:
@@ -94,6 +96,15 @@ class MetricCollector:
             self._callback[name] = value
 
     # ---- called by the loops ---------------------------------------------------------------------
+    @contextmanager
+    def epoch_level(self) -> Iterator[None]:
+        """Run epoch hooks in here: what they log is an epoch value by default (Lightning's defaults)."""
+        self.epoch_hook = True
+        try:
+            yield
+        finally:
+            self.epoch_hook = False
+
     def start_stage(self, stage: str) -> None:
         """Begin a stage's epoch. An evaluation inside a training epoch sets the training values aside."""
         if stage == _TRAIN:
