@@ -308,3 +308,45 @@ def test_no_host_sync_on_steps_without_logger_writes(make_trainer, make_loader, 
     trainer.fit(tiny_module_cls(), make_loader(44, batch_size=4))  # 11 batches, loss logged every step
     syncs = [b - a for a, b in zip(probe.at_start, probe.at_start[1:])]  # syncs during batch i (i < 10)
     assert [i for i, n in enumerate(syncs) if n] == expected_logging_batches
+
+
+# ---- logging from epoch hooks ---------------------------------------------------------------------------------
+class EpochHookLogging(Stats):
+    """Logs from on_train_epoch_start/end with defaults (epoch-level there, as in Lightning) and explicitly."""
+
+    def on_train_epoch_start(self):
+        self.log("start_value", float(self.current_epoch))
+
+    def on_train_epoch_end(self):
+        self.log("end_value", 10.0 + self.current_epoch)
+        self.log("end_explicit", 20.0 + self.current_epoch, on_step=False, on_epoch=True)
+
+
+def test_epoch_hook_logs_are_epoch_values_seen_by_callbacks_and_loggers(make_trainer):
+    seen = []
+
+    class Monitor(Callback):
+        def on_train_epoch_end(self, trainer, module):
+            m = trainer.callback_metrics
+            seen.append((float(m["start_value"]), float(m["end_value"]), float(m["end_explicit"])))
+
+    logger = RecordingLogger()
+    trainer = make_trainer(max_epochs=2, logger=logger, log_every_n_steps=1, callbacks=[Monitor()])
+    trainer.fit(EpochHookLogging(), ranged_loader())  # 3 steps per epoch
+    assert seen == [(0.0, 10.0, 20.0), (1.0, 11.0, 21.0)]
+    rows = [(step, m) for step, m in logger.records if "end_value" in m]
+    assert [step for step, _ in rows] == [3, 6]  # written once per epoch, at the epoch's last step
+    assert [(m["start_value"], m["end_value"], m["end_explicit"]) for _, m in rows] == [(0, 10, 20), (1, 11, 21)]
+    assert not any("end_value" in m for step, m in logger.records if "x_mean" in m)  # not a step metric
+
+
+def test_plateau_scheduler_reads_a_metric_logged_in_on_train_epoch_end(make_trainer):
+    class M(EpochHookLogging):
+        def configure_optimizers(self):
+            opt = torch.optim.SGD(self.parameters(), lr=1.0)
+            plateau = torch.optim.lr_scheduler.ReduceLROnPlateau(opt, mode="max", factor=0.5, patience=0)
+            return {"optimizer": opt, "lr_scheduler": {"scheduler": plateau, "monitor": "end_value"}}
+
+    trainer = make_trainer(max_epochs=2)
+    trainer.fit(M(), ranged_loader())
+    assert trainer.optimizers[0].param_groups[0]["lr"] == 1.0  # end_value improved every epoch
