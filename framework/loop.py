@@ -33,7 +33,7 @@ def run_fit(trainer: Trainer) -> None:
 
 def run_train_epoch(t: Trainer, start: int = 0) -> bool:
     """One training epoch from batch ``start``; returns True when the epoch ran to its end."""
-    module, strategy, cbs = t.module, t.strategy, t._callback_list
+    module, cbs = t.module, t._callback_list
     feed = t._train_feed
     epoch = t.current_epoch
     t.num_training_batches = feed.num_batches

@@ -9,7 +9,6 @@ checkpoint, run the stage's loop, tear down. The loops themselves live in ``fram
 from __future__ import annotations
 
 import os
-import warnings
 from typing import Any
 
 import torch
