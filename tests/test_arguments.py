@@ -142,6 +142,24 @@ def test_accumulation_in_two_places_is_refused():
         trainer(accumulate_grad_batches=2, callbacks=[GradientAccumulation(3)])
 
 
+def test_enable_checkpointing_installs_one_model_checkpoint(tmp_path):
+    from callbacks import ModelCheckpoint
+
+    t = Trainer(max_epochs=1, logger=False, enable_progress_bar=False, default_root_dir=str(tmp_path))
+    assert isinstance(t.checkpoint_callback, ModelCheckpoint)
+    mine = ModelCheckpoint(total_limit=2)
+    t = Trainer(max_epochs=1, logger=False, enable_progress_bar=False, callbacks=[mine])
+    assert t.checkpoint_callback is mine and [type(cb) for cb in t.callbacks].count(ModelCheckpoint) == 1
+    assert trainer().checkpoint_callback is None
+
+
+def test_checkpointing_contradiction_is_refused():
+    from callbacks import ModelCheckpoint
+
+    with pytest.raises(ValueError, match="enable_checkpointing=False contradicts the ModelCheckpoint"):
+        trainer(callbacks=[ModelCheckpoint()])
+
+
 def test_progress_bar_contradiction_is_refused():
     with pytest.raises(ValueError, match="enable_progress_bar=False contradicts the ProgressBar"):
         trainer(callbacks=[ProgressBar()])
