@@ -26,7 +26,7 @@ class DDPStrategy(ParallelStrategy):
 
     name = "ddp"
 
-    def __init__(self, accelerator: str = "cpu", devices: int = 1, num_nodes: int = 1,
+    def __init__(self, accelerator: str | None = None, devices: int | None = None, num_nodes: int | None = None,
                  find_unused_parameters: bool = False, static_graph: bool = False,
                  process_group_backend: str | None = None, timeout: timedelta = timedelta(minutes=30),
                  **ddp_kwargs: Any) -> None:

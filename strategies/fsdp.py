@@ -49,7 +49,7 @@ class FSDPStrategy(ParallelStrategy):
     name = "fsdp"
     is_sharded = True
 
-    def __init__(self, accelerator: str = "cpu", devices: int = 1, num_nodes: int = 1,
+    def __init__(self, accelerator: str | None = None, devices: int | None = None, num_nodes: int | None = None,
                  auto_wrap_policy: set[type[nn.Module]] | Callable[[nn.Module], bool] | None = None,
                  parallelize_fn: Callable[[nn.Module, Any], Any] | None = None,
                  reshard_after_forward: bool | int = True, cpu_offload: bool = False, mixed_precision: Any = None,

@@ -50,22 +50,40 @@ class ParallelStrategy(Strategy):
 
     name = "parallel"
 
-    def __init__(self, accelerator: str = "cpu", devices: int = 1, num_nodes: int = 1,
+    def __init__(self, accelerator: str | None = None, devices: int | None = None, num_nodes: int | None = None,
                  process_group_backend: str | None = None, timeout: timedelta = timedelta(minutes=30)) -> None:
-        if accelerator not in ("cpu", "cuda"):
-            raise ValueError(f"accelerator={accelerator!r} is not supported by strategy={self.name!r}; use 'cpu' "
-                             "(gloo) or 'cuda' (NCCL).")
         if not isinstance(timeout, timedelta):
             raise TypeError(f"timeout={timeout!r} must be a datetime.timedelta, e.g. timedelta(minutes=30).")
-        super().__init__(accelerator=accelerator, devices=devices, num_nodes=num_nodes)
+        super().__init__()
+        # What the constructor was not given comes from the Trainer (configure_topology).
+        self._given = {"accelerator": accelerator, "devices": devices, "num_nodes": num_nodes}
+        self.configure_topology(accelerator or ("cuda" if torch.cuda.is_available() else "cpu"), devices or 1,
+                                num_nodes or 1)
         self.process_group_backend = process_group_backend
         self.timeout = timeout
         self.cluster: ClusterEnvironment = detect_environment()
-        self._root_device = torch.device(accelerator)
         self._skip_sync = False
         self._uneven: lockstep.UnevenTraining | None = None
         self._ghost = lockstep.GhostFlag()
         self._eval_plans: dict[str, list[lockstep.EvalPlan | None]] = {}
+
+    def configure_topology(self, accelerator: str, devices: int, num_nodes: int) -> None:
+        """Take the Trainer's ``accelerator``/``devices``/``num_nodes`` for what the constructor left unset.
+
+        ``Trainer(strategy=DDPStrategy(static_graph=True), devices=2)`` then means two processes.
+        """
+        accelerator = self._given["accelerator"] or accelerator
+        if accelerator not in ("cpu", "cuda"):
+            raise ValueError(f"accelerator={accelerator!r} is not supported by strategy={self.name!r}; use 'cpu' "
+                             "(gloo) or 'cuda' (NCCL).")
+        for name, value in (("devices", self._given["devices"] or devices),
+                            ("num_nodes", self._given["num_nodes"] or num_nodes)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name}={value!r} is not valid for strategy={self.name!r}; use an int >= 1.")
+        self.accelerator = accelerator
+        self.num_devices = self._given["devices"] or devices
+        self.num_nodes = self._given["num_nodes"] or num_nodes
+        self._root_device = torch.device(accelerator)
 
     # ---- topology --------------------------------------------------------------------------
     @property

@@ -44,3 +44,32 @@ def test_registry_builds_ddp_with_options():
     strategy = resolve_strategy("ddp", accelerator="cpu", devices=2)
     assert isinstance(strategy, DDPStrategy) and strategy.world_size == 2 and strategy.backend == "gloo"
     assert strategy.root_device == torch.device("cpu")
+
+
+def test_an_instance_takes_the_trainers_topology_unless_given():
+    from framework import Trainer
+
+    trainer = Trainer(strategy=DDPStrategy(static_graph=True), devices=2, logger=False, max_epochs=1)
+    assert trainer.strategy.num_devices == 2 and trainer.world_size == 2 and trainer.strategy.static_graph
+    trainer = Trainer(strategy=DDPStrategy(devices=3), devices=2, logger=False, max_epochs=1)
+    assert trainer.world_size == 3  # what the instance was given wins
+    with pytest.raises(ValueError, match="accelerator='mps' is not supported by strategy='ddp'"):
+        Trainer(strategy=DDPStrategy(), accelerator="mps", logger=False, max_epochs=1)
+
+
+def test_one_process_ddp_trains_in_process():
+    """devices=1 without a launcher: a one-process gloo group on a free port; collectives are identities."""
+    module = Regression()
+    strategy = DDPStrategy()
+    try:
+        from framework import Trainer
+
+        trainer = Trainer(strategy=strategy, max_epochs=1, logger=False, enable_checkpointing=False,
+                          enable_progress_bar=False)
+        trainer.fit(module, torch.utils.data.DataLoader(ddp_jobs.dataset(6), batch_size=2))
+        assert trainer.global_step == 3 and torch.distributed.get_world_size() == 1
+        assert strategy.all_gather(torch.tensor(1.0)).tolist() == [1.0]
+        assert strategy.reduce_boolean_decision(True) is True
+    finally:
+        strategy.destroy_process_group()
+    assert not torch.distributed.is_initialized()
