@@ -80,6 +80,9 @@ def resolve_strategy(strategy: str | Strategy, *, accelerator: str = "auto", dev
     """Build the Strategy for the Trainer's arguments (a Strategy instance is used as given)."""
     accelerator = resolve_accelerator(accelerator)
     if isinstance(strategy, Strategy):
+        configure = getattr(strategy, "configure_topology", None)  # fills what the instance was not given
+        if configure is not None:
+            configure(accelerator, resolve_devices(devices, accelerator), num_nodes)
         return strategy
     if not isinstance(strategy, str):
         raise TypeError(f"strategy={strategy!r} must be a name ({', '.join(available_strategies())}) or a "
