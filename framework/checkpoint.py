@@ -425,7 +425,9 @@ def find_last(dirpath: str) -> str | None:
 def remove_checkpoint(path: str, *, force: bool = False) -> None:
     """Delete a checkpoint, manifest first (so a half-deleted one is never complete).
 
-    A directory without a manifest is only deleted with ``force=True``.
+    A local one is then renamed to a hidden ``.<name>.old-*`` dir before its files go, so a crash
+    mid-delete leaves nothing in the folder but what :func:`cleanup_stale` removes. A directory
+    without a manifest is only deleted with ``force=True``.
     """
     loc = locate(path)
     manifest = loc.join(MANIFEST)
@@ -435,6 +437,10 @@ def remove_checkpoint(path: str, *, force: bool = False) -> None:
         raise FileNotFoundError(f"checkpoint {redact(path)} does not exist")
     elif not force:
         raise checkpoint_error(path, f"it has no {MANIFEST}, so it may not be a checkpoint; pass force=True to delete it")
+    if loc.is_local:  # out of sight first: a crash mid-delete leaves a hidden dir that cleanup_stale removes
+        aside = loc.sibling(f".{loc.name}.old-{new_token()}")
+        os.rename(loc.path, aside.path)
+        loc = aside
     loc.remove_tree()
 
 
