@@ -7,6 +7,7 @@ outputs (predict).
 
 from __future__ import annotations
 
+import inspect
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -25,6 +26,7 @@ def run_evaluation(t: Trainer, stage: str, feeds: list[Any]) -> list[dict[str, f
     module, strategy, precision = t.module, t.strategy, t.precision_plugin
     hook = _HOOK[stage]
     cbs = t._callback_list
+    _check_takes_dataloader_idx(module, _STEP[stage], len(feeds))
     modes = _capture_modes(module)
     module.eval()
     t._metrics.start_stage(stage)
@@ -70,6 +72,7 @@ def run_predict(t: Trainer, feeds: list[Any]) -> list[Any]:
     """Run ``predict_step`` over every loader; a list of outputs per loader (flattened for one loader)."""
     module, strategy, precision = t.module, t.strategy, t.precision_plugin
     cbs = t._callback_list
+    _check_takes_dataloader_idx(module, "predict_step", len(feeds))
     modes = _capture_modes(module)
     module.eval()
     t._call_hooks("on_predict_start", module_hook=False)
@@ -99,6 +102,20 @@ def run_predict(t: Trainer, feeds: list[Any]) -> list[Any]:
     finally:
         _restore_modes(modes)
     return all_outputs[0] if len(all_outputs) == 1 else all_outputs
+
+
+def _check_takes_dataloader_idx(module: torch.nn.Module, name: str, num_loaders: int) -> None:
+    """With several loaders the step gets ``dataloader_idx``: say so up front instead of a bare arity error."""
+    if num_loaders < 2:
+        return
+    try:
+        params = inspect.signature(getattr(module, name)).parameters.values()
+    except (TypeError, ValueError):  # not introspectable: let the call itself decide
+        return
+    positional = [p for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+    if len(positional) < 3 and not any(p.kind is p.VAR_POSITIONAL for p in params):
+        raise TypeError(f"{type(module).__name__}.{name}() got {num_loaders} dataloaders but takes no "
+                        f"dataloader_idx; define {name}(self, batch, batch_idx, dataloader_idx=0).")
 
 
 def _capture_modes(module: torch.nn.Module) -> list[tuple[torch.nn.Module, bool]]:
