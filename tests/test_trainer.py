@@ -219,6 +219,14 @@ def test_predict_default_step_and_several_loaders(make_trainer, tiny_module_cls)
     assert [[tuple(o.shape) for o in per_loader] for per_loader in outputs] == [[(3, 1), (3, 1)], [(2, 1)]]
 
 
+@pytest.mark.parametrize("stage", ["validate", "test", "predict"])
+def test_several_loaders_need_a_dataloader_idx_argument(make_trainer, tiny_module_cls, make_loader, stage):
+    name = {"validate": "validation_step", "test": "test_step", "predict": "predict_step"}[stage]
+    with pytest.raises(TypeError, match=rf"TinyModule.{name}\(\) got 2 dataloaders but takes no dataloader_idx; "
+                                        rf"define {name}\(self, batch, batch_idx, dataloader_idx=0\)"):
+        getattr(make_trainer(), stage)(tiny_module_cls(), [make_loader(), make_loader()])
+
+
 def test_train_and_eval_modes(make_trainer, tiny_module_cls, make_loader):
     modes = []
 
