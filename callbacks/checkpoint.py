@@ -71,6 +71,11 @@ class ModelCheckpoint(Callback):
     def setup(self, trainer: Trainer, module: TrainModule, stage: str) -> None:
         if self.dirpath is None:
             self.dirpath = _join(trainer.default_root_dir, "checkpoints")
+        if stage == "fit" and trainer.is_global_zero:
+            from framework.checkpoint import cleanup_stale
+
+            # Hidden staging/.old dirs of saves or deletions a crash cut short; no save of this run has begun yet.
+            cleanup_stale(self.dirpath, max_age_s=0)
         if self.async_save and self._writer is None:
             from framework.checkpoint import AsyncCheckpointWriter
 
