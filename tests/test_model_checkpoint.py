@@ -259,6 +259,17 @@ def test_failed_save_deletes_nothing(make_trainer, tiny_module_cls, make_loader,
     assert resumed.global_step == 5
 
 
+def test_fit_start_removes_leftovers_of_saves_cut_short_by_a_crash(make_trainer, tiny_module_cls, make_loader,
+                                                                   tmp_path):
+    dirpath = tmp_path / "checkpoints"
+    for leftover in (".epoch=0-step=2.tmp-0123abcd", ".epoch=0-step=1.old-4567ef"):
+        (dirpath / leftover).mkdir(parents=True)
+        (dirpath / leftover / "model.safetensors").write_bytes(b"partial")
+    (dirpath / ".keep").mkdir()  # not a staging dir: left alone
+    fit(make_trainer, tiny_module_cls(), make_loader, ModelCheckpoint(total_limit=1), max_epochs=1)
+    assert listing(str(dirpath)) == [".keep", "epoch=0-step=5"]
+
+
 # ---- manual saves ---------------------------------------------------------------------------------------------
 
 
