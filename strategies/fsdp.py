@@ -9,9 +9,10 @@ hooks. The Trainer builds optimizers after ``setup_module``, so they hold the sh
 
 from __future__ import annotations
 
+import re
 import warnings
-from collections.abc import Callable, Iterable
-from contextlib import AbstractContextManager
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import AbstractContextManager, contextmanager
 from datetime import timedelta
 from typing import TYPE_CHECKING, Any
 
@@ -174,6 +175,91 @@ class FSDPStrategy(ParallelStrategy):
 
         set_optimizer_state_dict(self.module, optimizer, state_dict, options=self._options())
 
+    # ---- checkpoints ---------------------------------------------------------------------------------
+    def save_checkpoint(self, path: str, *, trainer_state: dict[str, Any], rank_state: dict[str, Any],
+                        metadata: dict[str, Any], optimizers: list[torch.optim.Optimizer],
+                        safe_serialization: bool = True, writer: Any = None,
+                        on_committed: Callable[[], None] | None = None) -> None:
+        """Collective save. ``"sharded"``: each rank writes its shards of model and optimizer state through
+        ``torch.distributed.checkpoint`` (layout ``"dcp"``; written synchronously, DCP is collective).
+        ``"full"``: the state is gathered to rank 0, which writes the replicated layout."""
+        from framework import checkpoint as io
+
+        token = self.broadcast(io.new_token() if self.is_global_zero else None)
+        states: dict[str, Any] = {io.rank_state_name(self.global_rank): rank_state}
+        if self.state_dict_type == "full":
+            model = self._get_model_state(full=True, rank0_only=True)
+            saved_optimizers = [self._get_optimizer_state(o, full=True, rank0_only=True) for o in optimizers]
+            if self.is_global_zero:
+                states[io.MODEL] = model
+                states[io.TRAINER] = {**trainer_state, "optimizers": saved_optimizers}
+            self._write_checkpoint(path, token, states, metadata, safe_serialization, writer, on_committed)
+            return
+        if self.is_global_zero:
+            states[io.TRAINER] = trainer_state
+        sharded = {"model": self._get_model_state(full=False),
+                   "optimizers": [self._get_optimizer_state(o, full=False) for o in optimizers]}
+        self._write_checkpoint(path, token, states, metadata, safe_serialization, None, on_committed,
+                               layout="dcp", extra_files=lambda staging: self._write_dcp(staging, sharded))
+
+    def _write_dcp(self, staging: Any, sharded: dict[str, Any]) -> list[Any]:
+        import torch.distributed.checkpoint as dcp
+
+        from framework import checkpoint as io
+        from framework.checkpoint_storage import locate
+        from framework.consolidate import DCP_DIR
+
+        location = locate(staging.dir).join(DCP_DIR)
+        if location.is_local:
+            dcp.save(sharded, checkpoint_id=location.url)
+        else:
+            dcp.save(sharded, storage_writer=dcp.FsspecWriter(location.url))
+        self.barrier("dcp-written")
+        mine = [name for name in location.file_sizes() if _written_by(name, self.global_rank)]
+        return io.describe_files(staging, [f"{DCP_DIR}/{name}" for name in sorted(mine)])
+
+    def load_checkpoint(self, path: str, *, optimizers: list[torch.optim.Optimizer] | None
+                        ) -> tuple[dict[str, Any], dict[str, Any]]:
+        """Load a ``"dcp"`` checkpoint into this run's shards (resharding to a different world size), or a
+        full one through the base; returns ``(trainer_state, this rank's state)``."""
+        import torch.distributed.checkpoint as dcp
+
+        from framework import checkpoint as io
+        from framework.checkpoint_storage import locate
+        from framework.consolidate import DCP_DIR
+
+        manifest = io.read_manifest(path)
+        if manifest.layout != "dcp":
+            return super().load_checkpoint(path, optimizers=optimizers)
+        io.verify_checkpoint(path, manifest)
+        optimizers = optimizers or []
+        sharded = {"model": self._get_model_state(full=False),
+                   "optimizers": [self._get_optimizer_state(o, full=False) for o in optimizers]}
+        location = locate(path).join(DCP_DIR)
+        with _saved_count_check(path, manifest, len(optimizers)):
+            if location.is_local:
+                dcp.load(sharded, checkpoint_id=location.url)
+            else:
+                dcp.load(sharded, storage_reader=dcp.FsspecReader(location.url))
+        from torch.distributed.checkpoint.state_dict import set_model_state_dict, set_optimizer_state_dict
+
+        set_model_state_dict(self.module, sharded["model"], options=self._options(full=False))
+        for optimizer, state in zip(optimizers, sharded["optimizers"]):
+            set_optimizer_state_dict(self.module, optimizer, state, options=self._options(full=False))
+        return io.read_state(path, io.TRAINER, manifest), self._read_rank_state(path, manifest)
+
+    def _get_model_state(self, full: bool, rank0_only: bool = False) -> dict[str, Any]:
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+        self.reshard()
+        return get_model_state_dict(self.module, options=StateDictOptions(full_state_dict=full, cpu_offload=rank0_only))
+
+    def _get_optimizer_state(self, optimizer: torch.optim.Optimizer, full: bool, rank0_only: bool = False) -> Any:
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+
+        return get_optimizer_state_dict(self.module, optimizer,
+                                        options=StateDictOptions(full_state_dict=full, cpu_offload=rank0_only))
+
     def reshard(self) -> None:
         """Free any gathered parameters (e.g. the root's, kept after an evaluation forward)."""
         from torch.distributed.fsdp import FSDPModule
@@ -188,6 +274,24 @@ class FSDPStrategy(ParallelStrategy):
         if self.model is not None and self._sync_disabled:
             self.model.set_requires_gradient_sync(True)
             self._sync_disabled = False
+
+
+def _written_by(name: str, rank: int) -> bool:
+    """Whether DCP's file ``name`` was written by ``rank`` (``__{rank}_{i}.distcp``; rank 0 also the metadata)."""
+    match = re.fullmatch(r"__(\d+)_\d+\.distcp", name)
+    return int(match.group(1)) == rank if match else rank == 0
+
+
+@contextmanager
+def _saved_count_check(path: str, manifest: Any, expected: int) -> Iterator[None]:
+    """Turn DCP's missing-key error for a different number of optimizers into a clear ValueError."""
+    try:
+        yield
+    except RuntimeError as exc:
+        if "optimizers" in str(exc) and "Missing key" in str(exc):
+            raise ValueError(f"The checkpoint {path} does not hold {expected} optimizer state(s) matching "
+                             "configure_optimizers(); resume with the same optimizer setup.") from exc
+        raise
 
 
 def _local(tensor: torch.Tensor) -> torch.Tensor:

@@ -31,6 +31,43 @@ def test_tied_weights_precision_and_memory_per_rank_about_half_of_ddp(tmp_path):
     assert float(ratio) <= 0.55 and int(fsdp) < int(ddp)
 
 
+@require_distributed
+def test_checkpoints_resume_bit_exact_and_reshard_to_one_process(tmp_path):
+    import torch
+
+    from framework import Trainer
+    from framework.checkpoint import read_manifest
+    from framework.consolidate import read_model_state
+
+    run_distributed(fsdp_jobs.checkpoint_job, nproc=2, timeout=150, args=(str(tmp_path),))
+    assert read_manifest(str(tmp_path / "sharded")).layout == "dcp"
+    assert read_manifest(str(tmp_path / "full")).layout == "full"
+    for kind in ("sharded", "full"):  # both layouts consolidate to the same full state dict in one process
+        saved = torch.load(tmp_path / f"{kind}-step3.pt")
+        loaded = read_model_state(str(tmp_path / kind))
+        assert loaded.keys() == saved.keys() and all(torch.equal(loaded[k], saved[k]) for k in saved)
+
+    # the two-rank sharded checkpoint resumes under a one-process FSDP group (DCP reshards)
+    seen = {}
+
+    class Capture(fsdp_jobs.Callback):
+        def on_train_start(self, trainer, module):
+            seen["step"] = trainer.global_step
+            seen["state"] = {k: v.clone() for k, v in trainer.strategy.module_state_dict().items()}
+
+    strategy = FSDPStrategy()
+    try:
+        trainer = Trainer(strategy=strategy, max_steps=4, logger=False, enable_checkpointing=False,
+                          enable_progress_bar=False, callbacks=[Capture()])
+        with pytest.warns(UserWarning, match="world size 2"):
+            trainer.fit(fsdp_jobs.AdamRegression(), fsdp_jobs.loader(16, 2), ckpt_path=str(tmp_path / "sharded"))
+    finally:
+        strategy.destroy_process_group()
+    assert seen["step"] == 3 and trainer.global_step == 4
+    saved = torch.load(tmp_path / "sharded-step3.pt")
+    assert all(torch.equal(seen["state"][k], saved[k]) for k in saved)
+
+
 def test_refuses_a_model_dispatched_with_a_device_map():
     module = Regression()
     module.hf_device_map = {"net.0": "cpu", "net.2": "disk"}

@@ -150,3 +150,46 @@ def tied_precision_memory_job(out_file: str) -> None:
     assert t.strategy.mixed_precision_policy().param_dtype == torch.bfloat16
     t.fit(module, loader(8, 2))
     assert all(p.dtype == torch.float32 for p in module.parameters())  # sharded masters stay fp32
+
+
+class AdamRegression(Regression):
+    def configure_optimizers(self) -> Any:
+        return torch.optim.Adam(self.parameters(), lr=1e-2)
+
+
+class SaveAt(Callback):
+    """Save a checkpoint (collectively) once ``global_step`` reaches ``step``."""
+
+    def __init__(self, path: str, step: int) -> None:
+        self.path, self.step = path, step
+
+    def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx):
+        if trainer.global_step == self.step and not os.path.exists(self.path):
+            trainer.save_checkpoint(self.path)
+            self.saved = {k: v.clone() for k, v in trainer.strategy.module_state_dict().items()}
+
+
+def _final_state(t) -> dict[str, torch.Tensor]:
+    opt = t.strategy.optimizer_state_dict(t.optimizers[0])["state"]
+    flat = {f"opt.{name}.{k}": v for name, s in opt.items() for k, v in s.items() if torch.is_tensor(v)}
+    return {**t.strategy.module_state_dict(), **flat}
+
+
+def checkpoint_job(root: str) -> None:
+    """Sharded (DCP) and full checkpoints: save at step 3, resume in a fresh Trainer, bit-exact at the end."""
+    for kind in ("sharded", "full"):
+        path = os.path.join(root, kind)
+        strategy = _fsdp(auto_wrap_policy={nn.Linear}, state_dict_type=kind)
+        saver = SaveAt(path, 3)
+        t = trainer(strategy=strategy, max_epochs=2, callbacks=[saver])
+        t.fit(AdamRegression(), loader(16, 2, shuffle=True))
+        expected = _final_state(t)
+
+        resumed = trainer(strategy=_fsdp(auto_wrap_policy={nn.Linear}, state_dict_type=kind), max_epochs=2)
+        resumed.fit(AdamRegression(), loader(16, 2, shuffle=True), ckpt_path=path)
+        actual = _final_state(resumed)
+        assert resumed.global_step == 8 and actual.keys() == expected.keys()
+        for key in expected:
+            assert torch.equal(actual[key], expected[key]), (kind, key)
+        if int(os.environ["RANK"]) == 0:
+            torch.save(saver.saved, os.path.join(root, f"{kind}-step3.pt"))
