@@ -7,6 +7,11 @@ to the same few graphs. Batches reach the device through a background ``Parallel
 ``MpDeviceLoader`` wraps), gradients are all-reduced at the optimizer step, and checkpoints are written
 from CPU copies. torch_xla is imported only when this strategy is built.
 
+Every ``torch_xla.sync()`` advances the device RNG seed, so exact resume needs the same cuts in the
+original and the resumed run between the checkpoint and the next random draw: the cut points above are
+tied to batches and steps (both loader modes cut before every batch), checkpoint saving reads tensors
+back without a cut, and nothing else here cuts the graph.
+
 Topology comes from the PJRT runtime: launch several replicas with torch_xla's own launcher
 (``torch_xla.launch``/``xmp.spawn``); Kiln does not start XLA processes itself.
 """
@@ -344,7 +349,6 @@ class _XLADeviceLoader(DataLoader):
 def _inline_batches(cpu_loader: DataLoader, device: torch.device) -> Any:
     import torch_xla
 
-    for index, batch in enumerate(cpu_loader):
-        if index:
-            torch_xla.sync()  # the same cut ParallelLoader makes before each batch
+    for batch in cpu_loader:
+        torch_xla.sync()  # the cut ParallelLoader makes before each batch, first included (see the module doc)
         yield move_to_device(batch, device)

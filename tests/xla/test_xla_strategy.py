@@ -215,13 +215,14 @@ def _load_job():
     return job
 
 
-def test_checkpoint_resume_in_a_fresh_process_is_exact(tmp_path):
+@pytest.mark.parametrize("parallel_loader", [True, False], ids=["background-loader", "inline-loader"])
+def test_checkpoint_resume_in_a_fresh_process_is_exact(tmp_path, parallel_loader):
     from safetensors.torch import load_file
 
     from framework.checkpoint import list_checkpoints, rank_state_name, read_state
 
     job = _load_job()
-    uninterrupted = job.train(str(tmp_path / "a"), max_steps=8)
+    uninterrupted = job.train(str(tmp_path / "a"), max_steps=8, parallel_loader=parallel_loader)
     saved = {m.global_step: m.path for m in list_checkpoints(str(tmp_path / "a" / "checkpoints"))}
     assert sorted(saved) == [3, 6]
     own = read_state(saved[3], rank_state_name(0))
@@ -230,7 +231,7 @@ def test_checkpoint_resume_in_a_fresh_process_is_exact(tmp_path):
     out = tmp_path / "resumed.safetensors"
     env = {**os.environ, "PJRT_DEVICE": "CPU"}
     proc = subprocess.run([sys.executable, str(HERE / "xla_resume_job.py"), str(tmp_path / "b"), "8", saved[3],
-                           str(out)], env=env, capture_output=True, text=True, timeout=240)
+                           str(out), str(int(parallel_loader))], env=env, capture_output=True, text=True, timeout=240)
     assert proc.returncode == 0, proc.stderr[-4000:]
     resumed = load_file(str(out))
     assert set(resumed) == set(uninterrupted) - {"decode.weight"}
