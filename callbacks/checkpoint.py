@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import math
 import re
+import warnings
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -61,6 +62,8 @@ class ModelCheckpoint(Callback):
         self.last_model_path = ""
         self._last_saved_step = -1
         self._kept_as_last = ""  # a checkpoint outside the top-k kept only because it was the newest
+        self._validated = False  # whether validation ran in this fit (a monitored val metric can't be missing)
+        self._warned_missing = False
         self._writer: Any = None
 
     @property
@@ -71,6 +74,7 @@ class ModelCheckpoint(Callback):
     def setup(self, trainer: Trainer, module: TrainModule, stage: str) -> None:
         if self.dirpath is None:
             self.dirpath = _join(trainer.default_root_dir, "checkpoints")
+        self._validated = self._warned_missing = False
         if stage == "fit" and trainer.is_global_zero:
             from framework.checkpoint import cleanup_stale
 
@@ -91,6 +95,9 @@ class ModelCheckpoint(Callback):
         n = self.every_n_epochs
         if n and (trainer.current_epoch + 1) % n == 0:
             self._save(trainer)
+
+    def on_validation_end(self, trainer: Trainer, module: TrainModule) -> None:
+        self._validated = True
 
     def on_fit_end(self, trainer: Trainer, module: TrainModule) -> None:
         self.wait(trainer)
@@ -165,8 +172,16 @@ class ModelCheckpoint(Callback):
         if self.monitor is None:
             return None
         if self.monitor not in metrics:
-            raise KeyError(f"ModelCheckpoint(monitor={self.monitor!r}) found no such metric; logged metrics are "
-                           f"{sorted(metrics)}. Log it with self.log({self.monitor!r}, ...) or change monitor.")
+            message = (f"ModelCheckpoint(monitor={self.monitor!r}) found no such metric; logged metrics are "
+                       f"{sorted(metrics)}. Log it with self.log({self.monitor!r}, ...) or change monitor.")
+            if self._validated:
+                raise KeyError(message)
+            # e.g. a validation metric before the first validation (of this run or since resuming): save, rank last
+            if not self._warned_missing:
+                self._warned_missing = True
+                warnings.warn(f"{message} Validation has not run yet: checkpoints are ranked last until it is "
+                              "logged.", stacklevel=2)
+            return math.inf if self.mode == "min" else -math.inf
         value = float(metrics[self.monitor])
         if math.isnan(value):
             value = math.inf if self.mode == "min" else -math.inf
