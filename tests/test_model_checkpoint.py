@@ -3,6 +3,7 @@ delete-after-commit, custom filenames, and trainer.save_checkpoint for manual sa
 
 from __future__ import annotations
 
+import math
 import os
 from typing import Any
 
@@ -184,9 +185,26 @@ def test_nan_score_ranks_worst(make_trainer, scored_module_cls, make_loader, tmp
     assert listing(str(tmp_path / "checkpoints")) == ["step=1", "step=3"]
 
 
-def test_missing_monitor_fails_naming_the_logged_metrics(make_trainer, tiny_module_cls, make_loader):
-    with pytest.raises(KeyError, match=r"monitor='val_acc'.*train_loss"):
-        fit(make_trainer, tiny_module_cls(), make_loader, ModelCheckpoint(monitor="val_acc", save_top_k=1))
+def test_missing_monitor_fails_once_validation_ran(make_trainer, tiny_module_cls, make_loader):
+    trainer = make_trainer(max_epochs=1, enable_checkpointing=True,
+                           callbacks=[ModelCheckpoint(monitor="val_acc", save_top_k=1)])
+    with pytest.raises(KeyError, match=r"monitor='val_acc'.*train_loss.*val_loss"):
+        trainer.fit(tiny_module_cls(), make_loader(), make_loader())
+
+
+def test_validation_metric_monitored_before_the_first_validation(make_trainer, tiny_module_cls, make_loader,
+                                                                  tmp_path):
+    """Step saves before validation first logs val_loss are kept (ranked last), with one warning."""
+    callback = ModelCheckpoint(monitor="val_loss", save_top_k=1, every_n_train_steps=2, filename="step={step}")
+    trainer = make_trainer(max_epochs=2, enable_checkpointing=True, callbacks=[callback])
+    with pytest.warns(UserWarning, match="monitor='val_loss'.*Validation has not run yet") as record:
+        trainer.fit(tiny_module_cls(), make_loader(), make_loader())
+    assert sum("monitor='val_loss'" in str(w.message) for w in record) == 1
+    dirpath = tmp_path / "checkpoints"
+    # saves at steps 2, 4 (unranked), 5 (epoch end, after validation), 6, 8 (epoch 0's val_loss), 10
+    assert callback.best_model_score is not None and math.isfinite(callback.best_model_score)
+    assert listing(str(dirpath)) == sorted({os.path.basename(callback.best_model_path), "step=10"})
+    assert os.path.basename(callback.best_model_path) in {"step=5", "step=6", "step=8", "step=10"}
 
 
 # ---- filenames ------------------------------------------------------------------------------------------
