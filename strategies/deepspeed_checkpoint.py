@@ -116,6 +116,8 @@ def _write_engine_files(strategy: DeepSpeedStrategy, staging: Any) -> list:
         strategy.engine.save_checkpoint(local_dir, tag=TAG, client_state={}, save_latest=False)  # ends in a barrier
         mine = sorted(rel for rel in _relative_files(local_dir) if _owner(rel) == strategy.global_rank)
         if not root.is_local:
+            for folder in sorted({rel.rsplit("/", 1)[0] for rel in mine if "/" in rel}):
+                root.join(f"{DS_DIR}/{folder}").makedirs()
             for rel in mine:
                 with open(os.path.join(local_dir, *rel.split("/")), "rb") as src, \
                         root.join(f"{DS_DIR}/{rel}").open("wb") as dst:

@@ -99,9 +99,11 @@ def test_zero3_trains_and_predicts(train_results: dict[str, Any]) -> None:
 
 
 @require_deepspeed
-def test_accumulation_with_short_tail_window_equals_big_batch(train_results: dict[str, Any]) -> None:
-    # 5 batches of 2 per rank, accumulate 3: windows of 3 and 2 batches = global items 0..11 and 12..19
-    result = train_results["accumulate"]
+@pytest.mark.parametrize("scenario", ["accumulate", "accumulate_stream"])
+def test_accumulation_with_short_tail_window_equals_big_batch(train_results: dict[str, Any], scenario: str) -> None:
+    # 5 batches of 2 per rank, accumulate 3: windows of 3 and 2 batches = global items 0..11 and 12..19;
+    # "accumulate_stream" has no length, so the tail is found at its last batch and its gradients rescaled
+    result = train_results[scenario]
     assert result["global_step"] == 4
     assert_weights_close(result["weights"], reference([list(range(12)), list(range(12, 20))], epochs=2, lr=0.1))
 
@@ -115,6 +117,13 @@ def test_num_items_sum_loss_is_the_window_mean_under_zero3(train_results: dict[s
 @require_deepspeed
 def test_gradient_clip_val_maps_onto_the_engine(train_results: dict[str, Any]) -> None:
     assert_weights_close(train_results["clip"]["weights"], reference(BATCHES_OF_4, epochs=2, lr=0.1, clip=0.05))
+
+
+@require_deepspeed
+def test_manual_optimization_steps_the_engine(train_results: dict[str, Any]) -> None:
+    result = train_results["manual"]
+    assert result["global_step"] == 8
+    assert_weights_close(result["weights"], reference(BATCHES_OF_4, epochs=2, lr=0.1))
 
 
 @require_deepspeed

@@ -40,6 +40,20 @@ class IndexedData(Dataset):
         return x, torch.randn(1, generator=g) + x.sum(0, keepdim=True)
 
 
+class RankStream(torch.utils.data.IterableDataset):
+    """An iterable (length-unknown) stream of this rank's items ``rank::world`` out of ``size``."""
+
+    def __init__(self, size: int) -> None:
+        self.data = IndexedData(size)
+
+    def __iter__(self) -> Any:
+        from framework import DistributedState
+
+        state = DistributedState()
+        for index in range(state.process_index, len(self.data), state.num_processes):
+            yield self.data[index]
+
+
 def make_net(seed: int = 0) -> torch.nn.Module:
     torch.manual_seed(seed)
     return torch.nn.Sequential(torch.nn.Linear(FEATURES, HIDDEN), torch.nn.Tanh(), torch.nn.Linear(HIDDEN, 1))
@@ -91,6 +105,22 @@ class SumLossRegression(Regression):
         return len(batch[0])
 
 
+class ManualRegression(Regression):
+    """Manual optimization: the step calls manual_backward and the optimizer itself."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.automatic_optimization = False
+
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        optimizer = self.optimizers()
+        loss = super().training_step(batch, batch_idx)
+        self.manual_backward(loss)
+        optimizer.step()
+        optimizer.zero_grad()
+        return loss
+
+
 class TwoOptimizers(Regression):
     def configure_optimizers(self) -> Any:
         return [torch.optim.SGD(self.net[0].parameters(), lr=0.1), torch.optim.SGD(self.net[2].parameters(), lr=0.1)]
@@ -123,12 +153,18 @@ def train(out: str) -> None:
     t = trainer(2, out, accumulate_grad_batches=3)
     t.fit(Regression(), tail_loader)
     results["accumulate"] = {"weights": weights(t), "global_step": t.global_step}
+    t = trainer(2, out, accumulate_grad_batches=3)  # same windows, discovered by looking ahead in a stream
+    t.fit(Regression(), DataLoader(RankStream(20), batch_size=2))
+    results["accumulate_stream"] = {"weights": weights(t), "global_step": t.global_step}
     t = trainer(3, out, accumulate_grad_batches=3)
     t.fit(SumLossRegression(lr=0.01), tail_loader)
     results["num_items"] = {"weights": weights(t), "global_step": t.global_step}
     t = trainer(2, out, gradient_clip_val=0.05)
     t.fit(Regression(), loader)
     results["clip"] = {"weights": weights(t), "global_step": t.global_step}
+    t = trainer(2, out)
+    t.fit(ManualRegression(), loader)
+    results["manual"] = {"weights": weights(t), "global_step": t.global_step}
     t = trainer(2, out, even_batches=False)  # 17 items: rank 0 has 3 batches of 4, 4, 1; rank 1 has 2
     t.fit(Regression(), DataLoader(IndexedData(17), batch_size=4))
     results["uneven"] = {"weights": weights(t), "global_step": t.global_step}
@@ -167,10 +203,11 @@ def resume_stage(out: str, stage_n: int) -> None:
     from callbacks import ModelCheckpoint
 
     root = os.path.join(out, f"stage{stage_n}")
+    # ZeRO-3 checkpoints through an fsspec URL (the engine's files are staged locally and copied)
+    ckpt_dir = f"local://{root}/ckpt" if stage_n == 3 else os.path.join(root, "ckpt")
     loader = DataLoader(IndexedData(24), batch_size=2, shuffle=True)  # 6 batches per rank and epoch
     seed_everything(7)
-    every = ModelCheckpoint(dirpath=os.path.join(root, "ckpt"), every_n_train_steps=4, every_n_epochs=None,
-                            save_last=False)
+    every = ModelCheckpoint(dirpath=ckpt_dir, every_n_train_steps=4, every_n_epochs=None, save_last=False)
     run_a = trainer(stage_n, root, max_steps=10, max_epochs=None, callbacks=[every], enable_checkpointing=True)
     run_a.fit(Regression("adamw", lr=0.01, dropout=0.2), loader)
     final_a = final_state(run_a)
@@ -178,11 +215,11 @@ def resume_stage(out: str, stage_n: int) -> None:
     seed_everything(123)  # resuming must restore every RNG and the data order itself
     run_b = trainer(stage_n, root, max_steps=10, max_epochs=None)
     module_b = Regression("adamw", lr=0.01, dropout=0.2)
-    run_b.fit(module_b, loader, ckpt_path=os.path.join(root, "ckpt", "epoch=0-step=4"))
+    run_b.fit(module_b, loader, ckpt_path=f"{ckpt_dir}/epoch=0-step=4")
     final_b = final_state(run_b)
     # evaluation from the checkpoint in a third Trainer: weights only, through validate()
     run_c = trainer(stage_n, root)
-    metrics = run_c.validate(Regression(), loader, ckpt_path=os.path.join(root, "ckpt", saved[-1]))
+    metrics = run_c.validate(Regression(), loader, ckpt_path=f"{ckpt_dir}/{saved[-1]}")
     if run_a.is_global_zero:
         torch.save({"a": final_a, "b": final_b, "ckpt": [os.path.join(root, "ckpt", n) for n in saved], "val": metrics,
                     "b_losses": torch.stack(module_b.losses)}, os.path.join(out, f"resume{stage_n}.pt"))
