@@ -9,6 +9,7 @@ checkpoint, run the stage's loop, tear down. The loops themselves live in ``fram
 from __future__ import annotations
 
 import os
+import warnings
 from typing import Any
 
 import torch
@@ -263,6 +264,10 @@ class Trainer:
                                  "(e.g. torch.utils.data.ConcatDataset) first.")
             self._train_feed = train[0] if train else None
             self._val_feeds = self._stage_feeds["validate"] if _overrides(self.module, "validation_step") else []
+            if self._stage_feeds["validate"] and not self._val_feeds:
+                warnings.warn(f"trainer.fit() got validation data but {type(self.module).__name__} defines no "
+                              "validation_step(); validation is skipped. Define validation_step to validate.",
+                              stacklevel=3)
             self.num_val_batches = [feed.num_batches for feed in self._val_feeds]
         else:
             counts = [feed.num_batches for feed in self._stage_feeds[stage]]
