@@ -141,7 +141,8 @@ def test_no_validation_without_validation_step(make_trainer, tiny_module_cls, ma
         validation_step = TrainModule.validation_step
 
     counter = CountValidations()
-    make_trainer(callbacks=[counter]).fit(NoVal(), make_loader(), make_loader())
+    with pytest.warns(UserWarning, match="got validation data but NoVal defines no validation_step"):
+        make_trainer(callbacks=[counter]).fit(NoVal(), make_loader(), make_loader())
     assert counter.at == []
 
 
