@@ -247,8 +247,9 @@ def commit_checkpoint(staging: Staging, entries: Iterable[Mapping[str, Any]],
     sizes = root.file_sizes()
     for e in entries:
         if sizes.get(e["path"]) != e["size"]:
-            raise checkpoint_error(staging.target, f"file {e['path']} in the staging dir has size {sizes.get(e['path'])}, "
-                                        f"but its entry says {e['size']} (did every rank finish writing?)")
+            found = sizes.get(e["path"], "missing")
+            raise checkpoint_error(staging.target, f"file {e['path']} in the staging dir is {found} bytes, but its "
+                                                   f"entry says {e['size']} (did every rank finish writing?)")
     for rel in set(sizes) - seen:
         root.join(rel).remove_file(missing_ok=True)
     doc = {"format": FORMAT, "format_version": FORMAT_VERSION, "created": time.time(),
@@ -333,8 +334,8 @@ def _read_file(path: str, manifest: Manifest, rel: str, reader: Any, verify: boo
         with loc.open("rb") as f:
             size = loc.size_of_open(f)
             if size != entry["size"]:
-                raise checkpoint_error(path, f"file {rel} is damaged: it has {size} bytes, the manifest says {entry['size']} "
-                                  "(truncated or overwritten)")
+                raise checkpoint_error(path, f"file {rel} is damaged: it has {size} bytes, the manifest says "
+                                             f"{entry['size']} (truncated or overwritten)")
             hasher = tensor_files.StreamHasher(tensor_files.split_checksum(entry["checksum"])) if verify else NoHash()
             result = reader(f, size, hasher)
     except FileNotFoundError:
