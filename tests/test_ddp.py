@@ -18,10 +18,14 @@ from dist_common import Regression  # noqa: E402
 pytestmark = pytest.mark.distributed
 
 
-@pytest.mark.parametrize("job", [ddp_jobs.equivalence_job, ddp_jobs.uneven_job], ids=lambda job: job.__name__)
 @require_distributed
-def test_two_rank_job(job):
-    run_distributed(job, nproc=2, timeout=120)
+def test_equivalence_accumulation_topology_collectives_and_checkpoint(tmp_path):
+    run_distributed(ddp_jobs.equivalence_job, nproc=2, timeout=120, args=(str(tmp_path),))
+
+
+@require_distributed
+def test_even_and_uneven_batches_exact_evaluation_and_prediction():
+    run_distributed(ddp_jobs.uneven_job, nproc=2, timeout=120)
 
 
 def test_refuses_a_model_dispatched_with_a_device_map():

@@ -42,8 +42,9 @@ def _count_allreduces(ddp_model) -> list[int]:
     return calls
 
 
-def equivalence_job() -> None:
-    """Two ranks x batch B == one process x batch 2B; accumulation syncs once per window; topology."""
+def equivalence_job(root: str) -> None:
+    """Two ranks x batch B == one process x batch 2B; accumulation syncs once per window; topology;
+    a checkpoint saved after fit (the process group outlives fit) loads into a fresh module."""
     data = dataset(16)
     module = Regression()
     t = trainer(strategy="ddp", max_epochs=2)
@@ -52,6 +53,12 @@ def equivalence_job() -> None:
     expected = reference_sgd(Regression(), [[ids] for ids in chunks(list(range(16)), 4)] * 2, data=data)
     assert_close(module.state_dict(), expected)
     assert t.global_step == 8
+
+    path = os.path.join(root, "after-fit")
+    t.save_checkpoint(path)
+    fresh = Regression(seed=1)
+    trainer(strategy="ddp").validate(fresh, loader(4, 2), ckpt_path=path)
+    assert_close(fresh.state_dict(), module.state_dict(), tol=0)
 
     # accumulation: B=1 per rank, 2 micro-batches per window == batches of 4 in one process
     module = Regression()
