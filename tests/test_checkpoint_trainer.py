@@ -377,6 +377,8 @@ def test_async_save_writes_the_same_checkpoints_as_sync(tmp_path, reference, saf
     path = str(root / "checkpoints" / "step=8")
     resumed = train(root, 2, ckpt_path=path, callbacks=[every_step(async_save=True)])[1]
     assert_same_weights(resumed, reference)
+    finished = train(root, 2, ckpt_path="last", callbacks=[every_step(async_save=True)])[1]  # step=10: complete
+    assert_same_weights(finished, reference)
 
 
 def test_async_save_failure_surfaces_and_keeps_earlier_checkpoints(tmp_path, monkeypatch):

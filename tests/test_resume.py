@@ -1,6 +1,7 @@
 """Bit-exact resume in a fresh process: a run resumed from a mid-epoch or an epoch-boundary checkpoint
 ends with exactly the weights, Adam moments, LR and loss scale of the uninterrupted run — with shuffling,
-dropout, two dataloader workers, fp16 AMP, per-step and per-epoch LR schedulers, and accumulation.
+dropout, two dataloader workers, fp16 AMP, per-step and per-epoch LR schedulers, accumulation, and
+checkpoints written synchronously or in the background (``async_save``).
 
 Each run is ``tests/scripts/resumable_run.py`` in its own interpreter; results are compared through the
 safetensors file each run writes at its end.
@@ -78,12 +79,15 @@ def pick_checkpoints(dirpath: Path, batches_per_epoch: int) -> tuple[str, str]:
 
 @pytest.mark.slow
 @pytest.mark.timeout(2 * TIMEOUT + 60)
-@pytest.mark.parametrize("accumulate, samples", [(1, 40), (2, 36)], ids=["no-accumulation", "accumulate-2"])
-def test_fresh_process_resume_is_bit_exact(tmp_path, accumulate, samples):
+@pytest.mark.parametrize("accumulate, samples, saving", [(1, 40, "sync"), (2, 36, "async")],
+                         ids=["no-accumulation", "accumulate-2-async-save"])
+def test_fresh_process_resume_is_bit_exact(tmp_path, accumulate, samples, saving):
     # 36 samples in batches of 4 with accumulation 2: windows of 2, 2, 2, 2, 1 (a short tail window)
     common = ["--accumulate", str(accumulate), "--samples", str(samples), "--max-epochs", "3",
               "--precision", "16-mixed", "--workers", "2", "--every-n-steps", "3"]
-    run_all(start(tmp_path / "full", tmp_path / "full.safetensors", *common))
+    # the uninterrupted run writes the checkpoints to resume from (in the background with async_save)
+    run_all(start(tmp_path / "full", tmp_path / "full.safetensors", *common,
+                  *(["--async-save"] if saving == "async" else [])))
     batches = samples // 4
     mid, boundary = pick_checkpoints(tmp_path / "full" / "checkpoints", batches)
 

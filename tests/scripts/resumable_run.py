@@ -109,6 +109,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--every-n-steps", type=int, default=3)
     p.add_argument("--total-limit", type=int, default=None)
     p.add_argument("--progress", action="store_true")
+    p.add_argument("--async-save", action="store_true")
     p.add_argument("--count-file", default=None, help="write the number of __getitem__ calls (num_workers=0)")
     args = p.parse_args(argv)
 
@@ -118,7 +119,8 @@ def main(argv: list[str] | None = None) -> None:
     dataset = IndexedDataset(args.samples)
     loader = DataLoader(dataset, batch_size=args.batch_size, shuffle=True, num_workers=args.workers)
     callbacks: list[Callback] = [Progress()] if args.progress else []
-    callbacks.append(ModelCheckpoint(every_n_train_steps=args.every_n_steps, total_limit=args.total_limit))
+    callbacks.append(ModelCheckpoint(every_n_train_steps=args.every_n_steps, total_limit=args.total_limit,
+                                     async_save=args.async_save))
     trainer = Trainer(default_root_dir=args.root, max_epochs=args.max_epochs, max_steps=args.max_steps,
                       precision=args.precision, accumulate_grad_batches=args.accumulate, callbacks=callbacks,
                       logger=False, enable_progress_bar=False)
