@@ -7,6 +7,7 @@ sequences them. The per-batch path does no host synchronisation unless a logger 
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
@@ -26,8 +27,13 @@ def run_fit(trainer: Trainer) -> None:
         finished = run_train_epoch(t, start=t._resume_batch)
         t._resume_batch = 0
         if finished:
+            empty = t._batches_done == 0
             t.current_epoch += 1
             t._batches_done, t._epoch_finished = 0, False
+            if empty:  # every further epoch would be empty too: without this, max_steps alone never ends
+                warnings.warn(f"The training dataloader yielded no batches in epoch {t.current_epoch - 1}; "
+                              "training stops. Check the dataset and limit_train_batches.", stacklevel=5)
+                break
     t._call_hooks("on_train_end")
 
 

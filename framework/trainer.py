@@ -207,6 +207,9 @@ class Trainer:
 
     def _fit(self) -> None:
         if self._train_feed is None:
+            if self.limits["fit"] == 0:
+                raise ValueError("limit_train_batches=0 leaves nothing to train; use a count >= 1, a fraction > 0, "
+                                 "or None for every batch.")
             raise ValueError("trainer.fit() got no training data: pass train_dataloaders=... or define "
                              "train_dataloader() on the module.")
         self._val_every = arguments.val_every_batches(self.val_check_interval, self._train_feed.num_batches)
