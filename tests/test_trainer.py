@@ -272,6 +272,20 @@ def test_predict_restores_the_training_mode(make_trainer, tiny_module_cls, make_
     assert module.training
 
 
+@pytest.mark.parametrize(("max_epochs", "max_steps"), [(None, 3), (5, -1)])
+def test_empty_training_loader_stops_with_a_warning(make_trainer, tiny_module_cls, make_loader, max_epochs, max_steps):
+    trainer = make_trainer(max_epochs=max_epochs, max_steps=max_steps)
+    with pytest.warns(UserWarning, match="yielded no batches in epoch 0; training stops") as record:
+        trainer.fit(tiny_module_cls(), make_loader(0))  # with max_steps alone this used to loop forever
+    assert record[0].filename == __file__
+    assert (trainer.current_epoch, trainer.global_step) == (1, 0)
+
+
+def test_limit_train_batches_zero_is_refused(make_trainer, tiny_module_cls, make_loader):
+    with pytest.raises(ValueError, match="limit_train_batches=0 leaves nothing to train"):
+        make_trainer(limit_train_batches=0).fit(tiny_module_cls(), make_loader())
+
+
 # ---- data errors ----------------------------------------------------------------------------------------------
 def test_fit_without_data(make_trainer, tiny_module_cls):
     with pytest.raises(ValueError, match=r"trainer.fit\(\) got no training data: pass train_dataloaders"):
