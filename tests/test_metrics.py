@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from torch.utils.data import DataLoader, TensorDataset
 
 from callbacks import Callback
@@ -88,6 +90,22 @@ def test_validate_returns_hand_computed_epoch_values(make_trainer):
 def test_test_returns_hand_computed_epoch_values(make_trainer):
     [result] = make_trainer().test(Stats(), ranged_loader(5.0, n=7, batch_size=3))
     assert result == pytest.approx(expected_eval(5.0, n=7, batch_size=3))
+
+
+@settings(max_examples=30, deadline=None)
+@given(values=st.lists(st.floats(-1e3, 1e3, width=32), min_size=1, max_size=17), batch_size=st.integers(1, 6))
+def test_epoch_means_match_a_hand_computation(tmp_path_factory, values, batch_size):
+    from framework import Trainer
+
+    x = torch.tensor(values, dtype=torch.float32)
+    trainer = Trainer(max_epochs=1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                      default_root_dir=str(tmp_path_factory.mktemp("h")))
+    [result] = trainer.validate(Stats(), DataLoader(TensorDataset(x), batch_size=batch_size))
+    batches = x.double().split(batch_size)
+    assert result["weighted"] == pytest.approx(float(x.double().mean()), rel=1e-5, abs=1e-3)
+    assert result["mean"] == pytest.approx(sum(float(b.mean()) for b in batches) / len(batches), rel=1e-5, abs=1e-3)
+    assert result["total"] == pytest.approx(float(x.double().sum()), rel=1e-5, abs=1e-2)
+    assert (result["largest"], result["smallest"]) == (max(values), min(values))
 
 
 def test_multiple_dataloaders_get_suffixes(make_trainer):
@@ -292,10 +310,13 @@ def sync_counter(monkeypatch):
 
 class SyncsPerBatch(Callback):
     def __init__(self, counter):
-        self.counter, self.at_start = counter, []
+        self.counter, self.at_start, self.at_val_start = counter, [], []
 
     def on_train_batch_start(self, trainer, module, batch, batch_idx):
         self.at_start.append(self.counter["n"])
+
+    def on_validation_batch_start(self, trainer, module, batch, batch_idx):
+        self.at_val_start.append(self.counter["n"])
 
 
 @pytest.mark.parametrize(("logger", "every", "expected_logging_batches"), [
@@ -350,3 +371,10 @@ def test_plateau_scheduler_reads_a_metric_logged_in_on_train_epoch_end(make_trai
     trainer = make_trainer(max_epochs=2)
     trainer.fit(M(), ranged_loader())
     assert trainer.optimizers[0].param_groups[0]["lr"] == 1.0  # end_value improved every epoch
+
+
+def test_no_host_sync_per_validation_step(make_trainer, make_loader, tiny_module_cls, sync_counter):
+    probe = SyncsPerBatch(sync_counter)
+    trainer = make_trainer(callbacks=[probe])
+    trainer.validate(tiny_module_cls(), make_loader(40, batch_size=4))  # val_loss logged every step
+    assert len(set(probe.at_val_start)) == 1 and len(probe.at_val_start) == 10
