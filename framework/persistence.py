@@ -12,7 +12,8 @@ epoch already trained), and whether the epoch's end-of-epoch work already ran (`
 from __future__ import annotations
 
 import warnings
-from typing import TYPE_CHECKING, Any, Callable
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from framework.trainer import Trainer
@@ -46,6 +47,10 @@ def rank_state(t: Trainer) -> dict[str, Any]:
 def save_trainer_checkpoint(t: Trainer, path: str, *, safe_serialization: bool = True, writer: Any = None,
                             on_committed: Callable[[], None] | None = None) -> None:
     """Collective save of the whole training state to ``path``; ``writer`` makes it asynchronous."""
+    if t.stage == "fit" and not t.sync_gradients:
+        warnings.warn(f"Saving a checkpoint inside a gradient accumulation window (after batch {t._batch_idx}): the "
+                      "gradients accumulated so far are not saved, so resuming it will not reproduce this run. "
+                      "Save when trainer.sync_gradients is True (ModelCheckpoint does).", stacklevel=3)
     checkpoint = trainer_state(t)
     t._call_hooks("on_save_checkpoint", checkpoint)
     metadata = {"epoch": t.current_epoch, "global_step": t.global_step, "kiln_stage": t.stage}
