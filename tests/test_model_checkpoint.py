@@ -311,6 +311,20 @@ def test_manual_save_checkpoint_round_trips(make_trainer, tiny_module_cls, make_
     assert resumed.global_step == 15
 
 
+def test_manual_save_inside_an_accumulation_window_warns(make_trainer, tiny_module_cls, make_loader, tmp_path):
+    from callbacks import Callback
+
+    class SaveEveryBatch(Callback):
+        def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx):
+            trainer.save_checkpoint(str(tmp_path / f"batch={batch_idx}"))
+
+    trainer = make_trainer(max_epochs=1, accumulate_grad_batches=2, callbacks=[SaveEveryBatch()])
+    with pytest.warns(UserWarning, match="inside a gradient accumulation window") as record:
+        trainer.fit(tiny_module_cls(), make_loader())
+    # windows: batches (0, 1), (2, 3), (4,): only after batches 0 and 2 are gradients pending
+    assert sum("accumulation window" in str(w.message) for w in record) == 2
+
+
 def test_manual_save_needs_a_module(make_trainer, tmp_path):
     with pytest.raises(RuntimeError, match="save_checkpoint"):
         make_trainer().save_checkpoint(str(tmp_path / "x"))
