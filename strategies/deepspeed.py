@@ -45,7 +45,7 @@ _KILN_OWNED = {"optimizer": "return the optimizer from configure_optimizers()",
                "scheduler": "return the LR scheduler from configure_optimizers()"}
 
 
-def require_deepspeed(strategy_name: str = "deepspeed") -> None:
+def check_deepspeed_installed(strategy_name: str = "deepspeed") -> None:
     """Raise an ImportError with the install hint when deepspeed cannot be imported."""
     try:
         found = importlib.util.find_spec("deepspeed") is not None
@@ -114,6 +114,7 @@ class DeepSpeedPrecision(Precision):
 class DeepSpeedStrategy(ParallelStrategy):
     """Train with DeepSpeed ZeRO (``stage`` 1: optimizer state, 2: + gradients, 3: + parameters sharded).
 
+    - ``stage``: the ZeRO stage; None means the config's ``zero_optimization.stage``, else 2.
     - ``offload_optimizer``: keep optimizer state (and the step) in CPU memory; ``offload_parameters``
       (stage 3 only): keep parameters in CPU memory between uses.
     - ``config``: a DeepSpeed config dict or a path to a JSON file; its settings win over the arguments
@@ -131,7 +132,7 @@ class DeepSpeedStrategy(ParallelStrategy):
                  offload_optimizer: bool = False, offload_parameters: bool = False,
                  config: dict[str, Any] | str | os.PathLike | None = None, logging_level: int = logging.WARNING,
                  process_group_backend: str | None = None, timeout: timedelta = timedelta(minutes=30)) -> None:
-        require_deepspeed(self.name)
+        check_deepspeed_installed(self.name)
         super().__init__(accelerator=accelerator, devices=devices, num_nodes=num_nodes,
                          process_group_backend=process_group_backend, timeout=timeout)
         self.user_config = _load_config(config)

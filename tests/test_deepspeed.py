@@ -156,6 +156,18 @@ def test_fp16_on_a_cpu_without_fp16_is_refused_with_the_fix(train_results: dict[
 
 
 @require_deepspeed
+def test_fp16_overflow_skips_the_step_lowers_the_scale_and_holds_the_scheduler(train_results: dict[str, Any]) -> None:
+    result = train_results["fp16_overflow"]  # batch 1's loss is inf; SGD with StepLR(step_size=1, gamma=0.5)
+    assert result["dtype"] == torch.float16
+    assert result["global_step"] == 4 and result["skipped"] == 1
+    before, after = result["weights"][0], result["weights"][1]
+    assert all(torch.equal(before[k], after[k]) for k in before)  # the skipped step changed nothing
+    assert not all(torch.equal(after[k], result["weights"][2][k]) for k in after)  # the next one did
+    assert result["scales"] == [256.0, 128.0, 128.0, 128.0]  # halved once, at the overflow
+    assert result["lrs"] == [0.025, 0.025, 0.0125, 0.00625]  # no scheduler step for the skipped step
+
+
+@require_deepspeed
 def test_several_optimizers_are_refused_in_a_real_job(train_results: dict[str, Any]) -> None:
     message = train_results["two_optimizers"]
     assert "2 optimizers" in message and "single engine" in message

@@ -18,6 +18,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
+from callbacks import Callback  # noqa: E402
 from framework import Trainer, TrainModule, seed_everything  # noqa: E402
 from strategies import DeepSpeedStrategy  # noqa: E402
 
@@ -187,8 +188,68 @@ def train(out: str) -> None:
         trainer(2, out, precision="16-mixed", max_steps=2).fit(Regression(), loader)
     except ValueError as exc:
         results["fp16"]["error"] = str(exc)
+    results["fp16_overflow"] = fp16_overflow()
     if t.is_global_zero:
         torch.save(results, os.path.join(out, "train.pt"))
+
+
+class OverflowOnce(Regression):
+    """fp16 with an SGD + per-step StepLR; the loss of batch ``bad`` is inf, so that step must be skipped."""
+
+    def __init__(self, bad: int) -> None:
+        super().__init__("sgd", lr=0.05)
+        self.bad = bad
+
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        loss = super().training_step(batch, batch_idx)
+        return loss * float("inf") if batch_idx == self.bad else loss
+
+    def configure_optimizers(self) -> Any:
+        optimizer = torch.optim.SGD(self.parameters(), lr=self.lr)
+        scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=1, gamma=0.5)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+
+class AfterEachBatch(Callback):
+    """Records the engine's loss scale, the LR and the weights after every batch."""
+
+    def __init__(self) -> None:
+        self.scales: list[float] = []
+        self.lrs: list[float] = []
+        self.weights: list[dict[str, torch.Tensor]] = []
+
+    def on_train_batch_end(self, trainer: Any, module: Any, outputs: Any, batch: Any, batch_idx: int) -> None:
+        self.scales.append(float(trainer.strategy.engine.optimizer.loss_scale))
+        self.lrs.append(trainer.optimizers[0].param_groups[0]["lr"])
+        self.weights.append({k: v.detach().float().clone() for k, v in module.state_dict().items()})
+
+
+def fp16_overflow() -> dict[str, Any]:
+    """fp16 overflow under ZeRO-2: the skipped step leaves the weights and the LR alone and lowers the scale.
+
+    DeepSpeed's CPU accelerator reports no fp16 on CPUs without AVX512-FP16; torch runs fp16 on any CPU, so the
+    capability flag is overridden for this run and DeepSpeed's real fp16 path (loss scaling, overflow, skip) runs.
+    """
+    from deepspeed.accelerator import get_accelerator
+
+    accelerator = get_accelerator()
+    accelerator.is_fp16_supported = lambda: True
+    try:
+        return _fp16_overflow_run()
+    finally:
+        del accelerator.is_fp16_supported
+
+
+def _fp16_overflow_run() -> dict[str, Any]:
+    module = OverflowOnce(bad=1)
+    record = AfterEachBatch()
+    strategy = DeepSpeedStrategy(accelerator="cpu", devices=2, stage=2,
+                                 config={"fp16": {"initial_scale_power": 8}})  # 2**8: only the inf loss overflows
+    t = Trainer(strategy=strategy, accelerator="cpu", devices=2, precision="16-mixed", max_epochs=1, logger=False,
+                enable_progress_bar=False, enable_checkpointing=False, callbacks=[record])
+    t.fit(module, DataLoader(IndexedData(16), batch_size=2))
+    return {"weights": record.weights, "scales": record.scales, "lrs": record.lrs, "skipped": t.skipped_steps,
+            "global_step": t.global_step, "dtype": next(module.parameters()).dtype}
 
 
 def resume(out: str) -> None:
