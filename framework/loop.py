@@ -78,7 +78,10 @@ def run_train_epoch(t: Trainer, start: int = 0) -> bool:
     t._flush_epoch_metrics("train")
     if completed and module.automatic_optimization:  # manual optimization steps its own schedulers
         step_schedulers(t.lr_scheduler_configs, "epoch", epoch + 1, t.callback_metrics)
-    t._call_callbacks("on_train_epoch_end")
+    with t._metrics.epoch_level():
+        t._call_callbacks("on_train_epoch_end")
+    if t._metrics.has_pending():  # a callback logged through module.log
+        t._log_to_loggers(t._metrics.reduce_epoch())
     t._metrics.end_stage()
     return completed
 

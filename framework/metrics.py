@@ -120,6 +120,10 @@ class MetricCollector:
             self.stage, self.step_values, self._epoch_items, self._metrics = self._saved
             self._saved = None
 
+    def has_pending(self) -> bool:
+        """Whether anything logged at epoch level awaits ``reduce_epoch``."""
+        return bool(self._epoch_items or self._metrics)
+
     def reduce_epoch(self) -> dict[str, torch.Tensor]:
         """Reduce everything logged with on_epoch=True in the current stage and store it in epoch_values."""
         out: dict[str, torch.Tensor] = {}
