@@ -361,6 +361,18 @@ def test_epoch_hook_logs_are_epoch_values_seen_by_callbacks_and_loggers(make_tra
     assert not any("end_value" in m for step, m in logger.records if "x_mean" in m)  # not a step metric
 
 
+def test_callback_logging_in_on_train_epoch_end_reaches_loggers(make_trainer):
+    class LogFromCallback(Callback):
+        def on_train_epoch_end(self, trainer, module):
+            module.log("from_callback", 3.0 + trainer.current_epoch)
+
+    logger = RecordingLogger()
+    trainer = make_trainer(max_epochs=2, logger=logger, callbacks=[LogFromCallback()])
+    trainer.fit(Stats(), ranged_loader())
+    assert [(step, m["from_callback"]) for step, m in logger.records if "from_callback" in m] == [(3, 3.0), (6, 4.0)]
+    assert trainer.callback_metrics["from_callback"] == 4.0
+
+
 def test_plateau_scheduler_reads_a_metric_logged_in_on_train_epoch_end(make_trainer):
     class M(EpochHookLogging):
         def configure_optimizers(self):
