@@ -3,14 +3,20 @@
 Every rank holds the whole model; DDP averages gradients during backward. Steps run through DDP's
 forward (via a dispatcher module), so its reducer is prepared for each training step; inside an
 accumulation window ``no_sync`` skips the all-reduce and the closing micro-batch syncs the window.
+
+Manual optimization calls backward *inside* the training step, before DDP's forward has returned and
+armed its reducer; there the step runs on the module directly and each ``manual_backward`` averages the
+gradients across ranks itself (one flat all-reduce per dtype).
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from contextlib import AbstractContextManager
 from datetime import timedelta
 from typing import Any
 
+import torch
 from torch import nn
 
 from strategies.base import _NULL
@@ -47,3 +53,32 @@ class DDPStrategy(ParallelStrategy):
     def no_sync(self, skip_sync: bool) -> AbstractContextManager:
         self._skip_sync = skip_sync
         return self.model.no_sync() if skip_sync else _NULL
+
+    def step_function(self, name: str) -> Callable[..., Any]:
+        if name != "training_step" or self.module.automatic_optimization:
+            return super().step_function(name)
+        model, self.model = self.model, self.module  # the base then binds the module's own method
+        try:
+            return super().step_function(name)
+        finally:
+            self.model = model
+
+    def _after_backward(self) -> None:
+        if self._manual and self.world_size > 1:
+            average_gradients([p for p in self.module.parameters() if p.requires_grad], self.world_size)
+
+
+def average_gradients(params: list[nn.Parameter], world_size: int) -> None:
+    """All-reduce-average the gradients of ``params`` (a missing gradient counts as zeros) in flat buffers."""
+    import torch.distributed as dist
+
+    groups: dict[tuple[torch.dtype, torch.device], list[nn.Parameter]] = {}
+    for p in params:
+        groups.setdefault((p.dtype, p.device), []).append(p)
+    for group in groups.values():
+        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in group]
+        flat = torch.cat([g.reshape(-1) for g in grads])
+        dist.all_reduce(flat)
+        flat /= world_size
+        for p, chunk in zip(group, flat.split([g.numel() for g in grads])):
+            p.grad = chunk.view_as(p).clone() if p.grad is None else p.grad.copy_(chunk.view_as(p))

@@ -63,6 +63,7 @@ class ParallelStrategy(Strategy):
         self.timeout = timeout
         self.cluster: ClusterEnvironment = detect_environment()
         self._skip_sync = False
+        self._manual = False  # manual optimization: backward runs inside the training step
         self._uneven: lockstep.UnevenTraining | None = None
         self._ghost = lockstep.GhostFlag()
         self._eval_plans: dict[str, list[lockstep.EvalPlan | None]] = {}
@@ -144,6 +145,8 @@ class ParallelStrategy(Strategy):
         raise NotImplementedError
 
     def step_function(self, name: str) -> Callable[..., Any]:
+        if name == "training_step":
+            self._manual = not self.module.automatic_optimization
         step = partial(self.model, name) if self.model is not self.module else getattr(self.module, name)
         if name == "training_step" and self._uneven is not None:
             return self._uneven.wrap_step(step, self.module)
@@ -161,11 +164,15 @@ class ParallelStrategy(Strategy):
         if self._uneven is not None and self._uneven.step_is_ghost:
             loss = loss * 0  # a ghost step (uneven data) contributes nothing, manual optimization included
         self.precision.backward(loss)
+        self._after_backward()
         if self._uneven is not None and not self._skip_sync:
             factor = self._uneven.gradient_factor()
             if factor != 1.0:
                 params = [p for p in self.module.parameters() if p.grad is not None]
                 self.scale_gradients_of(params, factor)
+
+    def _after_backward(self) -> None:
+        """Hook for strategies that synchronise gradients themselves after a backward."""
 
     def scale_gradients_of(self, params: list[nn.Parameter], factor: float | torch.Tensor) -> None:
         grads = [p.grad for p in params if p.grad is not None]

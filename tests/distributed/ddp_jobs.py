@@ -6,7 +6,17 @@ import os
 
 import torch
 import torch.distributed as dist
-from dist_common import Regression, SummedRegression, assert_close, chunks, dataset, loader, reference_sgd, trainer
+from dist_common import (
+    ManualRegression,
+    Regression,
+    SummedRegression,
+    assert_close,
+    chunks,
+    dataset,
+    loader,
+    reference_sgd,
+    trainer,
+)
 
 from framework import DistributedState
 
@@ -53,6 +63,10 @@ def equivalence_job(root: str) -> None:
     expected = reference_sgd(Regression(), [[ids] for ids in chunks(list(range(16)), 4)] * 2, data=data)
     assert_close(module.state_dict(), expected)
     assert t.global_step == 8
+
+    manual = ManualRegression()  # backward inside the step: gradients are averaged by the strategy
+    trainer(strategy="ddp", max_epochs=2).fit(manual, loader(16, 2))
+    assert_close(manual.state_dict(), expected)
 
     path = os.path.join(root, "after-fit")
     t.save_checkpoint(path)

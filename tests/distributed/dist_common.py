@@ -59,6 +59,19 @@ class SummedRegression(Regression):
         return torch.nn.functional.mse_loss(self(x), y, reduction="sum")
 
 
+class ManualRegression(Regression):
+    """Manual optimization: backward and step inside training_step."""
+
+    automatic_optimization = False
+
+    def training_step(self, batch: Any, batch_idx: int) -> None:
+        optimizer = self.optimizers()
+        x, y, _ = batch
+        optimizer.zero_grad()
+        self.manual_backward(torch.nn.functional.mse_loss(self(x), y))
+        optimizer.step()
+
+
 def dataset(num_samples: int, seed: int = 1) -> TensorDataset:
     g = torch.Generator().manual_seed(seed)
     return TensorDataset(torch.randn(num_samples, FEATURES, generator=g), torch.randn(num_samples, 1, generator=g),

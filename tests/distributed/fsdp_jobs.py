@@ -7,7 +7,16 @@ import warnings
 from typing import Any
 
 import torch
-from dist_common import Regression, assert_close, chunks, dataset, loader, reference_sgd, trainer
+from dist_common import (
+    ManualRegression,
+    Regression,
+    assert_close,
+    chunks,
+    dataset,
+    loader,
+    reference_sgd,
+    trainer,
+)
 from torch import nn
 
 from callbacks import Callback
@@ -32,6 +41,11 @@ def equivalence_job() -> None:
     expected = reference_sgd(Regression(), [[ids] for ids in chunks(list(range(16)), 4)] * 2, data=data, clip=0.3)
     assert_close(t.strategy.module_state_dict(), expected)
     assert float(t.grad_norm) > 0.3  # clipping was active
+
+    manual = ManualRegression()  # backward inside the root's forward
+    t_manual = trainer(strategy=_fsdp(), max_epochs=2, gradient_clip_val=0.3)
+    t_manual.fit(manual, loader(16, 2))
+    assert_close(t_manual.strategy.module_state_dict(), expected)
 
     # uneven evaluation: 9 samples, ranks run 3 and 2 batches; every all-gather is matched, metric exact
     x, y, _ = dataset(9)[:]
