@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import atexit
 import os
+import warnings
 from collections.abc import Callable
 from contextlib import AbstractContextManager
 from datetime import timedelta
@@ -199,9 +200,15 @@ class ParallelStrategy(Strategy):
         if lengths is not None and len(set(lengths)) > 1:
             limit = getattr(getattr(self.module, "_trainer", None), "limits", {}).get(stage)
             plan = lockstep.EvalPlan.create(lengths, self.global_rank, limit)
-            if plan is None:  # a rank would get no batch at all: pad rather than hang
-                loader = super().process_dataloader(dataloader, stage=stage, seed=seed, even_batches=True,
-                                                    use_distributed_sampler=use_distributed_sampler)
+            if plan is None:  # a rank would get no batch at all: pad (repeat samples) rather than hang
+                from framework.data import prepare_dataloader
+
+                warnings.warn(f"The {stage} data has fewer samples than processes ({self.world_size}); samples are "
+                              "repeated so that every rank runs a step, which weights them twice in metrics.",
+                              stacklevel=2)
+                loader = prepare_dataloader(dataloader, num_replicas=self.world_size, rank=self.global_rank,
+                                            seed=seed, use_distributed_sampler=use_distributed_sampler,
+                                            even_batches=True, shuffle=False)
         self._eval_plans.setdefault(stage, []).append(plan if plan is not None and plan.extra else None)
         return loader
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 
+import pytest
 import torch
 import torch.distributed as dist
 from dist_common import (
@@ -120,6 +121,10 @@ def uneven_job() -> None:
     exact = torch.nn.functional.mse_loss(module(x), y).item()
     (metrics,) = t.validate(module, loader(9, 2))
     assert abs(metrics["val_loss"] - exact) < 1e-5, (metrics, exact)
+    with pytest.warns(UserWarning, match="fewer samples than processes"):
+        (tiny,) = t.validate(module, loader(1, 2))  # rank 1 would have no batch: padded, no hang
+    x1, y1, _ = dataset(1)[:]
+    assert abs(tiny["val_loss"] - torch.nn.functional.mse_loss(module(x1), y1).item()) < 1e-5
     predicted = t.predict(module, loader(9, 2))
     mine = sum((ids.tolist() for ids in predicted), [])
     assert sorted(sum(t.strategy.all_gather_object(mine), [])) == list(range(9))  # every sample exactly once
