@@ -39,7 +39,11 @@ class SafeCheckpointEngine:
         self._inner = inner
 
     def load(self, path: str, map_location: Any = None) -> Any:
-        with torch.serialization.safe_globals(_allowed_globals()):
+        scoped = getattr(torch.serialization, "safe_globals", None)  # torch >= 2.5
+        if scoped is None:
+            torch.serialization.add_safe_globals(_allowed_globals())
+            return torch.load(path, map_location=map_location, weights_only=True)
+        with scoped(_allowed_globals()):
             return torch.load(path, map_location=map_location, weights_only=True)
 
     def __getattr__(self, name: str) -> Any:

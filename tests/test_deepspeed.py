@@ -46,7 +46,9 @@ def train_results(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
 def resume_results(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     out = tmp_path_factory.mktemp("ds_resume")
     _run_job("resume", out)
-    return {stage: torch.load(out / f"resume{stage}.pt", weights_only=False) for stage in (2, 3)}
+    results: dict[Any, Any] = {stage: torch.load(out / f"resume{stage}.pt", weights_only=False) for stage in (2, 3)}
+    results["refused"] = torch.load(out / "unpickle.pt")["refused"]
+    return results
 
 
 def reference(windows: list[list[int]], epochs: int, lr: float, clip: float | None = None,
@@ -205,6 +207,11 @@ def test_checkpoint_holds_loadable_full_weights(resume_results: dict[str, Any], 
     with torch.no_grad():
         want = torch.nn.functional.mse_loss(module(x), y).item()
     assert result["val"][0]["val_loss"] == pytest.approx(want, rel=1e-5)
+
+
+@require_deepspeed
+def test_engine_files_are_loaded_without_unpickling_arbitrary_objects(resume_results: dict[str, Any]) -> None:
+    assert "UnpicklingError" in resume_results["refused"] and "system" in resume_results["refused"]
 
 
 # ---- in-process checks (no process group, no engine) -------------------------------------------

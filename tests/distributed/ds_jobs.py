@@ -256,6 +256,25 @@ def resume(out: str) -> None:
     """ZeRO-2 and ZeRO-3: checkpoint mid-epoch, resume in a fresh Trainer, validate from a checkpoint."""
     for stage in (2, 3):
         resume_stage(out, stage)
+    torch.save({"refused": malicious_file_refused(out)}, os.path.join(out, "unpickle.pt"))
+
+
+class _Exploit:
+    def __reduce__(self) -> Any:
+        return (os.system, ("echo pwned",))
+
+
+def malicious_file_refused(out: str) -> str:
+    """Load a pickle that would run code through the engine's checkpoint reader; the error text, or ''."""
+    from strategies.deepspeed_checkpoint import SafeCheckpointEngine
+
+    path = os.path.join(out, f"evil-{os.environ.get('RANK', '0')}.pt")
+    torch.save({"optimizer_state_dict": _Exploit()}, path)
+    try:
+        SafeCheckpointEngine(None).load(path)
+    except Exception as exc:  # torch raises UnpicklingError naming the forbidden global
+        return f"{type(exc).__name__}: {exc}"
+    return ""
 
 
 def resume_stage(out: str, stage_n: int) -> None:
