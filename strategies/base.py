@@ -32,6 +32,9 @@ class Strategy:
     name: str = "base"
     #: True when the strategy shards parameters/optimizer state (checkpoints then go through its own writer).
     is_sharded: bool = False
+    #: True while a process-group strategy runs a ghost step: a repeat of this rank's last batch that keeps
+    #: ranks with uneven data in lockstep and contributes nothing (see strategies.lockstep).
+    in_ghost_step: bool = False
 
     def __init__(self, accelerator: str = "cpu", devices: int = 1, num_nodes: int = 1) -> None:
         self.accelerator = accelerator
