@@ -128,10 +128,29 @@ class Tied(Regression):
         return nn.functional.cross_entropy(self.head(torch.tanh(self.embed(tokens))), targets)
 
 
+class MetaInit(Regression):
+    """Layers built on the meta device in configure_model: FSDP allocates only the shards."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        del self.net
+
+    def configure_model(self) -> None:
+        with torch.device("meta"):
+            self.net = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 1))
+
+
 def tied_precision_memory_job(out_file: str) -> None:
     """Tied weights train under FSDP (and stay tied); 16-mixed uses a ShardedGradScaler; bf16-mixed casts;
-    per-rank memory is about half of DDP's."""
+    per-rank memory is about half of DDP's; meta-device models are materialised shard by shard."""
     memory(out_file)
+
+    module = MetaInit()
+    t = trainer(strategy=_fsdp(auto_wrap_policy={nn.Linear}))
+    t.fit(module, loader(8, 2))
+    state = t.strategy.module_state_dict()
+    assert not any(v.is_meta for v in state.values()) and all(torch.isfinite(v).all() for v in state.values())
+    assert state["net.0.weight"].std() > 0 and t.global_step == 2
     from torch.distributed.fsdp.sharded_grad_scaler import ShardedGradScaler
 
     g = torch.Generator().manual_seed(3)
