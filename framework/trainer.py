@@ -58,8 +58,8 @@ class Trainer:
             torch.use_deterministic_algorithms(True, warn_only=deterministic == "warn")
 
         self.strategy = resolve_strategy(strategy, accelerator=accelerator, devices=devices, num_nodes=num_nodes)
-        self.precision_plugin = resolve_precision(precision, self.strategy.root_device.type)
-        self.strategy.precision = self.precision_plugin
+        self.precision_plugin = self.strategy.connect_precision(
+            resolve_precision(precision, self.strategy.root_device.type))
         self.loggers = resolve_loggers(logger, self.default_root_dir)
         self._accumulation, self._user_callbacks = arguments.callbacks(
             callbacks, accumulate_grad_batches, enable_checkpointing, enable_progress_bar)

@@ -72,6 +72,11 @@ class Strategy:
         DistributedState(num_processes=self.world_size, process_index=self.global_rank,
                          local_process_index=self.local_rank, device=self.root_device, backend=None)
 
+    def connect_precision(self, precision: Precision) -> Precision:
+        """Adopt the Trainer's precision plugin; a strategy whose engine owns numerics returns its own."""
+        self.precision = precision
+        return precision
+
     # ---- model and optimizers ------------------------------------------------------------------
     def setup_module(self, module: TrainModule) -> None:
         """Place, convert and wrap the module; sets ``self.module`` and ``self.model``."""

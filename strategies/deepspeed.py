@@ -170,12 +170,8 @@ class DeepSpeedStrategy(ParallelStrategy):
         """Place the module; the engine is built with the optimizer (``setup_optimizers``) or, for
         evaluation under ZeRO-3, on the first evaluation step."""
         check_not_dispatched(module, self.name)
-        trainer = getattr(module, "_trainer", None)
-        precision = self.connect_precision(trainer.precision_plugin if trainer is not None else self.precision)
-        if trainer is not None:
-            trainer.precision_plugin = precision  # the loop reads the plugin from the Trainer
         self._check_precision_supported()
-        module = precision.convert_module(module)
+        module = self.precision.convert_module(module)
         module.to(self.root_device)
         self.module = self.model = module
         self.engine = None
