@@ -398,9 +398,10 @@ def _check_sizes(path: str, manifest: Manifest) -> None:
 
 
 def list_checkpoints(dirpath: str) -> list[Manifest]:
-    """Complete checkpoints directly under ``dirpath``, newest first (global_step, then created).
+    """Complete checkpoints directly under ``dirpath``, newest first: by commit time, then global_step.
 
-    Hidden entries (staging dirs) and plain files are ignored; directories without a valid
+    Commit time, not step: after resuming an earlier checkpoint into the same folder, the checkpoints
+    of the abandoned continuation have higher steps but are not the run's latest state. Hidden entries (staging dirs) and plain files are ignored; directories without a valid
     manifest or with a file of the wrong size are skipped with a warning naming them.
     """
     found = []
@@ -414,7 +415,7 @@ def list_checkpoints(dirpath: str) -> list[Manifest]:
             warnings.warn(f"skipping damaged or incomplete {exc}", stacklevel=2)
             continue
         found.append(manifest)
-    return sorted(found, key=lambda m: (m.global_step, m.created, m.path), reverse=True)
+    return sorted(found, key=lambda m: (m.created, m.global_step, m.path), reverse=True)
 
 
 def find_last(dirpath: str) -> str | None:

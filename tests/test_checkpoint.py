@@ -254,13 +254,13 @@ def test_missing_manifest_and_foreign_entries(tmp_path):
         read_state(incomplete, MODEL)
 
 
-def test_find_last_orders_by_step_then_created_and_skips_damaged_newest(tmp_path):
+def test_find_last_orders_by_commit_time_and_skips_damaged_newest(tmp_path):
     save(tmp_path / "step=10", step=10)
-    save(tmp_path / "step=9", step=9)  # newer mtime, lexically larger name, older step
+    save(tmp_path / "step=9", step=9)  # committed later with an older step: e.g. after going back to step 8
     later_same_step = save(tmp_path / "a-step=10", step=10)
     newest = save(tmp_path / "step=11", step=11)
     assert [os.path.basename(m.path) for m in list_checkpoints(str(tmp_path))] == \
-        ["step=11", "a-step=10", "step=10", "step=9"]
+        ["step=11", "a-step=10", "step=9", "step=10"]
     assert find_last(str(tmp_path)) == newest
     damage(newest, "model.safetensors", "truncate")
     with pytest.warns(UserWarning, match=r"step=11.*model.safetensors"):
