@@ -225,6 +225,21 @@ def test_last_with_only_damaged_checkpoints_starts_fresh(tmp_path, reference):
     assert_same_weights(module, reference)
 
 
+def test_last_after_going_back_to_an_earlier_checkpoint_is_the_newest_written(tmp_path):
+    """Resuming an earlier checkpoint into the same folder (e.g. to get past a loss spike) abandons the
+    later ones: rotation and "last" must follow the newly written checkpoints, not the higher steps."""
+    train(tmp_path, 2, callbacks=[every_step()])
+    dirpath = tmp_path / "checkpoints"
+    trainer, _ = train(tmp_path, 2, max_steps=7, ckpt_path=str(dirpath / "step=4"),
+                       callbacks=[every_step(total_limit=2)])
+    # the abandoned step=5..10 are older than the new ones: rotation removed them (step=5 after "step=5-v1")
+    assert sorted(os.listdir(dirpath)) == ["step=6", "step=7"]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        trainer, _ = train(tmp_path, 2, max_steps=8, ckpt_path="last")
+    assert trainer.global_step == 8, "resumed the newest written checkpoint (step 7), not an abandoned later one"
+
+
 def test_last_uses_the_callbacks_dirpath(tmp_path, reference):
     dirpath = str(tmp_path / "elsewhere")
     train(tmp_path / "a", 1, callbacks=[every_step(dirpath=dirpath)])
