@@ -77,7 +77,8 @@ def resolve_devices(devices: int | str | list[int], accelerator: str) -> int:
 
 def resolve_strategy(strategy: str | Strategy, *, accelerator: str = "auto", devices: Any = "auto",
                      num_nodes: int = 1) -> Strategy:
-    """Build the Strategy for the Trainer's arguments (a Strategy instance is used as given)."""
+    """Build the Strategy for the Trainer's arguments (an instance is used as given, after its
+    ``configure_topology`` hook, if any, took the arguments it was not constructed with)."""
     accelerator = resolve_accelerator(accelerator)
     if isinstance(strategy, Strategy):
         configure = getattr(strategy, "configure_topology", None)  # fills what the instance was not given
