@@ -114,3 +114,45 @@ def test_fresh_process_resume_is_bit_exact(tmp_path, accumulate, samples, saving
         assert int((tmp_path / "count").read_text()) == remaining_batches * 4
         assert_identical(tmp_path / "again.safetensors", reference)
         assert int((tmp_path / "count-again").read_text()) == 0
+
+
+def _script_module():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("resumable_run", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.xfail(strict=True, reason="a checkpoint saved at a train batch end comes before the mid-epoch validation "
+                   "that follows it; the resumed run skips that validation (its random draws, its metrics). The "
+                   "loop should run it on resume when the saved run had not yet (framework/loop.py).")
+def test_resume_right_before_a_mid_epoch_validation_is_exact(tmp_path, monkeypatch):
+    monkeypatch.setenv("KILN_GLOBAL_SEED", "0")  # restored after the test (seed_everything sets it)
+    monkeypatch.setenv("KILN_SEED_WORKERS", "0")
+    script = _script_module()
+    from torch.utils.data import DataLoader
+
+    from callbacks import ModelCheckpoint
+    from framework import Trainer, seed_everything
+
+    class SampledValidation(script.DropoutNet):
+        def validation_step(self, batch, batch_idx):  # e.g. a VAE drawing samples
+            x, y = batch
+            self.log("val_loss", torch.nn.functional.mse_loss(self.net(x) + 0.1 * torch.randn_like(y), y))
+
+    def run(root: Path, ckpt_path: str | None = None) -> tuple[dict, dict]:
+        seed_everything(7)
+        module = SampledValidation()
+        trainer = Trainer(default_root_dir=str(root), max_epochs=2, val_check_interval=3, precision="32-true",
+                          logger=False, enable_progress_bar=False, callbacks=[ModelCheckpoint(every_n_train_steps=3)])
+        trainer.fit(module, DataLoader(script.IndexedDataset(40), batch_size=4, shuffle=True),
+                    DataLoader(script.IndexedDataset(8), batch_size=4), ckpt_path=ckpt_path)
+        return script.final_state(trainer, module), {k: float(v) for k, v in trainer.callback_metrics.items()}
+
+    reference, reference_metrics = run(tmp_path / "full")
+    # step 6 = batch 5 of epoch 0: saved at its batch end, then validation ran (val_check_interval=3)
+    resumed, metrics = run(tmp_path / "resumed", str(tmp_path / "full" / "checkpoints" / "epoch=0-step=6"))
+    assert metrics == reference_metrics
+    assert not [k for k in reference if not torch.equal(reference[k], resumed[k])]
