@@ -118,6 +118,16 @@ class ModelCheckpoint(Callback):
         if self._writer is not None:
             self._writer.wait()
 
+    def save_now(self, trainer: Trainer) -> str:
+        """Save the current state now (collective) and wait until it is committed; returns its path.
+
+        For preemption and ``nan_policy="stop"``: the checkpoint lands in ``dirpath`` so that
+        ``ckpt_path="last"`` finds it; a step already saved is not saved twice.
+        """
+        self._save(trainer)
+        self.wait(trainer)
+        return self.last_model_path
+
     def _save(self, trainer: Trainer) -> None:
         if trainer.global_step == self._last_saved_step or trainer.stage != "fit":
             return

@@ -26,6 +26,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 
 _LAUNCHER_PID = "KILN_LAUNCHER_PID"
+_PREEMPTED = 75  # framework.preemption.PREEMPTED_EXIT_CODE (not imported: this module stays torch-free)
 _POLL_S = 0.2
 _KILL_GRACE_S = 3.0
 
@@ -191,7 +192,9 @@ def _watch_children() -> None:
                 return
             for rank, child in enumerate(_children, start=1):
                 code = child.poll()
-                if code not in (None, 0):
+                # A preempted rank exits once all ranks agreed to stop and its checkpoint is committed: rank 0
+                # exits the same way on its own (and with that code, from _wait_for_children).
+                if code not in (None, 0, _PREEMPTED):
                     _stderr(f"[kiln] rank {rank} exited with code {code}; stopping the other ranks.")
                     _terminate_children()
                     sys.stdout.flush()

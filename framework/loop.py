@@ -51,9 +51,11 @@ def run_train_epoch(t: Trainer, start: int = 0) -> bool:
         t._call_hooks("on_train_epoch_start")
 
     step = t._training_batch if module.automatic_optimization else t._manual_batch
+    check_placement = t._fit_guard.check_step  # attribute reads only: no host sync
     completed = True
     batch_idx = start - 1
     for batch_idx, batch, is_last in feed.epoch_batches(epoch, start):
+        check_placement()
         t._batch_idx = batch_idx
         if cbs.on_train_batch_start:
             cbs.on_train_batch_start(t, module, batch, batch_idx)
@@ -102,6 +104,7 @@ class TrainingBatch:
         self.training_step = t.strategy.step_function("training_step")
         self.count_items = getattr(type(self.module), "num_items", None) is not None
         self.items: Any = 0
+        self.nan_guard = t._nan_guard  # None unless nan_policy is "skip"/"stop": then one check per step
         self.has_hooks = {name: bool(getattr(t._callback_list, name)) or _overrides(self.module, name)
                           for name in ("on_before_backward", "on_after_backward", "on_before_optimizer_step")}
         for optimizer in self.optimizers:  # a window cut short by a stop in an earlier fit is not carried over
@@ -125,6 +128,8 @@ class TrainingBatch:
             loss = loss_from_output(output)
             if loss is not None:
                 t.last_loss = loss.detach()
+                if self.nan_guard is not None:
+                    self.nan_guard.observe(loss)
                 if self.count_items:
                     self.items = self.items + self.module.num_items(batch)
                 elif divisor != 1:
@@ -139,7 +144,10 @@ class TrainingBatch:
         return output
 
     def optimizer_step(self, batch_idx: int, plan: Any) -> None:
-        t, strategy = self.t, self.strategy
+        t, strategy, guard = self.t, self.strategy, self.t._fit_guard
+        if self.nan_guard is not None and self.nan_guard.step_is_bad(t):
+            self.skip_step()
+            return
         factor = None
         if self.count_items:
             total = torch.as_tensor(self.items, dtype=torch.float64, device=strategy.root_device)
@@ -159,13 +167,22 @@ class TrainingBatch:
                 norm = strategy.clip_gradients(optimizer, t.gradient_clip_val, t.gradient_clip_algorithm)
                 if norm is not None:
                     norms.append(norm)
+            guard.stepping = True  # this step is the Trainer's own, not a hand-called optimizer.step()
             stepped = strategy.optimizer_step(optimizer) and stepped
+            guard.stepping = False
             strategy.zero_grad(optimizer)
         self.precision.finish_step()
         if norms:
             t.grad_norm = norms[0] if len(norms) == 1 else torch.linalg.vector_norm(torch.stack(
                 [n.to(norms[0]) for n in norms]))
         t._after_optimizer_step(stepped)
+
+    def skip_step(self) -> None:
+        """Drop the window's gradients without stepping (nan_policy); counted like an fp16-overflow skip."""
+        for optimizer in self.optimizers:
+            self.strategy.zero_grad(optimizer)
+        self.items = 0
+        self.t._after_optimizer_step(False)
 
 
 def _overrides(module: Any, name: str) -> bool:

@@ -21,8 +21,10 @@ from framework.loggers import resolve_loggers
 from framework.loop import ManualOptimizer, TrainingBatch, run_fit, run_manual_batch
 from framework.metrics import MetricCollector, to_floats
 from framework.module import TrainModule
+from framework.nan_policy import nan_guard
 from framework.optim import LRSchedulerConfig, parse_optimizers, step_schedulers
 from framework.precision import resolve_precision
+from framework.preemption import preemption_callbacks
 from strategies.registry import resolve_strategy
 
 
@@ -39,7 +41,8 @@ class Trainer:
         limit_val_batches: int | float | None = None, limit_test_batches: int | float | None = None,
         limit_predict_batches: int | float | None = None, log_every_n_steps: int = 50,
         enable_checkpointing: bool = True, enable_progress_bar: bool = True, even_batches: bool = True,
-        use_distributed_sampler: bool = True, deterministic: bool = False,
+        use_distributed_sampler: bool = True, deterministic: bool = False, on_preempt: str | None = "auto",
+        nan_policy: str = "ignore",
     ) -> None:
         self.max_epochs, self.max_steps = arguments.epochs_and_steps(max_epochs, max_steps)
         self.gradient_clip_val = arguments.clip_value(gradient_clip_val)
@@ -63,6 +66,11 @@ class Trainer:
         self.loggers = resolve_loggers(logger, self.default_root_dir)
         self._accumulation, self._user_callbacks = arguments.callbacks(
             callbacks, accumulate_grad_batches, enable_checkpointing, enable_progress_bar)
+        # Reliability (see framework.preemption, framework.nan_policy): both act at optimizer-step boundaries.
+        self._nan_guard = nan_guard(nan_policy)
+        if self._nan_guard is not None:
+            self._user_callbacks.append(self._nan_guard)
+        self._user_callbacks = preemption_callbacks(self._user_callbacks, on_preempt)
         self._callback_list = CallbackList(self._user_callbacks)
 
         self.module: TrainModule | None = None

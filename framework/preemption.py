@@ -1,0 +1,238 @@
+"""Preemption: on SIGTERM/SIGUSR1, finish the optimizer step, save a checkpoint, exit with code 75.
+
+Schedulers (SLURM, Kubernetes, spot VMs) send SIGTERM — SLURM the signal chosen with ``--signal``, often
+SIGUSR1 — some time before they kill a job. The signal handler only records the signal; the Trainer acts at
+the next optimizer-step boundary, where the state is consistent: it saves a checkpoint through the active
+``ModelCheckpoint`` (so ``ckpt_path="last"`` resumes from it, bit-exactly) and raises
+:class:`TrainingPreempted`, a ``SystemExit`` with code :data:`PREEMPTED_EXIT_CODE`. A signal that arrives
+during validation is acted on after it; one that arrives after the last step, at the end of training.
+
+On several processes the signal may reach one rank only, and all ranks must stop at the same step. Ranks
+agree through a one-element all_reduce on a separate gloo group, started asynchronously at one step boundary
+and read at the next, so it overlaps with the step instead of adding a round trip to it; the job stops one
+step after the signal. On one process the check is an attribute read.
+"""
+
+from __future__ import annotations
+
+import signal
+import sys
+import threading
+from collections.abc import Iterable
+from types import FrameType
+from typing import TYPE_CHECKING, Any
+
+from callbacks.base import Callback
+
+if TYPE_CHECKING:
+    from framework.module import TrainModule
+    from framework.trainer import Trainer
+
+#: Exit status of a preempted run (sysexits' EX_TEMPFAIL: "temporary failure, retry later").
+PREEMPTED_EXIT_CODE = 75
+ON_PREEMPT = ("auto", "checkpoint", "exit", None)
+DEFAULT_SIGNALS: tuple[int, ...] = tuple(s for s in (getattr(signal, "SIGTERM", None), getattr(signal, "SIGUSR1", None))
+                                         if s is not None)
+
+
+class TrainingPreempted(SystemExit):
+    """Raised by ``trainer.fit`` after a preemption signal; uncaught, the process exits with code 75.
+
+    ``checkpoint`` is the path saved (None for ``on_preempt="exit"``), ``global_step`` the step it holds.
+    """
+
+    def __init__(self, signal_name: str, global_step: int, checkpoint: str | None) -> None:
+        super().__init__(PREEMPTED_EXIT_CODE)
+        self.signal_name = signal_name
+        self.global_step = global_step
+        self.checkpoint = checkpoint
+
+    def __str__(self) -> str:
+        from framework.checkpoint_storage import redact
+
+        saved = (f"saved checkpoint {redact(self.checkpoint)}; resume with ckpt_path='last'"
+                 if self.checkpoint else "no checkpoint saved (on_preempt='exit')")
+        return (f"{self.signal_name} received: stopped after global step {self.global_step}, {saved}; exiting "
+                f"with code {PREEMPTED_EXIT_CODE}.")
+
+
+class PreemptionHandler(Callback):
+    """Turns ``signals`` into a checkpoint (``action="checkpoint"``) or a bare stop (``"exit"``) plus exit 75.
+
+    Installed by ``Trainer(on_preempt=...)``; pass one in ``callbacks`` to choose the signals or
+    ``check_every_n_steps`` (ranks of a multi-process job compare notes every that many steps).
+    """
+
+    def __init__(self, action: str = "checkpoint", signals: Iterable[int] = DEFAULT_SIGNALS,
+                 check_every_n_steps: int = 1) -> None:
+        if action not in ("checkpoint", "exit"):
+            raise ValueError(f"PreemptionHandler(action={action!r}) is not valid; use 'checkpoint' or 'exit'.")
+        if isinstance(check_every_n_steps, bool) or not isinstance(check_every_n_steps, int) or check_every_n_steps < 1:
+            raise ValueError(f"PreemptionHandler(check_every_n_steps={check_every_n_steps!r}) is not valid; use an "
+                             "int >= 1.")
+        self.action = action
+        self.signals = tuple(signal.Signals(s) for s in signals)
+        self.check_every_n_steps = check_every_n_steps
+        self.received: signal.Signals | None = None
+        self._previous: dict[signal.Signals, Any] = {}
+        self._vote: _Vote | None = None
+
+    # ---- signal handlers ----------------------------------------------------------------------------
+    def _on_signal(self, signum: int, frame: FrameType | None) -> None:
+        self.received = signal.Signals(signum)
+
+    def install(self) -> bool:
+        """Record ``signals`` instead of dying on them (main thread only); False when it cannot."""
+        if self._previous:
+            return True
+        if threading.current_thread() is not threading.main_thread():
+            return False
+        self.received = None
+        for sig in self.signals:
+            self._previous[sig] = signal.signal(sig, self._on_signal)
+        return True
+
+    def uninstall(self, redeliver: bool = True) -> None:
+        """Put the previous handlers back; a signal received but not acted on is re-delivered to them."""
+        previous, self._previous = self._previous, {}
+        for sig, handler in previous.items():
+            signal.signal(sig, handler if handler is not None else signal.SIG_DFL)
+        pending, self.received = self.received, None
+        if redeliver and previous and pending is not None:
+            signal.raise_signal(pending)
+
+    # ---- hooks ------------------------------------------------------------------------------------
+    def setup(self, trainer: Trainer, module: TrainModule, stage: str) -> None:
+        if stage != "fit":
+            return
+        if self.action == "checkpoint" and trainer.checkpoint_callback is None:
+            raise ValueError("on_preempt='checkpoint' needs a ModelCheckpoint callback to save through; enable "
+                             "checkpointing, or use on_preempt='exit' or None.")
+        self._vote = _Vote.create(trainer.strategy) if trainer.world_size > 1 else None
+        if not self.install():
+            import warnings
+
+            warnings.warn("Preemption handling is off: signal handlers can only be installed when trainer.fit() "
+                          "runs in the main thread.", stacklevel=2)
+
+    def on_train_batch_end(self, trainer: Trainer, module: TrainModule, outputs: Any, batch: Any,
+                           batch_idx: int) -> None:
+        if not self._previous or not trainer.sync_gradients:
+            return
+        if self._vote is None:
+            if self.received is not None:
+                self._preempt(trainer, self.received.name)
+        elif trainer.global_step % self.check_every_n_steps == 0:
+            signum = self._vote.poll(self.received or 0)
+            if signum:
+                self._preempt(trainer, signal.Signals(signum).name)
+
+    def on_train_end(self, trainer: Trainer, module: TrainModule) -> None:
+        """Training ended (or stopped) with a signal still pending: act on it now rather than drop it."""
+        if not self._previous:
+            return
+        signum = int(self.received or 0)
+        if self._vote is not None:
+            signum = self._vote.final(signum)
+        if signum:
+            self._preempt(trainer, signal.Signals(signum).name)
+
+    def teardown(self, trainer: Trainer, module: TrainModule, stage: str) -> None:
+        self._vote = None
+        self.uninstall()
+
+    def on_exception(self, trainer: Trainer, module: TrainModule, exception: BaseException) -> None:
+        self._vote = None  # a pending vote may involve a dead rank: dropped, not awaited
+        self.uninstall(redeliver=not isinstance(exception, TrainingPreempted))
+
+    # ---- acting --------------------------------------------------------------------------------
+    def _preempt(self, trainer: Trainer, signal_name: str) -> None:
+        path = None
+        if self.action == "checkpoint":
+            path = trainer.checkpoint_callback.save_now(trainer)
+        self.received = None  # acted on: nothing to re-deliver
+        exc = TrainingPreempted(signal_name, trainer.global_step, path)
+        if trainer.is_global_zero:
+            sys.stderr.write(f"[kiln] {exc}\n")
+            sys.stderr.flush()
+        raise exc
+
+
+class _Vote:
+    """Agreement of all ranks on "some rank got a signal" (the largest signal number seen, 0 for none), one
+    asynchronous all_reduce per poll."""
+
+    _side: tuple[Any, Any] | None = None  # (default group, its gloo side group), created once per process group
+
+    def __init__(self, group: Any) -> None:
+        import torch
+        import torch.distributed as dist
+
+        self.dist = dist
+        self.group = group
+        self.buffer = torch.zeros(1, dtype=torch.int32)
+        self.work: Any = None
+
+    @classmethod
+    def create(cls, strategy: Any) -> _Vote | _SyncVote:
+        import torch.distributed as dist
+
+        if not (dist.is_available() and dist.is_initialized()):
+            return _SyncVote(strategy)  # e.g. XLA: the strategy's own collective, synchronously
+        default = dist.group.WORLD
+        if cls._side is None or cls._side[0] is not default:  # collective: all ranks run setup("fit") together
+            cls._side = (default, dist.new_group(backend="gloo"))
+        return cls(cls._side[1])
+
+    def poll(self, local: int) -> int:
+        """The agreed signal of the previous poll; starts the next one with this rank's ``local`` signal."""
+        decided = 0
+        if self.work is not None:
+            self.work.wait()
+            decided = int(self.buffer[0])
+        self.buffer.fill_(int(local))
+        self.work = self.dist.all_reduce(self.buffer, op=self.dist.ReduceOp.MAX, group=self.group, async_op=True)
+        return decided
+
+    def final(self, local: int) -> int:
+        """A synchronous last decision (the end of training): the pending poll's, or anyone's signal now."""
+        decided = self.poll(local)
+        self.work.wait()
+        self.work = None
+        return decided or int(self.buffer[0])
+
+
+class _SyncVote:
+    def __init__(self, strategy: Any) -> None:
+        self.strategy = strategy
+
+    def poll(self, local: int) -> int:
+        import torch
+
+        signum = torch.tensor(int(local), device=self.strategy.root_device)
+        return int(self.strategy.all_reduce(signum, "max"))
+
+    final = poll
+
+
+def preemption_callbacks(callbacks: list[Callback], on_preempt: Any) -> list[Callback]:
+    """``callbacks`` plus the PreemptionHandler that ``Trainer(on_preempt=...)`` asks for (appended last)."""
+    if on_preempt not in ON_PREEMPT:
+        raise ValueError(f"on_preempt={on_preempt!r} is not valid; use 'checkpoint' (save, then exit with code "
+                         f"{PREEMPTED_EXIT_CODE}), 'exit' (exit without saving), None (no signal handling) or "
+                         "'auto' (checkpoint when a ModelCheckpoint is active).")
+    given = [cb for cb in callbacks if isinstance(cb, PreemptionHandler)]
+    if given:
+        if on_preempt != "auto":
+            raise ValueError(f"on_preempt={on_preempt!r} was given together with a PreemptionHandler callback; "
+                             "configure preemption in one place.")
+        return callbacks
+    has_checkpoint = any(type(cb).__name__ == "ModelCheckpoint" for cb in callbacks)
+    if on_preempt == "auto":
+        on_preempt = "checkpoint" if has_checkpoint else None
+    if on_preempt is None:
+        return callbacks
+    if on_preempt == "checkpoint" and not has_checkpoint:
+        raise ValueError("on_preempt='checkpoint' needs a ModelCheckpoint to save through, but checkpointing is "
+                         "disabled; enable it (enable_checkpointing=True), or use on_preempt='exit' or None.")
+    return [*callbacks, PreemptionHandler(on_preempt)]
