@@ -183,8 +183,8 @@ def write_safetensors(f: IO[bytes], tensors: dict[str, torch.Tensor], hasher: St
     for _, t in items:
         if t.numel():
             data = _raw_bytes(t)
+            hasher.update(data)  # first: the helper thread hashes these bytes while they are written
             f.write(data)
-            hasher.update(data)
     return len(prefix) + offset
 
 
