@@ -47,6 +47,7 @@ __all__ = [
     "rank_state_name", "new_token", "begin_checkpoint", "write_state", "describe_files",
     "commit_checkpoint", "save_checkpoint", "read_manifest", "read_state", "verify_checkpoint",
     "list_checkpoints", "find_last", "remove_checkpoint", "cleanup_stale", "AsyncCheckpointWriter",
+    "exchange_entries",
 ]
 
 FORMAT = "kiln-checkpoint"
@@ -56,6 +57,7 @@ MODEL = "model"
 TRAINER = "trainer"
 _TOKEN = re.compile(r"[A-Za-z0-9_-]{1,64}")
 _STATE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.=-]{0,127}")
+_SIDECAR = ".entries-rank-{rank}.json"
 _STAGING = re.compile(r"\.(?P<name>.+)\.(tmp|old)-[A-Za-z0-9_-]{1,64}")
 
 
@@ -203,6 +205,42 @@ def describe_files(staging: Staging, relpaths: Iterable[str]) -> list[FileEntry]
                 size += len(chunk)
         entries.append(FileEntry(path=rel, size=size, checksum=hasher.hexdigest()))
     return entries
+
+
+def exchange_entries(staging: Staging, entries: list[FileEntry], *, rank: int, world_size: int,
+                     timeout_s: float = 600.0) -> list[FileEntry] | None:
+    """Hand every rank's entries to rank 0 through the staging dir, without collectives.
+
+    For writes on a background thread, where a collective would race the training loop's. Each
+    rank publishes ``entries`` as a sidecar file (written atomically); rank 0 waits up to
+    ``timeout_s`` for all ranks and returns the merged list, other ranks return None. The sidecars
+    are not listed in the manifest, so ``commit_checkpoint`` deletes them.
+    """
+    root = locate(staging.dir)
+    data = json.dumps(list(entries)).encode()
+    sidecar = root.join(_SIDECAR.format(rank=rank))
+    if root.is_local:
+        partial = root.join(_SIDECAR.format(rank=rank) + ".partial")
+        write_file(partial, lambda f, h: f.write(data))
+        os.replace(partial.path, sidecar.path)
+    else:
+        write_file(sidecar, lambda f, h: f.write(data))  # a single PUT is atomic
+    if rank != 0:
+        return None
+    merged: list[FileEntry] = []
+    deadline, delay = time.monotonic() + timeout_s, 0.01
+    for r in range(world_size):
+        while True:
+            try:
+                merged += json.loads(root.join(_SIDECAR.format(rank=r)).read_bytes())
+                break
+            except FileNotFoundError:
+                if time.monotonic() > deadline:
+                    raise checkpoint_error(staging.target, f"rank {r} did not hand over its files within "
+                                                           f"{timeout_s:.0f}s (did it fail or crash?)") from None
+                time.sleep(delay)
+                delay = min(delay * 2, 0.5)
+    return merged
 
 
 def _jsonable(metadata: Mapping[str, Any]) -> dict[str, Any]:

@@ -442,3 +442,39 @@ def test_credentials_never_appear_in_messages(s3_bucket, tmp_path):
 def test_durable_save_with_fsync(tmp_path):
     path = save(tmp_path / "durable", fsync=True)
     assert read_manifest(path).global_step == 3 and read_state(path, "rank-0")["data"]["position"] == 16
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("where", ["local", "memory"])
+def test_exchange_entries_hands_files_to_rank0_without_collectives(tmp_path, where):
+    import threading
+
+    root = str(tmp_path) if where == "local" else f"memory://kiln-exchange-{new_token()}"
+    target, token, world = f"{root}/epoch=0-step=2", new_token(), 3
+    results: dict[int, object] = {}
+
+    def rank_main(rank: int) -> None:  # what each rank's background writer thread does
+        staging = begin_checkpoint(target, token)
+        entries = write_state(staging, rank_state_name(rank), {"rank": rank})
+        merged = ckpt.exchange_entries(staging, entries, rank=rank, world_size=world)
+        if rank == 0:
+            commit_checkpoint(staging, merged, {"global_step": 2}, world_size=world)
+        results[rank] = merged
+
+    threads = [threading.Thread(target=rank_main, args=(r,)) for r in (2, 0, 1)]  # rank 0 waits for later ranks
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert results[1] is None and results[2] is None and len(results[0]) == 2 * world
+    manifest = read_manifest(target)
+    assert manifest.state_names() == ["rank-0", "rank-1", "rank-2"] and manifest.world_size == world
+    assert set(manifest.files) == set(ckpt.locate(target).file_sizes()) - {MANIFEST}  # sidecars are gone
+    assert read_state(target, "rank-2")["rank"] == 2
+
+
+def test_exchange_entries_times_out_naming_the_missing_rank(tmp_path):
+    staging = begin_checkpoint(str(tmp_path / "c"))
+    entries = write_state(staging, rank_state_name(0), {})
+    with pytest.raises(CheckpointError, match="rank 1 did not hand over"):
+        ckpt.exchange_entries(staging, entries, rank=0, world_size=2, timeout_s=0.2)
