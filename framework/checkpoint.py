@@ -463,24 +463,27 @@ def find_last(dirpath: str) -> str | None:
 
 
 def remove_checkpoint(path: str, *, force: bool = False) -> None:
-    """Delete a checkpoint, manifest first (so a half-deleted one is never complete).
+    """Delete a checkpoint so that a crash at any moment leaves either it, complete, or nothing visible.
 
-    A local one is then renamed to a hidden ``.<name>.old-*`` dir before its files go, so a crash
-    mid-delete leaves nothing in the folder but what :func:`cleanup_stale` removes. A directory
-    without a manifest is only deleted with ``force=True``.
+    A local one is first renamed to a hidden ``.<name>.old-*`` dir (atomic), then its files go; a crash
+    mid-delete leaves a hidden dir that :func:`cleanup_stale` removes. On object stores the manifest
+    goes first, so a half-deleted checkpoint is never complete. A directory without a manifest is only
+    deleted with ``force=True``.
     """
     loc = locate(path)
     manifest = loc.join(MANIFEST)
-    if manifest.exists():
-        manifest.remove_file(missing_ok=True)
-    elif not loc.exists():
-        raise FileNotFoundError(f"checkpoint {redact(path)} does not exist")
-    elif not force:
-        raise checkpoint_error(path, f"it has no {MANIFEST}, so it may not be a checkpoint; pass force=True to delete it")
-    if loc.is_local:  # out of sight first: a crash mid-delete leaves a hidden dir that cleanup_stale removes
+    if not manifest.exists():
+        if not loc.exists():
+            raise FileNotFoundError(f"checkpoint {redact(path)} does not exist")
+        if not force:
+            raise checkpoint_error(path, f"it has no {MANIFEST}, so it may not be a checkpoint; pass force=True to "
+                                   "delete it")
+    if loc.is_local:
         aside = loc.sibling(f".{loc.name}.old-{new_token()}")
         os.rename(loc.path, aside.path)
         loc = aside
+    else:
+        manifest.remove_file(missing_ok=True)
     loc.remove_tree()
 
 
