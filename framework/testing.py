@@ -1,4 +1,5 @@
-"""Testing helpers for Kiln users (and Kiln itself): real multi-process jobs and hardware skips.
+"""Testing helpers for Kiln users (and Kiln itself): real multi-process jobs, hardware skips, a tiny
+module with random data, and bit-identity assertions.
 
 ``run_distributed`` starts a real job of ``nproc`` processes on this machine with torchrun's
 environment (``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``, ``MASTER_ADDR``, ``MASTER_PORT``, ...), so the code
@@ -6,6 +7,10 @@ under test runs exactly as it would under ``torchrun --nproc-per-node=N``. Each 
 streamed with a ``[rank i]`` prefix; a failing or hanging job raises with every failing rank's stderr.
 
 The ``require_*`` decorators skip a test (with the reason) when hardware or a package is missing.
+
+``BoringModule``, ``RandomDataset`` and ``RandomIterableDataset`` (from ``framework.testing_boring``) make
+smoke tests one line; ``assert_modules_equal``, ``assert_checkpoints_equal`` and ``assert_state_equal``
+(from ``framework.testing_compare``) fail with the entry that differs and by how much.
 """
 
 from __future__ import annotations
@@ -27,10 +32,14 @@ from pathlib import Path
 from typing import Any
 
 from framework.launch import find_free_port, torchrun_environment
+from framework.testing_boring import BoringModule, RandomDataset, RandomIterableDataset
+from framework.testing_compare import assert_checkpoints_equal, assert_modules_equal, assert_state_equal
 
 __all__ = [
     "DistributedJobError", "RankResult", "run_distributed", "require_cuda", "require_multi_device",
     "require_fp16", "require_bf16", "require_deepspeed", "require_xla", "require_distributed",
+    "BoringModule", "RandomDataset", "RandomIterableDataset",
+    "assert_modules_equal", "assert_checkpoints_equal", "assert_state_equal",
 ]
 
 _FAILURE_GRACE_S = 10.0  # after one rank fails, how long the others get to fail (or finish) on their own
@@ -96,7 +105,8 @@ def run_distributed(script_or_fn: str | os.PathLike | Callable[..., Any], nproc:
                           "".join(outputs[rank][1]), killed=rank in killed)
                for rank, proc in enumerate(procs)]
     if timed_out:
-        raise DistributedJobError(f"the {nproc}-process job did not finish within {timeout:g} s and was killed."
+        raise DistributedJobError(f"the {nproc}-process job did not finish within {timeout:g} s and was killed "
+                                  "(ranks that wait in a collective another rank never joins hang like this)."
                                   + _report(results, everyone=True), results)
     failed = [r for r in results if r.returncode != 0]
     if failed:
