@@ -1,0 +1,483 @@
+"""Checkpoint save/load of a ~50M-parameter model with AdamW state: raw files vs Kiln vs Lightning.
+
+Contenders, each saving and then restoring the same state (model weights + AdamW moments + step):
+- raw safetensors: ``save_file`` of the model's and the optimizer's tensors (+ param_groups as JSON);
+  restore = ``model.load_state_dict(load_file(...))`` and a fresh AdamW's ``load_state_dict`` with the
+  optimizer tensors read eagerly (``backend="pread"``), so that afterwards everything is resident in
+  memory exactly as after Kiln's restore. The lazy variant (``mmap``: optimizer state paged in at the
+  first step) is shown for reference.
+- raw torch: ``torch.save``/``torch.load(weights_only=True)`` of ``{"model", "optimizer"}`` state dicts.
+- Kiln sync: ``trainer.save_checkpoint(path)`` after a fit; restore = the checkpoint restore inside
+  ``Trainer.fit(ckpt_path=path)`` (from the ``setup`` hook, which runs right before it, to
+  ``on_fit_start``, right after it), into a freshly zeroed model and a fresh optimizer. Kiln verifies
+  every byte against the manifest checksums while reading. ``fit(ckpt_path)`` → first batch is shown too.
+- Kiln async: ``trainer.save_checkpoint(path, writer=AsyncCheckpointWriter())``: the time the training
+  loop is blocked (the snapshot into reused buffers), then the background write.
+- Lightning (when installed): ``trainer.save_checkpoint(path)``; ``fit(ckpt_path)`` → first batch.
+
+Every round runs the contenders in a rotated order (A/B/C, B/C/A, ...), each save followed by its
+restore; medians and per-round ratios are reported. Every restore is compared bit for bit with the
+saved state (and the async checkpoint is read back and compared), so a fast wrong path cannot win;
+the script exits 1 if any differs.
+
+    python benchmarks/bench_checkpoint.py [--repeats 5] [--width 1024 --blocks 6] [--dir PATH] [--json]
+
+Targets (DESIGN.md §6): Kiln save and restore ≤ 1.25 × raw safetensors; async blocking ≤ 0.10 × sync save.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import gc
+import json
+import logging
+import os
+import shutil
+import sys
+import tempfile
+import time
+import warnings
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from common import emit, format_table, interleaved, is_installed, machine_info, median, paired_ratio
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+SAVE_TARGET, LOAD_TARGET, ASYNC_TARGET = 1.25, 1.25, 0.10
+LR = 1e-3
+Stamp = tuple[float, float]  # (wall, process CPU) seconds
+Round = dict[str, dict[str, float]]  # one contender's round: measurement -> {"wall": s, "cpu": s}
+
+
+def now() -> Stamp:
+    return time.perf_counter(), time.process_time()
+
+
+def since(start: Stamp, end: Stamp | None = None) -> dict[str, float]:
+    """Wall and CPU seconds (CPU: this process, all threads — steadier on a shared machine)."""
+    end = end or now()
+    return {"wall": end[0] - start[0], "cpu": end[1] - start[1]}
+
+
+def minus(a: dict[str, float], b: dict[str, float]) -> dict[str, float]:
+    return {k: a[k] - b[k] for k in a}
+
+
+# ---- the workload ------------------------------------------------------------------------------
+def build_net(width: int, blocks: int, seed: int = 0) -> nn.Sequential:
+    """Linear/LayerNorm blocks: width 1024 × 6 blocks ≈ 50.4M parameters (~600 MB with AdamW state)."""
+    torch.manual_seed(seed)
+    layers: list[nn.Module] = []
+    for _ in range(blocks):
+        layers += [nn.Linear(width, 4 * width), nn.Linear(4 * width, width), nn.LayerNorm(width)]
+    return nn.Sequential(*layers)
+
+
+def make_loader(width: int) -> DataLoader:
+    g = torch.Generator().manual_seed(1)
+    return DataLoader(TensorDataset(torch.randn(8, width, generator=g)), batch_size=2)
+
+
+def loss_of(net: nn.Module, batch: Any) -> torch.Tensor:
+    return net(batch[0]).pow(2).mean()
+
+
+def flat_optimizer_tensors(state: dict[str, Any]) -> dict[str, torch.Tensor]:
+    return {f"{pid}.{key}": value for pid, s in state["state"].items() for key, value in s.items()}
+
+
+def unflatten_optimizer_tensors(tensors: dict[str, torch.Tensor]) -> dict[int, dict[str, torch.Tensor]]:
+    state: dict[int, dict[str, torch.Tensor]] = {}
+    for name, value in tensors.items():
+        pid, key = name.split(".", 1)
+        state.setdefault(int(pid), {})[key] = value
+    return state
+
+
+def load_file_eager(path: str) -> dict[str, torch.Tensor]:
+    """safetensors ``load_file`` that reads every byte now (pread), as Kiln's reader does."""
+    from safetensors.torch import load_file
+
+    try:
+        return load_file(path, backend="pread")
+    except TypeError:  # safetensors < 0.8 has no backend argument: copy out of the map
+        return {k: v.clone() for k, v in load_file(path).items()}
+
+
+class Mismatch(AssertionError):
+    pass
+
+
+class Reference:
+    """The saved state, to check every restore against (bitwise)."""
+
+    def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
+        self.model = model.state_dict()
+        self.optimizer = optimizer.state_dict()
+
+    def check(self, who: str, model: nn.Module, optimizer_state: dict[str, Any]) -> None:
+        for key, value in model.state_dict().items():
+            if not torch.equal(value, self.model[key]):
+                raise Mismatch(f"{who}: restored model tensor {key!r} differs from the saved one")
+        ref, got = self.optimizer["state"], optimizer_state["state"]
+        if sorted(ref) != sorted(got):
+            raise Mismatch(f"{who}: restored optimizer state has params {sorted(got)[:5]}..., saved {sorted(ref)[:5]}...")
+        for pid, entries in ref.items():
+            for key, value in entries.items():
+                if not torch.equal(torch.as_tensor(got[pid][key]), torch.as_tensor(value)):
+                    raise Mismatch(f"{who}: restored optimizer state {pid}.{key} differs from the saved one")
+
+
+def zero_(net: nn.Module) -> None:
+    """Wipe the restore target, so that a restore that loads nothing fails the check."""
+    with torch.no_grad():
+        for p in net.parameters():
+            p.zero_()
+
+
+# ---- Kiln ----------------------------------------------------------------------------------------
+def kiln_parts(width: int, blocks: int) -> tuple[type, type]:
+    from callbacks import Callback
+    from framework import TrainModule
+
+    class Net(TrainModule):
+        def __init__(self, seed: int) -> None:
+            super().__init__()
+            self.net = build_net(width, blocks, seed)
+            self.first_batch_at: Stamp | None = None
+
+        def training_step(self, batch, batch_idx):
+            if self.first_batch_at is None:
+                self.first_batch_at = now()
+            return loss_of(self.net, batch)
+
+        def configure_optimizers(self):
+            return torch.optim.AdamW(self.parameters(), lr=LR)
+
+    class RestoreClock(Callback):
+        """Brackets the checkpoint restore: ``setup`` runs right before it, ``on_fit_start`` right after."""
+
+        def __init__(self, reference: Reference) -> None:
+            self.reference = reference
+            self.start: Stamp | None = None
+            self.restore: dict[str, float] = {}
+            self.checking: dict[str, float] = {}
+
+        def setup(self, trainer, module, stage):
+            self.start = now()
+
+        def on_fit_start(self, trainer, module):
+            stop = now()
+            self.restore = since(self.start, stop)
+            self.reference.check("kiln restore", module.net, trainer.optimizers[0].state_dict())
+            self.checking = since(stop)  # not part of fit → first batch
+
+    return Net, RestoreClock
+
+
+def kiln_trainer(root: str, max_steps: int, callbacks: list | None = None) -> Any:
+    from framework import Trainer
+
+    return Trainer(max_steps=max_steps, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                   default_root_dir=root, callbacks=callbacks)
+
+
+def reset_kiln() -> None:
+    from framework import DistributedState
+
+    DistributedState._reset_state()  # the next Trainer in this process starts from a clean topology
+
+
+# ---- Lightning -----------------------------------------------------------------------------------
+def lightning_module(width: int, blocks: int, reference: Reference | None) -> Any:
+    import pytorch_lightning as pl
+
+    class LitNet(pl.LightningModule):
+        def __init__(self, seed: int) -> None:
+            super().__init__()
+            self.net = build_net(width, blocks, seed)
+            self.first_batch_at: Stamp | None = None
+            self.checking = {"wall": 0.0, "cpu": 0.0}
+
+        def on_train_start(self):  # after Lightning restored the optimizer state
+            if reference is not None:
+                start = now()
+                reference.check("lightning restore", self.net, self.trainer.optimizers[0].state_dict())
+                self.checking = since(start)  # not part of fit → first batch
+
+        def training_step(self, batch, batch_idx):
+            if self.first_batch_at is None:
+                self.first_batch_at = now()
+            return loss_of(self.net, batch)
+
+        def configure_optimizers(self):
+            return torch.optim.AdamW(self.parameters(), lr=LR)
+
+    return LitNet
+
+
+def lightning_trainer(root: str, max_steps: int) -> Any:
+    import pytorch_lightning as pl
+
+    return pl.Trainer(accelerator="cpu", devices=1, max_steps=max_steps, logger=False, enable_checkpointing=False,
+                      enable_progress_bar=False, enable_model_summary=False, default_root_dir=root)
+
+
+# ---- the benchmark -------------------------------------------------------------------------------
+class Bench:
+    """Holds the trained state and the restore targets; each ``round_*`` method is one contender's round."""
+
+    def __init__(self, width: int, blocks: int, root: str, with_lightning: bool) -> None:
+        self.width, self.blocks, self.root = width, blocks, root
+        self.loader = make_loader(width)
+        Net, self.RestoreClock = kiln_parts(width, blocks)
+        self.Net = Net
+        # The saved state: one Kiln fit step (AdamW moments exist after a step).
+        self.trained = Net(seed=0)
+        self.trainer = kiln_trainer(os.path.join(root, "fit"), max_steps=1)
+        self.trainer.fit(self.trained, self.loader)
+        reset_kiln()
+        self.optimizer = self.trainer.optimizers[0]
+        self.reference = Reference(self.trained.net, self.optimizer)
+        self.n_params = sum(p.numel() for p in self.trained.parameters())
+        self.nbytes = sum(t.numel() * t.element_size() for t in [
+            *self.reference.model.values(), *flat_optimizer_tensors(self.reference.optimizer).values()])
+        self.target = Net(seed=1)  # restores land here (zeroed first)
+        self.writer = None
+        self.async_first_blocking_s = None
+        if with_lightning:
+            LitNet = lightning_module(width, blocks, None)
+            self.lit = LitNet(seed=0)
+            self.lit.net.load_state_dict(self.trained.net.state_dict())
+            self.lit_trainer = lightning_trainer(os.path.join(root, "lit-fit"), max_steps=1)
+            self.lit_trainer.fit(self.lit, self.loader)
+            self.LitTarget = lightning_module(width, blocks, Reference(self.lit.net, self.lit_trainer.optimizers[0]))
+
+    def path(self, name: str) -> str:
+        return os.path.join(self.root, name)
+
+    def fresh_target(self) -> torch.optim.Optimizer:
+        zero_(self.target.net)
+        return torch.optim.AdamW(self.target.net.parameters(), lr=LR)
+
+    def round_safetensors(self) -> Round:
+        from safetensors.torch import load_file, save_file
+
+        d = self.path("raw-st")
+        model_file, optim_file, groups_file = (os.path.join(d, n) for n in
+                                               ("model.safetensors", "optim.safetensors", "optim.json"))
+        t0 = now()
+        os.makedirs(d, exist_ok=True)
+        save_file(self.trained.net.state_dict(), model_file)
+        state = self.optimizer.state_dict()
+        save_file(flat_optimizer_tensors(state), optim_file)
+        with open(groups_file, "w") as f:
+            json.dump(state["param_groups"], f)
+        save = since(t0)
+
+        out = {"save": save}
+        for variant, read in (("load", load_file_eager), ("load_lazy", load_file)):
+            optimizer = self.fresh_target()
+            t0 = now()
+            self.target.net.load_state_dict(load_file(model_file))
+            with open(groups_file) as f:
+                groups = json.load(f)
+            optimizer.load_state_dict({"state": unflatten_optimizer_tensors(read(optim_file)), "param_groups": groups})
+            out[variant] = since(t0)
+            self.reference.check(f"raw safetensors {variant}", self.target.net, optimizer.state_dict())
+        shutil.rmtree(d)
+        return out
+
+    def round_torch(self) -> Round:
+        file = self.path("raw.pt")
+        t0 = now()
+        torch.save({"model": self.trained.net.state_dict(), "optimizer": self.optimizer.state_dict()}, file)
+        save = since(t0)
+        optimizer = self.fresh_target()
+        t0 = now()
+        loaded = torch.load(file, weights_only=True)
+        self.target.net.load_state_dict(loaded["model"])
+        optimizer.load_state_dict(loaded["optimizer"])
+        load = since(t0)
+        self.reference.check("raw torch.load", self.target.net, optimizer.state_dict())
+        os.remove(file)
+        return {"save": save, "load": load}
+
+    def round_kiln(self) -> Round:
+        path = self.path("kiln")
+        t0 = now()
+        self.trainer.save_checkpoint(path)
+        save = since(t0)
+        restore, first_batch = self._kiln_resume(path)
+        shutil.rmtree(path)
+        return {"save": save, "load": restore, "fit_to_first_batch": first_batch}
+
+    def _kiln_resume(self, path: str | None) -> tuple[dict[str, float], dict[str, float]]:
+        """(the restore inside fit, fit → first batch) for a fresh Trainer and a zeroed module."""
+        self.target._trainer = None  # drop the previous run's optimizer state before the clock starts
+        gc.collect()
+        zero_(self.target.net)
+        self.target.first_batch_at = None
+        clock = self.RestoreClock(self.reference)
+        trainer = kiln_trainer(self.path("resume"), max_steps=2, callbacks=[clock] if path else None)
+        t0 = now()
+        trainer.fit(self.target, self.loader, ckpt_path=path)
+        reset_kiln()
+        first_batch = since(t0, self.target.first_batch_at)
+        if path is None:
+            return {}, first_batch
+        return clock.restore, minus(first_batch, clock.checking)
+
+    def round_kiln_no_checkpoint(self) -> Round:
+        return {"fit_to_first_batch": self._kiln_resume(None)[1]}
+
+    def round_kiln_async(self) -> Round:
+        from framework.checkpoint import AsyncCheckpointWriter, read_state
+
+        path = self.path("kiln-async")
+        if self.writer is None:  # the first async save allocates the reusable snapshot buffers
+            self.writer = AsyncCheckpointWriter()
+            t0 = now()
+            self.trainer.save_checkpoint(path, writer=self.writer)
+            self.async_first_blocking_s = since(t0)["wall"]
+            self.writer.wait()
+            shutil.rmtree(path)
+        t0 = now()
+        self.trainer.save_checkpoint(path, writer=self.writer)
+        blocking = since(t0)
+        self.writer.wait()
+        total = since(t0)
+        model_state = read_state(path, "model")
+        zero_(self.target.net)
+        self.target.load_state_dict(model_state)
+        optimizer_state = read_state(path, "trainer")["optimizers"][0]
+        self.reference.check("kiln async", self.target.net, optimizer_state)
+        shutil.rmtree(path)
+        return {"blocking": blocking, "total": total}
+
+    def round_lightning(self) -> Round:
+        file = self.path("lightning.ckpt")
+        t0 = now()
+        self.lit_trainer.save_checkpoint(file)
+        save = since(t0)
+        target = self.LitTarget(seed=1)
+        zero_(target.net)
+        trainer = lightning_trainer(self.path("lit-resume"), max_steps=2)
+        t0 = now()
+        trainer.fit(target, self.loader, ckpt_path=file)
+        first_batch = minus(since(t0, target.first_batch_at), target.checking)
+        os.remove(file)
+        return {"save": save, "fit_to_first_batch": first_batch}
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+
+
+def run(args: argparse.Namespace, root: str) -> dict[str, Any]:
+    with_lightning = is_installed("pytorch_lightning") and not args.no_lightning
+    with _quiet():
+        bench = Bench(args.width, args.blocks, root, with_lightning)
+        runners: dict[str, Callable[[], Round]] = {
+            "raw safetensors": bench.round_safetensors, "raw torch": bench.round_torch,
+            "kiln sync": bench.round_kiln, "kiln async": bench.round_kiln_async,
+            "kiln fit, no checkpoint": bench.round_kiln_no_checkpoint,
+        }
+        if with_lightning:
+            runners["lightning"] = bench.round_lightning
+        try:
+            bench.round_kiln()  # warm-up: lazy imports, the checksum thread, first-touch of the allocator
+            rounds = interleaved({name: _collected(fn) for name, fn in runners.items()}, args.repeats)
+        finally:
+            bench.close()
+    # series[clock][measurement] = one value per round
+    series = {clock: {f"{name}: {key}": [r[key][clock] for r in rs] for name, rs in rounds.items() for key in rs[0]}
+              for clock in ("wall", "cpu")}
+    checks = [_check("checkpoint save", "kiln sync: save", "raw safetensors: save", series, SAVE_TARGET),
+              _check("checkpoint restore", "kiln sync: load", "raw safetensors: load", series, LOAD_TARGET),
+              _check("async save: loop blocked", "kiln async: blocking", "kiln sync: save", series, ASYNC_TARGET)]
+    return {"benchmark": "checkpoint", "parameters": bench.n_params, "state_bytes": bench.nbytes,
+            "width": args.width, "blocks": args.blocks, "repeats": args.repeats, "threads": 1,
+            "dir": root, "lightning": with_lightning, "states_equal": True,
+            "async_first_blocking_s": bench.async_first_blocking_s,
+            "median_s": {name: median(v) for name, v in series["wall"].items()},
+            "cpu_median_s": {name: median(v) for name, v in series["cpu"].items()},
+            "runs_s": series["wall"], "cpu_runs_s": series["cpu"], "checks": checks}
+
+
+def _collected(fn: Callable[[], Round]) -> Callable[[], Round]:
+    def run() -> Round:
+        gc.collect()
+        return fn()
+    return run
+
+
+def _check(name: str, measured: str, baseline: str, series: dict[str, dict[str, list[float]]],
+           target: float) -> dict[str, Any]:
+    wall, cpu = series["wall"], series["cpu"]
+    ratio = paired_ratio(wall[measured], wall[baseline])
+    return {"name": name, "measured": measured, "baseline": baseline, "measured_s": median(wall[measured]),
+            "baseline_s": median(wall[baseline]), "ratio": ratio, "cpu_ratio": paired_ratio(cpu[measured], cpu[baseline]),
+            "target": target, "passed": ratio <= target}
+
+
+@contextlib.contextmanager
+def _quiet():
+    logging.getLogger("pytorch_lightning").setLevel(logging.ERROR)
+    logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)
+    with open(os.devnull, "w") as devnull, contextlib.redirect_stdout(devnull), contextlib.redirect_stderr(devnull), \
+            warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        yield
+
+
+def table(result: dict[str, Any]) -> str:
+    rows = [(name, 1e3 * value, 1e3 * min(result["runs_s"][name]), 1e3 * result["cpu_median_s"][name])
+            for name, value in result["median_s"].items()]
+    text = (f"{result['parameters'] / 1e6:.1f}M parameters, {result['state_bytes'] / 2**20:.0f} MiB with AdamW state, "
+            f"median of {result['repeats']} rotated rounds, 1 thread, files in {result['dir']}\n\n")
+    text += format_table(["contender: measurement", "median ms", "min ms", "CPU ms"], rows)
+    text += "\n\n" + format_table(
+        ["target", "kiln ms", "baseline", "baseline ms", "ratio", "CPU ratio", "target", "verdict"],
+        [(c["name"], 1e3 * c["measured_s"], c["baseline"], 1e3 * c["baseline_s"], c["ratio"], c["cpu_ratio"],
+          f"≤ {c['target']}", "met" if c["passed"] else "MISSED") for c in result["checks"]])
+    if result["async_first_blocking_s"] is not None:
+        text += (f"\n\nThe first async save (allocates the snapshot buffers) blocked "
+                 f"{result['async_first_blocking_s'] * 1e3:.0f} ms.")
+    return text + "\nEvery restore equals the saved state bit for bit. CPU = process CPU time, all threads."
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description="Checkpoint save/load: raw safetensors/torch vs Kiln vs Lightning.")
+    parser.add_argument("--repeats", type=int, default=5, help="rotated rounds (median taken)")
+    parser.add_argument("--width", type=int, default=1024, help="hidden width (1024 × 6 blocks ≈ 50M parameters)")
+    parser.add_argument("--blocks", type=int, default=6)
+    parser.add_argument("--dir", default=None, help="parent directory for the files (default: system temp)")
+    parser.add_argument("--no-lightning", action="store_true", help="leave Lightning out even if installed")
+    parser.add_argument("--quick", action="store_true", help="tiny model, 1 round: proves the script works")
+    parser.add_argument("--json", action="store_true", help="print machine-readable JSON")
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.width, args.blocks, args.repeats = 64, 1, 1
+    for name in ("repeats", "width", "blocks"):
+        if getattr(args, name) < 1:
+            parser.error(f"--{name} must be ≥ 1, got {getattr(args, name)}")
+    torch.set_num_threads(1)
+    root = tempfile.mkdtemp(prefix="kiln-bench-ckpt-", dir=args.dir)
+    try:
+        result = run(args, root)
+    except Mismatch as exc:
+        print(f"FAILED: {exc}", file=sys.stderr)
+        return 1
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+    result["machine"] = machine_info()
+    emit(result, args.json, table(result))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
