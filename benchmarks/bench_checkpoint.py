@@ -48,11 +48,14 @@ from torch.utils.data import DataLoader, TensorDataset
 
 SAVE_TARGET, LOAD_TARGET, ASYNC_TARGET = 1.25, 1.25, 0.10
 LR = 1e-3
+DEVICE = "cpu"  # set by --device (bench_gpu.py runs this script with --device cuda)
 Stamp = tuple[float, float]  # (wall, process CPU) seconds
 Round = dict[str, dict[str, float]]  # one contender's round: measurement -> {"wall": s, "cpu": s}
 
 
 def now() -> Stamp:
+    if DEVICE == "cuda":
+        torch.cuda.synchronize()  # device work issued so far belongs to the span that issued it
     return time.perf_counter(), time.process_time()
 
 
@@ -102,9 +105,15 @@ def load_file_eager(path: str) -> dict[str, torch.Tensor]:
     from safetensors.torch import load_file
 
     try:
-        return load_file(path, backend="pread")
+        return load_file(path, device=DEVICE, backend="pread")
     except TypeError:  # safetensors < 0.8 has no backend argument: copy out of the map
-        return {k: v.clone() for k, v in load_file(path).items()}
+        return {k: v.clone() for k, v in load_file(path, device=DEVICE).items()}
+
+
+def load_file_lazy(path: str) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    return load_file(path, device=DEVICE)
 
 
 class Mismatch(AssertionError):
@@ -181,8 +190,8 @@ def kiln_parts(width: int, blocks: int) -> tuple[type, type]:
 def kiln_trainer(root: str, max_steps: int, callbacks: list | None = None) -> Any:
     from framework import Trainer
 
-    return Trainer(max_steps=max_steps, logger=False, enable_checkpointing=False, enable_progress_bar=False,
-                   default_root_dir=root, callbacks=callbacks)
+    return Trainer(accelerator=DEVICE, max_steps=max_steps, logger=False, enable_checkpointing=False,
+                   enable_progress_bar=False, default_root_dir=root, callbacks=callbacks)
 
 
 def reset_kiln() -> None:
@@ -222,7 +231,7 @@ def lightning_module(width: int, blocks: int, reference: Reference | None) -> An
 def lightning_trainer(root: str, max_steps: int) -> Any:
     import pytorch_lightning as pl
 
-    return pl.Trainer(accelerator="cpu", devices=1, max_steps=max_steps, logger=False, enable_checkpointing=False,
+    return pl.Trainer(accelerator=DEVICE, devices=1, max_steps=max_steps, logger=False, enable_checkpointing=False,
                       enable_progress_bar=False, enable_model_summary=False, default_root_dir=root)
 
 
@@ -245,7 +254,7 @@ class Bench:
         self.n_params = sum(p.numel() for p in self.trained.parameters())
         self.nbytes = sum(t.numel() * t.element_size() for t in [
             *self.reference.model.values(), *flat_optimizer_tensors(self.reference.optimizer).values()])
-        self.target = Net(seed=1)  # restores land here (zeroed first)
+        self.target = Net(seed=1).to(DEVICE)  # restores land here (zeroed first)
         self.writer = None
         self.async_first_blocking_s = None
         if with_lightning:
@@ -264,7 +273,7 @@ class Bench:
         return torch.optim.AdamW(self.target.net.parameters(), lr=LR)
 
     def round_safetensors(self) -> Round:
-        from safetensors.torch import load_file, save_file
+        from safetensors.torch import save_file
 
         d = self.path("raw-st")
         model_file, optim_file, groups_file = (os.path.join(d, n) for n in
@@ -279,10 +288,10 @@ class Bench:
         save = since(t0)
 
         out = {"save": save}
-        for variant, read in (("load", load_file_eager), ("load_lazy", load_file)):
+        for variant, read in (("load", load_file_eager), ("load_lazy", load_file_lazy)):
             optimizer = self.fresh_target()
             t0 = now()
-            self.target.net.load_state_dict(load_file(model_file))
+            self.target.net.load_state_dict(load_file_lazy(model_file))
             with open(groups_file) as f:
                 groups = json.load(f)
             optimizer.load_state_dict({"state": unflatten_optimizer_tensors(read(optim_file)), "param_groups": groups})
@@ -298,7 +307,7 @@ class Bench:
         save = since(t0)
         optimizer = self.fresh_target()
         t0 = now()
-        loaded = torch.load(file, weights_only=True)
+        loaded = torch.load(file, weights_only=True, map_location=DEVICE)
         self.target.net.load_state_dict(loaded["model"])
         optimizer.load_state_dict(loaded["optimizer"])
         load = since(t0)
@@ -389,7 +398,8 @@ def run(args: argparse.Namespace, root: str) -> dict[str, Any]:
         if with_lightning:
             runners["lightning"] = bench.round_lightning
         try:
-            bench.round_kiln()  # warm-up: lazy imports, the checksum thread, first-touch of the allocator
+            bench.round_safetensors()  # warm-up: lazy imports, the checksum thread, the allocator's first touch
+            bench.round_kiln()
             rounds = interleaved({name: _collected(fn) for name, fn in runners.items()}, args.repeats)
         finally:
             bench.close()
@@ -399,7 +409,7 @@ def run(args: argparse.Namespace, root: str) -> dict[str, Any]:
     checks = [_check("checkpoint save", "kiln sync: save", "raw safetensors: save", series, SAVE_TARGET),
               _check("checkpoint restore", "kiln sync: load", "raw safetensors: load", series, LOAD_TARGET),
               _check("async save: loop blocked", "kiln async: blocking", "kiln sync: save", series, ASYNC_TARGET)]
-    return {"benchmark": "checkpoint", "parameters": bench.n_params, "state_bytes": bench.nbytes,
+    return {"benchmark": "checkpoint", "device": DEVICE, "parameters": bench.n_params, "state_bytes": bench.nbytes,
             "width": args.width, "blocks": args.blocks, "repeats": args.repeats, "threads": 1,
             "dir": root, "lightning": with_lightning, "states_equal": True,
             "async_first_blocking_s": bench.async_first_blocking_s,
@@ -438,7 +448,7 @@ def table(result: dict[str, Any]) -> str:
     rows = [(name, 1e3 * value, 1e3 * min(result["runs_s"][name]), 1e3 * result["cpu_median_s"][name])
             for name, value in result["median_s"].items()]
     text = (f"{result['parameters'] / 1e6:.1f}M parameters, {result['state_bytes'] / 2**20:.0f} MiB with AdamW state, "
-            f"median of {result['repeats']} rotated rounds, 1 thread, files in {result['dir']}\n\n")
+            f"on {result['device']}, median of {result['repeats']} rotated rounds, 1 thread, files in {result['dir']}\n\n")
     text += format_table(["contender: measurement", "median ms", "min ms", "CPU ms"], rows)
     text += "\n\n" + format_table(
         ["target", "kiln ms", "baseline", "baseline ms", "ratio", "CPU ratio", "target", "verdict"],
@@ -457,6 +467,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--blocks", type=int, default=6)
     parser.add_argument("--dir", default=None, help="parent directory for the files (default: system temp)")
     parser.add_argument("--no-lightning", action="store_true", help="leave Lightning out even if installed")
+    parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu", help="where the model and optimizer live")
     parser.add_argument("--quick", action="store_true", help="tiny model, 1 round: proves the script works")
     parser.add_argument("--json", action="store_true", help="print machine-readable JSON")
     args = parser.parse_args(argv)
@@ -465,6 +476,10 @@ def main(argv: list[str] | None = None) -> int:
     for name in ("repeats", "width", "blocks"):
         if getattr(args, name) < 1:
             parser.error(f"--{name} must be ≥ 1, got {getattr(args, name)}")
+    if args.device == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda: CUDA is not available")
+    global DEVICE
+    DEVICE = args.device
     torch.set_num_threads(1)
     root = tempfile.mkdtemp(prefix="kiln-bench-ckpt-", dir=args.dir)
     try:

@@ -41,6 +41,17 @@ WORLD = 2
 BATCH, FEATURES, CLASSES = 32, 32, 10
 LR, MOMENTUM = 0.01, 0.9
 MEMORY_WIDTH, MEMORY_STEPS = 512, 3
+DEVICE = "cpu"  # set by --device; "cuda" (bench_gpu.py) runs NCCL, one GPU per rank
+
+
+def device() -> torch.device:
+    return torch.device("cuda", torch.cuda.current_device()) if DEVICE == "cuda" else torch.device("cpu")
+
+
+def stamp() -> tuple[float, float]:
+    if DEVICE == "cuda":
+        torch.cuda.synchronize()
+    return time.perf_counter(), time.process_time()
 
 
 @dataclass(frozen=True)
@@ -76,9 +87,9 @@ class Clock:
 
     def tick(self, step: int) -> None:
         if step == self.start:
-            self.t0 = (time.perf_counter(), time.process_time())
+            self.t0 = stamp()
         elif step == self.stop:
-            self.t1 = (time.perf_counter(), time.process_time())
+            self.t1 = stamp()
 
     def per_step(self) -> tuple[float, float]:
         n = self.stop - self.start
@@ -96,7 +107,9 @@ def run_raw(cfg: Config, data: TensorDataset, root: str) -> tuple[tuple[float, f
     from torch.utils.data import DistributedSampler
     from torch.utils.tensorboard import SummaryWriter
 
-    model, clock = DistributedDataParallel(make_mlp()), Clock(cfg)
+    dev = device()
+    model = DistributedDataParallel(make_mlp().to(dev), device_ids=[dev.index] if dev.type == "cuda" else None)
+    clock = Clock(cfg)
     optimizer = torch.optim.SGD(model.parameters(), lr=LR, momentum=MOMENTUM)
     loader = DataLoader(data, batch_size=BATCH, sampler=DistributedSampler(data, shuffle=False))
     writer = SummaryWriter(root) if dist.get_rank() == 0 else None
@@ -105,6 +118,7 @@ def run_raw(cfg: Config, data: TensorDataset, root: str) -> tuple[tuple[float, f
         if i == cfg.total_steps:
             break
         clock.tick(i)
+        x, y = x.to(dev, non_blocking=True), y.to(dev, non_blocking=True)
         loss = F.cross_entropy(model(x), y)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -145,7 +159,7 @@ def run_kiln(cfg: Config, data: TensorDataset, root: str) -> tuple[tuple[float, 
 
     clock = Clock(cfg)
     module = kiln_module(make_mlp(), "sgd", clock)
-    trainer = Trainer(strategy="ddp", accelerator="cpu", devices=WORLD, max_steps=cfg.total_steps,
+    trainer = Trainer(strategy="ddp", accelerator=DEVICE, devices=WORLD, max_steps=cfg.total_steps,
                       enable_checkpointing=False, default_root_dir=root, log_every_n_steps=cfg.log_every_n_steps)
     trainer.fit(module, DataLoader(data, batch_size=BATCH, shuffle=False))
     return clock.per_step(), flat(module.net.parameters())
@@ -167,7 +181,7 @@ def memory_run(strategy: str, data: TensorDataset, root: str) -> dict[str, Any]:
     from framework import Trainer
 
     module = kiln_module(make_mlp(MEMORY_WIDTH), "adamw")
-    trainer = Trainer(strategy=strategy, accelerator="cpu", devices=WORLD, max_steps=MEMORY_STEPS,
+    trainer = Trainer(strategy=strategy, accelerator=DEVICE, devices=WORLD, max_steps=MEMORY_STEPS,
                       enable_checkpointing=False, logger=False, enable_progress_bar=False, default_root_dir=root)
     trainer.fit(module, DataLoader(data, batch_size=BATCH, shuffle=False))
     optimizer = trainer.optimizers[0]
@@ -184,7 +198,10 @@ def worker(cfg: Config, out_file: str, with_memory: bool) -> None:
     import torch.distributed as dist
 
     torch.set_num_threads(1)
-    dist.init_process_group("gloo")  # Kiln's DDP strategy reuses the group; the raw loop needs one too
+    if DEVICE == "cuda":
+        torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
+    # Kiln's DDP strategy reuses the group; the raw loop needs one too
+    dist.init_process_group("nccl" if DEVICE == "cuda" else "gloo")
     rank = dist.get_rank()
     data = make_data(cfg.total_steps)
     contenders = {"raw": run_raw, "kiln": run_kiln}
@@ -240,7 +257,7 @@ def summarize(cfg: Config, raw: dict[str, Any], with_memory: bool) -> dict[str, 
                "cpu_ratio": paired_ratio(cpu["kiln"], cpu["raw"]), "target": STEP_TARGET,
                "passed": ratio <= STEP_TARGET and weights_match}]
     result: dict[str, Any] = {
-        "benchmark": "ddp", "world_size": WORLD, "backend": "gloo", "threads_per_rank": 1,
+        "benchmark": "ddp", "device": DEVICE, "world_size": WORLD, "backend": "nccl" if DEVICE == "cuda" else "gloo", "threads_per_rank": 1,
         "steps": cfg.steps, "warmup": cfg.warmup, "repeats": cfg.repeats, "batch_per_rank": BATCH,
         "us_per_step": {name: 1e6 * median(v) for name, v in wall.items()},
         "cpu_us_per_step": {name: 1e6 * median(v) for name, v in cpu.items()},
@@ -275,7 +292,7 @@ def table(result: dict[str, Any]) -> str:
         text += (f"\n\nFSDP / DDP params + optimizer per rank = {mem['ratio']:.3f} (target ≤ {mem['target']}: "
                  f"{'met' if mem['passed'] else 'MISSED'}); FSDP weights == DDP's: "
                  f"{'yes' if result['memory_weights_match'] else 'NO'} (max |Δ| {result['fsdp_vs_ddp_weight_diff']:.1e})")
-    return text + (f"\n{WORLD} processes, gloo, 1 thread each, batch {BATCH} per rank, {result['steps']} timed steps "
+    return text + (f"\n{WORLD} processes on {result['device']}, {result['backend']}, 1 thread each, batch {BATCH} per rank, {result['steps']} timed steps "
                    f"after {result['warmup']}, median of {result['repeats']} interleaved rounds.")
 
 
@@ -287,6 +304,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--log-every-n-steps", type=int, default=50)
     parser.add_argument("--no-memory", action="store_true", help="skip the FSDP vs DDP memory measurement")
     parser.add_argument("--timeout", type=float, default=900.0, help="seconds for the whole 2-process job")
+    parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu",
+                        help="cpu: gloo; cuda: NCCL, one GPU per rank (needs 2 GPUs)")
     parser.add_argument("--quick", action="store_true", help="few steps, 1 round: proves the script works")
     parser.add_argument("--json", action="store_true", help="print machine-readable JSON")
     parser.add_argument("--worker", metavar="OUT_JSON", help=argparse.SUPPRESS)  # set for the ranks themselves
@@ -296,6 +315,10 @@ def main(argv: list[str] | None = None) -> int:
     for name in ("steps", "warmup", "repeats", "log_every_n_steps"):
         if getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be ≥ 1, got {getattr(args, name)}")
+    if args.device == "cuda" and torch.cuda.device_count() < WORLD:
+        parser.error(f"--device cuda needs {WORLD} GPUs, found {torch.cuda.device_count()}")
+    global DEVICE
+    DEVICE = args.device
     cfg = Config(args.steps, args.warmup, args.repeats, args.log_every_n_steps)
     if args.worker:
         worker(cfg, args.worker, not args.no_memory)
@@ -303,7 +326,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from framework.testing import run_distributed
 
-    forwarded = ["--steps", args.steps, "--warmup", args.warmup, "--repeats", args.repeats,
+    forwarded = ["--device", args.device, "--steps", args.steps, "--warmup", args.warmup, "--repeats", args.repeats,
                  "--log-every-n-steps", args.log_every_n_steps] + (["--no-memory"] if args.no_memory else [])
     with tempfile.TemporaryDirectory() as tmp:
         out_file = os.path.join(tmp, "result.json")
