@@ -90,12 +90,9 @@ def assert_same_weights(a: torch.nn.Module, b: torch.nn.Module) -> None:
 
 
 @pytest.fixture(scope="module")
-def reference() -> TiedNet:
+def reference(tmp_path_factory) -> TiedNet:
     """The uninterrupted 2-epoch run every resumed run must match bit for bit."""
-    import tempfile
-
-    with tempfile.TemporaryDirectory() as root:
-        return train(root, 2)[1]
+    return train(tmp_path_factory.mktemp("reference"), 2)[1]
 
 
 def every_step(**kwargs: Any) -> ModelCheckpoint:
