@@ -25,6 +25,7 @@ from framework.nan_policy import nan_guard
 from framework.optim import LRSchedulerConfig, parse_optimizers, step_schedulers
 from framework.precision import resolve_precision
 from framework.preemption import preemption_callbacks
+from framework.rank_failures import RankFailureReport
 from strategies.registry import resolve_strategy
 
 
@@ -71,6 +72,8 @@ class Trainer:
         if self._nan_guard is not None:
             self._user_callbacks.append(self._nan_guard)
         self._user_callbacks = preemption_callbacks(self._user_callbacks, on_preempt)
+        if self.strategy.world_size > 1:
+            self._user_callbacks.append(RankFailureReport())
         self._callback_list = CallbackList(self._user_callbacks)
 
         self.module: TrainModule | None = None
