@@ -58,6 +58,7 @@ TRAINER = "trainer"
 _TOKEN = re.compile(r"[A-Za-z0-9_-]{1,64}")
 _STATE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.=-]{0,127}")
 _SIDECAR = ".entries-rank-{rank}.json"
+_PENDING = ".kiln-pending"  # in a remote checkpoint being written (no atomic rename there): cleanup_stale's mark
 _STAGING = re.compile(r"\.(?P<name>.+)\.(tmp|old)-[A-Za-z0-9_-]{1,64}")
 
 
@@ -133,7 +134,9 @@ def begin_checkpoint(path: str, token: str | None = None) -> Staging:
     """Prepare to write checkpoint ``path`` (local path or fsspec URL); idempotent across ranks.
 
     Ranks passing the same ``token`` share one staging dir. For URLs an existing manifest at
-    ``path`` is removed first, so an overwritten checkpoint is never mistaken for complete.
+    ``path`` is removed first, so an overwritten checkpoint is never mistaken for complete, and a
+    pending mark is written that lets :func:`cleanup_stale` remove the files of a save that never
+    committed.
     """
     token = new_token() if token is None else token
     if not isinstance(token, str) or not _TOKEN.fullmatch(token):
@@ -147,6 +150,7 @@ def begin_checkpoint(path: str, token: str | None = None) -> Staging:
         return Staging(target=path, dir=staging.url, token=token)
     loc.makedirs()
     loc.join(MANIFEST).remove_file(missing_ok=True)
+    write_file(loc.join(_PENDING), lambda f, h: f.write(b""))
     return Staging(target=path, dir=path, token=token)
 
 
@@ -288,7 +292,7 @@ def commit_checkpoint(staging: Staging, entries: Iterable[Mapping[str, Any]],
             found = sizes.get(e["path"], "missing")
             raise checkpoint_error(staging.target, f"file {e['path']} in the staging dir is {found} bytes, but its "
                                                    f"entry says {e['size']} (did every rank finish writing?)")
-    for rel in set(sizes) - seen:
+    for rel in set(sizes) - seen - {_PENDING}:
         root.join(rel).remove_file(missing_ok=True)
     doc = {"format": FORMAT, "format_version": FORMAT_VERSION, "created": time.time(),
            "world_size": int(world_size), "strategy": str(strategy), "layout": str(layout),
@@ -298,6 +302,8 @@ def commit_checkpoint(staging: Staging, entries: Iterable[Mapping[str, Any]],
     write_file(root.join(MANIFEST), lambda f, h: f.write(data), fsync)
     if root.is_local:
         locate(staging.target).replace_with(root, staging.token, fsync=fsync)
+    else:
+        root.join(_PENDING).remove_file(missing_ok=True)  # after the manifest: complete either way
     return staging.target
 
 
@@ -488,12 +494,31 @@ def remove_checkpoint(path: str, *, force: bool = False) -> None:
 
 
 def cleanup_stale(dirpath: str, max_age_s: float = 3600.0) -> list[str]:
-    """Remove staging dirs (``.<name>.tmp-*``/``.old-*``) under ``dirpath`` older than ``max_age_s``."""
+    """Remove what unfinished saves and deletions left under ``dirpath`` longer than ``max_age_s`` ago.
+
+    Locally: staging dirs (``.<name>.tmp-*``/``.old-*``). On object stores: checkpoint dirs that still
+    carry the pending mark of :func:`begin_checkpoint` and have no manifest. Call it when no save is
+    running (e.g. when fit starts, with ``max_age_s=0``).
+    """
     parent = locate(dirpath)
     removed = []
-    for name, mtime in parent.hidden_dirs():
-        if _STAGING.fullmatch(name) and time.time() - mtime > max_age_s:
-            stale = parent.join(name)
-            stale.remove_tree()
-            removed.append(stale.url)
+    if parent.is_local:
+        stale = [parent.join(name) for name, mtime in parent.hidden_dirs()
+                 if _STAGING.fullmatch(name) and time.time() - mtime > max_age_s]
+    else:
+        stale = [loc for loc in (parent.join(name) for name in parent.child_dirs())
+                 if loc.join(_PENDING).exists() and not loc.join(MANIFEST).exists()
+                 and (max_age_s <= 0 or _age_s(loc.join(_PENDING)) > max_age_s)]
+    for loc in stale:
+        loc.remove_tree()
+        removed.append(loc.url)
     return removed
+
+
+def _age_s(loc: Location) -> float:
+    """Seconds since ``loc`` (a remote file) was modified; infinite when the filesystem cannot tell."""
+    try:
+        modified = loc.fs.modified(loc.path)
+    except (NotImplementedError, AttributeError, OSError, ValueError):
+        return float("inf")
+    return time.time() - modified.timestamp()
