@@ -199,22 +199,32 @@ class Strategy:
         commit_kwargs = {"world_size": self.world_size, "strategy": self.name, "layout": layout}
 
         def write_files() -> tuple[Any, list]:
-            staging = io.begin_checkpoint(path, token)
+            staging = None
             try:
+                staging = io.begin_checkpoint(path, token)
                 entries = [e for name, tree in states.items()
                            for e in io.write_state(staging, name, tree, safe_serialization=safe_serialization)]
                 if extra_files is not None:
                     entries += extra_files(staging)
-            except BaseException:
-                _discard_staging(staging)  # a failed save leaves no partial files in the checkpoint dir
+            except BaseException as exc:
+                if staging is not None:
+                    _discard_staging(staging)  # a failed save leaves no partial files in the checkpoint dir
+                _note_failed_save(exc, path)
                 raise
             return staging, entries
+
+        def commit(staging: Any, entries: list) -> None:
+            try:
+                io.commit_checkpoint(staging, entries, metadata, **commit_kwargs)
+            except BaseException as exc:  # leftovers are hidden (local) or pending-marked: cleanup_stale's
+                _note_failed_save(exc, path)
+                raise
 
         if writer is None:
             staging, entries = write_files()
             gathered = self.all_gather_object(entries)
             if self.is_global_zero:
-                io.commit_checkpoint(staging, [e for rank in gathered for e in rank], metadata, **commit_kwargs)
+                commit(staging, [e for rank in gathered for e in rank])
             self.barrier("checkpoint-commit")
             if on_committed is not None:
                 on_committed()
@@ -225,11 +235,11 @@ class Strategy:
         def write_and_commit() -> None:
             staging, entries = write_files()
             if world == 1:
-                io.commit_checkpoint(staging, entries, metadata, **commit_kwargs)
+                commit(staging, entries)
             else:  # no collectives off the main thread: ranks hand their entries over through the staging dir
                 all_entries = io.exchange_entries(staging, entries, rank=rank, world_size=world)
                 if rank == 0:
-                    io.commit_checkpoint(staging, all_entries, metadata, **commit_kwargs)
+                    commit(staging, all_entries)
             if on_committed is not None and (rank == 0 or world == 1):
                 on_committed()
 
@@ -284,6 +294,15 @@ class Strategy:
     def teardown(self) -> None:
         """Release wrappers and process groups; the module stays usable afterwards."""
         self.model = self.module
+
+
+def _note_failed_save(exc: BaseException, path: str) -> None:
+    """Say which save failed and that nothing earlier was touched (in the traceback, the type unchanged)."""
+    from framework.checkpoint_storage import redact
+
+    if hasattr(exc, "add_note") and isinstance(exc, Exception):
+        exc.add_note(f"[kiln] saving checkpoint {redact(path)} failed: it was not committed (a later fit removes "
+                     "its partial files); earlier checkpoints are untouched.")
 
 
 def _discard_staging(staging: Any) -> None:
