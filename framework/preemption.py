@@ -31,8 +31,8 @@ if TYPE_CHECKING:
 #: Exit status of a preempted run (sysexits' EX_TEMPFAIL: "temporary failure, retry later").
 PREEMPTED_EXIT_CODE = 75
 ON_PREEMPT = ("auto", "checkpoint", "exit", None)
-DEFAULT_SIGNALS: tuple[int, ...] = tuple(s for s in (getattr(signal, "SIGTERM", None), getattr(signal, "SIGUSR1", None))
-                                         if s is not None)
+DEFAULT_SIGNALS: tuple[int, ...] = tuple(
+    s for s in (getattr(signal, "SIGTERM", None), getattr(signal, "SIGUSR1", None)) if s is not None)
 
 
 class TrainingPreempted(SystemExit):
@@ -67,7 +67,8 @@ class PreemptionHandler(Callback):
                  check_every_n_steps: int = 1) -> None:
         if action not in ("checkpoint", "exit"):
             raise ValueError(f"PreemptionHandler(action={action!r}) is not valid; use 'checkpoint' or 'exit'.")
-        if isinstance(check_every_n_steps, bool) or not isinstance(check_every_n_steps, int) or check_every_n_steps < 1:
+        every = check_every_n_steps
+        if isinstance(every, bool) or not isinstance(every, int) or every < 1:
             raise ValueError(f"PreemptionHandler(check_every_n_steps={check_every_n_steps!r}) is not valid; use an "
                              "int >= 1.")
         self.action = action
