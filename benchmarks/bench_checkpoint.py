@@ -398,8 +398,9 @@ def run(args: argparse.Namespace, root: str) -> dict[str, Any]:
         if with_lightning:
             runners["lightning"] = bench.round_lightning
         try:
-            bench.round_safetensors()  # warm-up: lazy imports, the checksum thread, the allocator's first touch
-            bench.round_kiln()
+            if not args.quick:  # warm-up: lazy imports, the checksum thread, the allocator's first touch
+                bench.round_safetensors()
+                bench.round_kiln()
             rounds = interleaved({name: _collected(fn) for name, fn in runners.items()}, args.repeats)
         finally:
             bench.close()

@@ -194,7 +194,7 @@ def memory_run(strategy: str, data: TensorDataset, root: str) -> dict[str, Any]:
 
 
 # ---- the worker (one per rank) --------------------------------------------------------------------
-def worker(cfg: Config, out_file: str, with_memory: bool) -> None:
+def worker(cfg: Config, out_file: str, with_memory: bool, warm_up: bool) -> None:
     import torch.distributed as dist
 
     torch.set_num_threads(1)
@@ -207,7 +207,8 @@ def worker(cfg: Config, out_file: str, with_memory: bool) -> None:
     contenders = {"raw": run_raw, "kiln": run_kiln}
     runs: dict[str, list[tuple[tuple[float, float], torch.Tensor]]] = {name: [] for name in contenders}
     with tempfile.TemporaryDirectory() as root, _quiet():
-        run_kiln(cfg, data, root)  # warm-up: imports, process-group and logger set-up
+        if warm_up:
+            run_kiln(cfg, data, root)  # imports, process-group and logger set-up are not per-step costs
         for round_idx in range(cfg.repeats):
             names = list(contenders)[round_idx % 2:] + list(contenders)[:round_idx % 2]
             for name in names:
@@ -321,13 +322,14 @@ def main(argv: list[str] | None = None) -> int:
     DEVICE = args.device
     cfg = Config(args.steps, args.warmup, args.repeats, args.log_every_n_steps)
     if args.worker:
-        worker(cfg, args.worker, not args.no_memory)
+        worker(cfg, args.worker, not args.no_memory, warm_up=not args.quick)
         return 0
 
     from framework.testing import run_distributed
 
     forwarded = ["--device", args.device, "--steps", args.steps, "--warmup", args.warmup, "--repeats", args.repeats,
-                 "--log-every-n-steps", args.log_every_n_steps] + (["--no-memory"] if args.no_memory else [])
+                 "--log-every-n-steps", args.log_every_n_steps] + (["--no-memory"] if args.no_memory else []) \
+        + (["--quick"] if args.quick else [])
     with tempfile.TemporaryDirectory() as tmp:
         out_file = os.path.join(tmp, "result.json")
         run_distributed(os.path.abspath(__file__), WORLD, timeout=args.timeout, args=[*forwarded, "--worker", out_file],

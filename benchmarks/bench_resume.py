@@ -199,11 +199,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--far", type=int, default=10_000, help="late checkpoint position")
     parser.add_argument("--repeats", type=int, default=7, help="interleaved rounds (median taken)")
     parser.add_argument("--no-replay", action="store_true", help="leave out the replaying-loader contrast")
-    parser.add_argument("--quick", action="store_true", help="positions 10 and 200, 1 round: proves the script works")
+    parser.add_argument("--quick", action="store_true", help="positions 10 and 50, 1 round: proves the script works")
     parser.add_argument("--json", action="store_true", help="print machine-readable JSON")
     args = parser.parse_args(argv)
     if args.quick:
-        args.far, args.repeats = 200, 1
+        args.far, args.repeats = 50, 1
     if not 1 <= args.near < args.far:
         parser.error(f"need 1 ≤ --near < --far, got --near {args.near} --far {args.far}")
     if args.repeats < 1:

@@ -189,7 +189,10 @@ def detail_sections(entries: list[dict[str, Any]]) -> list[str]:
                 out += [f"FAILED: {e.get('error')}"]
             out.append("")
             continue
-        out += _details(r) + [""]
+        try:
+            out += _details(r) + [""]
+        except (KeyError, TypeError, ValueError) as exc:  # a malformed result must not lose the whole report
+            out += [f"(details unavailable: {type(exc).__name__}: {exc})", ""]
     if PROFILE_NOTES:
         out += ["## Profiling notes", "", PROFILE_NOTES.strip(), ""]
     return out

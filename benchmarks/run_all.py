@@ -1,8 +1,8 @@
-"""Run every benchmark with ``--json`` and write ``benchmarks/RESULTS.md`` and ``benchmarks/ratios.png``.
+"""Run every benchmark with ``--json``; write ``benchmarks/RESULTS.md``, ``ratios.png`` and ``results.json``.
 
 One command reproduces the report: ``python benchmarks/run_all.py`` (or ``nox -s bench``). The
-benchmarks run one after the other (never in parallel: they time things), each in its own
-interpreter. The report records the machine, versions, date, git commit, the load average before
+benchmarks run one after the other (never in parallel: they time things; ``--quick`` runs them side by
+side), each in its own interpreter. The report records the machine, versions, date, git commit, the load average before
 and after, and the exact command; each target of DESIGN.md §6 gets a row with the measurement, the
 baseline, the ratio, the target and PASS/MISS, and each MISS says why and what is planned.
 A ``bench_*.py`` script this runner has no reader for is run without ``--json`` and its output
@@ -20,6 +20,7 @@ import shlex
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from common import REPO_ROOT, machine_info
@@ -125,11 +126,11 @@ def _git(*args: str) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description="Run all benchmarks; write RESULTS.md and ratios.png.")
+    parser = argparse.ArgumentParser(description="Run all benchmarks; write RESULTS.md, ratios.png and results.json.")
     parser.add_argument("--quick", action="store_true", help="tiny sizes, 1 round each: checks the scripts only")
     parser.add_argument("--only", nargs="+", metavar="NAME", help="benchmarks to run (e.g. bench_ddp or ddp)")
     parser.add_argument("--skip", nargs="+", metavar="NAME", default=[], help="benchmarks to leave out")
-    parser.add_argument("--out", default=HERE, help="folder for RESULTS.md and ratios.png (default: benchmarks/)")
+    parser.add_argument("--out", default=HERE, help="folder for the report files (default: benchmarks/)")
     parser.add_argument("--timeout", type=float, default=3600.0, help="seconds per benchmark")
     args = parser.parse_args(argv)
     args.argv = list(sys.argv[1:] if argv is None else argv)
@@ -148,12 +149,15 @@ def main(argv: list[str] | None = None) -> int:
         names = [n for n in names if n in KNOWN]
 
     load_start = os.getloadavg()[0]
-    entries = []
-    for name in names:
-        print(f"running {name} (load {os.getloadavg()[0]:.2f}) ...", flush=True)
-        entry = run_one(name, args.quick, args.timeout)
-        print(f"  {'ok' if entry['ok'] else 'FAILED'} in {entry['seconds']:.0f} s", flush=True)
-        entries.append(entry)
+    if args.quick:  # figures are meaningless anyway: run the scripts side by side
+        with ThreadPoolExecutor(max_workers=os.cpu_count() or 2) as pool:
+            entries = list(pool.map(lambda name: run_one(name, True, args.timeout), names))
+    else:
+        entries = []
+        for name in names:  # one at a time: they time things
+            print(f"running {name} (load {os.getloadavg()[0]:.2f}) ...", flush=True)
+            entries.append(run_one(name, False, args.timeout))
+            print(f"  {'ok' if entries[-1]['ok'] else 'FAILED'} in {entries[-1]['seconds']:.0f} s", flush=True)
     load_end = os.getloadavg()[0]
 
     os.makedirs(args.out, exist_ok=True)
@@ -161,6 +165,8 @@ def main(argv: list[str] | None = None) -> int:
     text = markdown(entries, args, (load_start, load_end), os.path.basename(chart) if chart else None)
     with open(os.path.join(args.out, "RESULTS.md"), "w") as f:
         f.write(text)
+    with open(os.path.join(args.out, "results.json"), "w") as f:  # the raw data behind RESULTS.md
+        json.dump({"command": args.argv, "load": [load_start, load_end], "entries": entries}, f, indent=1)
     print(text[text.index("## Targets"):text.index("## Details")])
     print(f"wrote {os.path.join(args.out, 'RESULTS.md')}" + (f" and {chart}" if chart else " (no chart: matplotlib missing)"))
     return 0 if all(e["ok"] for e in entries) else 1
