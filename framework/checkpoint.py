@@ -43,7 +43,7 @@ from framework.checkpoint_storage import Location, locate, redact
 from framework.serialization import flatten_state, skeleton_from_json, skeleton_to_json, unflatten_state
 
 __all__ = [
-    "CheckpointError", "FileEntry", "Manifest", "Staging", "MODEL", "TRAINER", "MANIFEST", "redact",
+    "CheckpointError", "CheckpointDamaged", "FileEntry", "Manifest", "Staging", "MODEL", "TRAINER", "MANIFEST", "redact",
     "rank_state_name", "new_token", "begin_checkpoint", "write_state", "describe_files",
     "commit_checkpoint", "save_checkpoint", "read_manifest", "read_state", "verify_checkpoint",
     "list_checkpoints", "find_last", "remove_checkpoint", "cleanup_stale", "AsyncCheckpointWriter",
@@ -64,6 +64,13 @@ _STAGING = re.compile(r"\.(?P<name>.+)\.(tmp|old)-[A-Za-z0-9_-]{1,64}")
 
 class CheckpointError(RuntimeError):
     """A checkpoint is missing, incomplete, damaged or unsafe; the message names it and the file."""
+
+
+class CheckpointDamaged(CheckpointError):
+    """A file of the checkpoint is missing or differs from what its manifest recorded (size, checksum):
+    storage damage, as opposed to an intact checkpoint that cannot or must not be loaded (e.g. a pickle
+    holding code, which only someone with write access can have put there). ``ckpt_path="last"`` skips
+    damaged checkpoints and stops at the others."""
 
 
 class FileEntry(TypedDict):
@@ -114,9 +121,9 @@ def new_token() -> str:
     return uuid.uuid4().hex
 
 
-def checkpoint_error(path: str, msg: str) -> CheckpointError:
-    """CheckpointError naming the (redacted) checkpoint."""
-    return CheckpointError(f"checkpoint {redact(path)}: {msg}")
+def checkpoint_error(path: str, msg: str, *, damaged: bool = False) -> CheckpointError:
+    """CheckpointError (CheckpointDamaged with ``damaged=True``) naming the (redacted) checkpoint."""
+    return (CheckpointDamaged if damaged else CheckpointError)(f"checkpoint {redact(path)}: {msg}")
 
 
 def _safe_relpath(rel: Any) -> bool:
@@ -379,16 +386,31 @@ def _read_file(path: str, manifest: Manifest, rel: str, reader: Any, verify: boo
             size = loc.size_of_open(f)
             if size != entry["size"]:
                 raise checkpoint_error(path, f"file {rel} is damaged: it has {size} bytes, the manifest says "
-                                             f"{entry['size']} (truncated or overwritten)")
+                                             f"{entry['size']} (truncated or overwritten)", damaged=True)
             hasher = tensor_files.StreamHasher(tensor_files.split_checksum(entry["checksum"])) if verify else NoHash()
             result = reader(f, size, hasher)
     except FileNotFoundError:
-        raise checkpoint_error(path, f"file {rel} listed in the manifest is missing") from None
-    except ValueError as exc:
-        raise checkpoint_error(path, f"file {rel} is damaged or unreadable: {exc}") from None
+        raise checkpoint_error(path, f"file {rel} listed in the manifest is missing", damaged=True) from None
+    except ValueError as exc:  # parsed before its checksum was complete: damaged, unless the bytes are intact
+        raise checkpoint_error(path, f"file {rel} is damaged or unreadable: {exc}",
+                               damaged=not _intact(loc, entry)) from None
     if verify and hasher.hexdigest() != entry["checksum"]:
-        raise checkpoint_error(path, f"file {rel} is damaged: its checksum does not match the manifest")
+        raise checkpoint_error(path, f"file {rel} is damaged: its checksum does not match the manifest",
+                               damaged=True)
     return result
+
+
+def _intact(loc: Location, entry: FileEntry) -> bool:
+    """Whether the file's bytes are what the manifest recorded (reads it once more: error paths only)."""
+    hasher, size = tensor_files.StreamHasher(tensor_files.split_checksum(entry["checksum"])), 0
+    try:
+        with loc.open("rb") as f:
+            while chunk := f.read(16 * 2**20):
+                hasher.update(chunk)
+                size += len(chunk)
+    except OSError:
+        return False
+    return size == entry["size"] and hasher.hexdigest() == entry["checksum"]
 
 
 def read_state(path: str, name: str, manifest: Manifest | None = None, *, verify: bool = True) -> Any:

@@ -63,23 +63,59 @@ def resolve_ckpt_path(t: Trainer, ckpt_path: str) -> str | None:
     """A path/URL as given, or for ``"last"`` the newest complete checkpoint of the checkpoint callback."""
     if ckpt_path != "last":
         return str(ckpt_path)
-    from framework.checkpoint import find_last
+    candidates = _last_candidates(t)
+    return candidates[0] if candidates else None
+
+
+def _last_candidates(t: Trainer) -> list[str]:
+    """Complete checkpoints of the checkpoint callback's dirpath, newest first (warns when there are none)."""
+    from framework.checkpoint import list_checkpoints, redact
 
     callback = t.checkpoint_callback
     dirpath = getattr(callback, "dirpath", None) or _join(t.default_root_dir, "checkpoints")
-    found = t.strategy.broadcast(find_last(dirpath) if t.is_global_zero else None)
-    if found is None:
-        warnings.warn(f'ckpt_path="last" found no complete checkpoint under {dirpath}; starting from scratch.',
-                      stacklevel=3)
+    found = t.strategy.broadcast([m.path for m in list_checkpoints(dirpath)] if t.is_global_zero else None)
+    if not found:
+        warnings.warn(f'ckpt_path="last" found no complete checkpoint under {redact(dirpath)}; starting from '
+                      "scratch.", stacklevel=4)
     return found
+
+
+def _load_last(t: Trainer, optimizers: Any) -> tuple[str, Any] | None:
+    """Load the newest checkpoint that loads: a damaged one (a file whose size or checksum differs from its
+    manifest) is skipped with a warning, on every rank alike. An intact one that cannot be loaded (unsafe,
+    incompatible) is an error; so is every checkpoint being damaged (a failed load may have changed the model
+    already, so starting from scratch would not be clean)."""
+    from framework.checkpoint import CheckpointDamaged
+
+    error: CheckpointDamaged | None = None
+    # Sharded loads are collective: a rank that fails inside one cannot be skipped past.
+    can_skip = t.world_size == 1 or not t.strategy.is_sharded
+    for path in _last_candidates(t):
+        try:
+            loaded = t.strategy.load_checkpoint(path, optimizers=optimizers)
+        except CheckpointDamaged as exc:
+            if not can_skip:
+                raise
+            error, loaded = exc, None
+            warnings.warn(f'ckpt_path="last": skipping damaged {exc}', stacklevel=4)
+        if (loaded is not None) if t.world_size == 1 else t.strategy.reduce_boolean_decision(loaded is not None):
+            return path, loaded
+    if error is not None:
+        raise error
+    return None
 
 
 def restore_trainer_checkpoint(t: Trainer, ckpt_path: str, *, training: bool) -> None:
     """Load a checkpoint into the module (and, when training, optimizers, schedulers, loop and callbacks)."""
-    path = resolve_ckpt_path(t, ckpt_path)
-    if path is None:
-        return
-    shared, own = t.strategy.load_checkpoint(path, optimizers=t.optimizers if training else None)
+    optimizers = t.optimizers if training else None
+    if ckpt_path == "last":
+        found = _load_last(t, optimizers)
+        if found is None:
+            return
+        path, (shared, own) = found
+    else:
+        path = str(ckpt_path)
+        shared, own = t.strategy.load_checkpoint(path, optimizers=optimizers)
     if training:
         _restore_training_state(t, shared, own)
     t._call_hooks("on_load_checkpoint", shared)

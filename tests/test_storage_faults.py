@@ -18,10 +18,12 @@ from typing import Any
 
 import fsspec
 import pytest
+import torch
 
 from callbacks import ModelCheckpoint
 from framework import checkpoint, tensor_files
 from framework.checkpoint import (
+    CheckpointDamaged,
     begin_checkpoint,
     cleanup_stale,
     commit_checkpoint,
@@ -188,3 +190,44 @@ def test_a_remote_save_cut_short_is_ignored_then_removed_when_fit_starts(make_tr
     left = {p.rsplit("/", 1)[-1] for p in fs.ls(f"{memory_root}/checkpoints", detail=False)}
     assert "step=99" not in left and {"marked", "step=5", "step=10"} <= left, left
     assert resumed.global_step == 10
+
+
+# ---- damage found only when loading: "last" goes back to the previous checkpoint -------------------------------
+
+
+def flip_byte(path: str, offset: int = -1) -> None:
+    with open(path, "r+b") as f:
+        f.seek(offset, os.SEEK_END)
+        byte = f.read(1)
+        f.seek(-1, os.SEEK_CUR)
+        f.write(bytes([byte[0] ^ 0x40]))
+
+
+@pytest.mark.parametrize("rel", ["model.safetensors", "trainer.json", "rank-0.safetensors"])
+def test_last_skips_a_checkpoint_whose_content_is_damaged(make_trainer, tiny_module_cls, make_loader, tmp_path, rel):
+    dirpath = str(tmp_path / "checkpoints")
+    make_trainer(enable_checkpointing=True, callbacks=[every_step()], max_epochs=1).fit(tiny_module_cls(),
+                                                                                       make_loader())
+    flip_byte(os.path.join(dirpath, "step=5", rel))  # same size: only its checksum tells
+    reference = make_trainer(enable_checkpointing=True, callbacks=[every_step(dirpath=str(tmp_path / "ref"))],
+                             max_epochs=2)
+    reference_module = tiny_module_cls()
+    reference.fit(reference_module, make_loader(), ckpt_path=os.path.join(dirpath, "step=4"))
+
+    resumed, module = make_trainer(enable_checkpointing=True, callbacks=[every_step()], max_epochs=2), \
+        tiny_module_cls()
+    with pytest.warns(UserWarning, match=rf'ckpt_path="last": skipping damaged checkpoint .*step=5: file {rel}'):
+        resumed.fit(module, make_loader(), ckpt_path="last")
+    assert resumed.global_step == 10
+    assert all(torch.equal(a, b) for a, b in zip(module.state_dict().values(), reference_module.state_dict().values()))
+
+
+def test_last_raises_when_every_checkpoint_is_damaged(make_trainer, tiny_module_cls, make_loader, tmp_path):
+    dirpath = str(tmp_path / "checkpoints")
+    make_trainer(enable_checkpointing=True, callbacks=[every_step()], max_epochs=1).fit(tiny_module_cls(),
+                                                                                       make_loader())
+    for name in ("step=4", "step=5"):
+        flip_byte(os.path.join(dirpath, name, "model.safetensors"))
+    trainer = make_trainer(enable_checkpointing=True, callbacks=[every_step()], max_epochs=2)
+    with pytest.warns(UserWarning, match="skipping damaged"), pytest.raises(CheckpointDamaged, match="step=4"):
+        trainer.fit(tiny_module_cls(), make_loader(), ckpt_path="last")
