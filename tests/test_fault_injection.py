@@ -73,7 +73,8 @@ class Job:
 
     def wait_for(self, predicate, timeout: float = RUN_TIMEOUT) -> bool:
         with self.changed:
-            return self.changed.wait_for(lambda: predicate() or self.process.poll() is not None, timeout) and predicate()
+            done = self.changed.wait_for(lambda: predicate() or self.process.poll() is not None, timeout)
+            return done and predicate()
 
     def finish(self, timeout: float = RUN_TIMEOUT) -> int:
         """Wait for the job to end; kill its whole process group if it outlives ``timeout`` (and fail)."""
