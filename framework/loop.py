@@ -51,7 +51,7 @@ def run_train_epoch(t: Trainer, start: int = 0) -> bool:
         t._call_hooks("on_train_epoch_start")
 
     step = t._training_batch if module.automatic_optimization else t._manual_batch
-    check_placement = t._fit_guard.check_step  # attribute reads only: no host sync
+    check_placement = t._fit_guard.epoch_start()  # every parameter now, then one per batch (no host sync)
     completed = True
     batch_idx = start - 1
     for batch_idx, batch, is_last in feed.epoch_batches(epoch, start):

@@ -23,6 +23,7 @@ from framework.metrics import MetricCollector, to_floats
 from framework.module import TrainModule
 from framework.nan_policy import nan_guard
 from framework.optim import LRSchedulerConfig, parse_optimizers, step_schedulers
+from framework.pitfalls import FitGuard, check_optimizer_params
 from framework.precision import resolve_precision
 from framework.preemption import preemption_callbacks
 from framework.rank_failures import RankFailureReport
@@ -224,11 +225,13 @@ class Trainer:
             raise ValueError("trainer.fit() got no training data: pass train_dataloaders=... or define "
                              "train_dataloader() on the module.")
         self._val_every = arguments.val_every_batches(self.val_check_interval, self._train_feed.num_batches)
+        self._fit_guard = FitGuard(self)  # the model moved after placement; optimizers stepped by hand
         self._training_batch = TrainingBatch(self)
         self._manual_batch = lambda *a: run_manual_batch(self, *a)
         self._training_step_fn = self.strategy.step_function("training_step")
         self._call_hooks("on_fit_start")
-        run_fit(self)
+        with self._fit_guard:
+            run_fit(self)
         self._call_hooks_end("on_fit_end")
 
     def _setup_module(self, module: TrainModule, stage: str) -> None:
@@ -243,6 +246,7 @@ class Trainer:
         self.strategy.setup_module(module)
         if stage == "fit":
             optimizers, configs = parse_optimizers(module.configure_optimizers())
+            check_optimizer_params(module, optimizers)  # before a strategy wraps them (DeepSpeed)
             self.optimizers = self.strategy.setup_optimizers(optimizers)
             self.lr_scheduler_configs = configs
             self._manual_optimizers = [ManualOptimizer(o, self) for o in self.optimizers]
