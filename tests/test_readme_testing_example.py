@@ -1,0 +1,47 @@
+"""README "Testing your code": its code blocks, in order, form a test file that must pass as written.
+
+The file is run by pytest in a fresh interpreter from an empty folder, as a user would run it, so the
+README cannot drift from the API.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+README = Path(__file__).resolve().parent.parent / "README.md"
+SECTION = "## Testing your code"
+
+
+def readme_test_file() -> str:
+    text = README.read_text(encoding="utf-8")
+    assert SECTION in text, f"README.md lost its {SECTION!r} section"
+    section = text.split(SECTION, 1)[1].split("\n## ", 1)[0]
+    blocks = re.findall(r"```python\n(.*?)```", section, flags=re.DOTALL)
+    assert blocks, f"no python code blocks under {SECTION!r}"
+    return "\n\n".join(blocks)
+
+
+def test_the_readme_layout_covers_the_recommended_kinds_of_test():
+    code = readme_test_file()
+    compile(code, "README.md", "exec")
+    for needle in ("run_distributed(", "@require_distributed", "ckpt_path=", "assert_checkpoints_equal(",
+                   "accumulate_grad_batches=", "BoringModule()"):
+        assert needle in code, f"the README's testing example no longer shows {needle}"
+
+
+def test_the_readme_testing_example_passes_as_written(tmp_path):
+    code = readme_test_file()
+    (tmp_path / "test_regressor.py").write_text(code, encoding="utf-8")
+    env = {k: v for k, v in os.environ.items()
+           if not k.startswith(("KILN_", "RANK", "WORLD_SIZE", "LOCAL_", "MASTER_", "PYTEST_"))}
+    result = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "test_regressor.py"],
+                            cwd=tmp_path, env={**env, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True,
+                            timeout=300)
+    output = result.stdout + result.stderr
+    tests = len(re.findall(r"^def test_", code, flags=re.MULTILINE))
+    assert result.returncode == 0, output[-6000:]
+    assert f"{tests} passed" in output, output[-3000:]
