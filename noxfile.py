@@ -56,12 +56,16 @@ def demo(session: nox.Session) -> None:
 def bench(session: nox.Session) -> None:
     """Run the benchmarks against the raw loop, Lightning and Accelerate.
 
-    `nox -s bench` runs every benchmarks/bench_*.py; `nox -s bench -- --json` passes `--json` to each;
+    `nox -s bench` runs benchmarks/run_all.py: every benchmarks/bench_*.py, then writes
+    benchmarks/RESULTS.md and ratios.png; `nox -s bench -- --json` runs every script with `--json`;
     `nox -s bench -- bench_overhead --steps 200` runs one script with its own arguments.
     """
     _install_torch_and_project(session)
-    _install(session, "pytorch-lightning", "accelerate")
+    _install(session, "pytorch-lightning", "accelerate", "matplotlib")
     args = list(session.posargs)
+    if not args:
+        session.run("python", "benchmarks/run_all.py")
+        return
     if args and not args[0].startswith("-"):
         name = args.pop(0).removeprefix("benchmarks/").removesuffix(".py")
         scripts = [ROOT / "benchmarks" / f"{name}.py"]
