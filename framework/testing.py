@@ -33,13 +33,18 @@ from typing import Any
 
 from framework.launch import find_free_port, torchrun_environment
 from framework.testing_boring import BoringModule, RandomDataset, RandomIterableDataset
-from framework.testing_compare import assert_checkpoints_equal, assert_modules_equal, assert_state_equal
+from framework.testing_compare import (
+    assert_checkpoints_equal,
+    assert_modules_equal,
+    assert_state_equal,
+    state_differences,
+)
 
 __all__ = [
     "DistributedJobError", "RankResult", "run_distributed", "require_cuda", "require_multi_device",
     "require_fp16", "require_bf16", "require_deepspeed", "require_xla", "require_distributed",
     "BoringModule", "RandomDataset", "RandomIterableDataset",
-    "assert_modules_equal", "assert_checkpoints_equal", "assert_state_equal",
+    "assert_modules_equal", "assert_checkpoints_equal", "assert_state_equal", "state_differences",
 ]
 
 _FAILURE_GRACE_S = 10.0  # after one rank fails, how long the others get to fail (or finish) on their own
