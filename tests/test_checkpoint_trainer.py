@@ -26,6 +26,7 @@ from framework.checkpoint import (
     read_manifest,
     read_state,
 )
+from framework.testing import assert_modules_equal
 
 BATCHES = 5  # per epoch: 20 samples, batch size 4
 
@@ -83,10 +84,7 @@ def train(root: Any, max_epochs: int, *, ckpt_path: str | None = None, callbacks
 
 
 def assert_same_weights(a: torch.nn.Module, b: torch.nn.Module) -> None:
-    sa, sb = a.state_dict(), b.state_dict()
-    assert sa.keys() == sb.keys()
-    different = [k for k in sa if not torch.equal(sa[k], sb[k])]
-    assert not different, f"weights differ: {different}"
+    assert_modules_equal(a, b)  # bit-identical; the message names each differing entry and its max abs diff
 
 
 @pytest.fixture(scope="module")
