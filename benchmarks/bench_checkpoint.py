@@ -20,7 +20,7 @@ restore; medians and per-round ratios are reported. Every restore is compared bi
 saved state (and the async checkpoint is read back and compared), so a fast wrong path cannot win;
 the script exits 1 if any differs.
 
-    python benchmarks/bench_checkpoint.py [--repeats 5] [--width 1024 --blocks 6] [--dir PATH] [--json]
+    python benchmarks/bench_checkpoint.py [--repeats 7] [--width 1024 --blocks 6] [--dir PATH] [--json]
 
 Targets (DESIGN.md §6): Kiln save and restore ≤ 1.25 × raw safetensors; async blocking ≤ 0.10 × sync save.
 """
@@ -147,16 +147,25 @@ def zero_(net: nn.Module) -> None:
             p.zero_()
 
 
-# ---- Kiln ----------------------------------------------------------------------------------------
-def kiln_parts(width: int, blocks: int) -> tuple[type, type]:
-    from callbacks import Callback
-    from framework import TrainModule
+# ---- Kiln and Lightning ----------------------------------------------------------------------------
+def step_module(base: type, width: int, blocks: int, reference: Reference | None = None) -> type:
+    """The model as a Kiln TrainModule or a LightningModule; notes when its first training step starts.
 
-    class Net(TrainModule):
+    With ``reference``, Lightning's ``on_train_start`` (after it restored the optimizer) checks the restore.
+    """
+
+    class Net(base):
         def __init__(self, seed: int) -> None:
             super().__init__()
             self.net = build_net(width, blocks, seed)
             self.first_batch_at: Stamp | None = None
+            self.checking = {"wall": 0.0, "cpu": 0.0}  # time spent checking, not part of fit → first batch
+
+        def on_train_start(self):
+            if reference is not None:
+                start = now()
+                reference.check("lightning restore", self.net, self.trainer.optimizers[0].state_dict())
+                self.checking = since(start)
 
         def training_step(self, batch, batch_idx):
             if self.first_batch_at is None:
@@ -166,11 +175,15 @@ def kiln_parts(width: int, blocks: int) -> tuple[type, type]:
         def configure_optimizers(self):
             return torch.optim.AdamW(self.parameters(), lr=LR)
 
-    class RestoreClock(Callback):
-        """Brackets the checkpoint restore: ``setup`` runs right before it, ``on_fit_start`` right after."""
+    return Net
 
-        def __init__(self, reference: Reference) -> None:
-            self.reference = reference
+
+def restore_clock(reference: Reference) -> Any:
+    """A Kiln callback bracketing the checkpoint restore: ``setup`` runs right before it, ``on_fit_start`` after."""
+    from callbacks import Callback
+
+    class RestoreClock(Callback):
+        def __init__(self) -> None:
             self.start: Stamp | None = None
             self.restore: dict[str, float] = {}
             self.checking: dict[str, float] = {}
@@ -181,51 +194,18 @@ def kiln_parts(width: int, blocks: int) -> tuple[type, type]:
         def on_fit_start(self, trainer, module):
             stop = now()
             self.restore = since(self.start, stop)
-            self.reference.check("kiln restore", module.net, trainer.optimizers[0].state_dict())
-            self.checking = since(stop)  # not part of fit → first batch
+            reference.check("kiln restore", module.net, trainer.optimizers[0].state_dict())
+            self.checking = since(stop)
 
-    return Net, RestoreClock
+    return RestoreClock()
 
 
 def kiln_trainer(root: str, max_steps: int, callbacks: list | None = None) -> Any:
-    from framework import Trainer
+    from framework import DistributedState, Trainer
 
+    DistributedState._reset_state()  # each Trainer in this process starts from a clean topology
     return Trainer(accelerator=DEVICE, max_steps=max_steps, logger=False, enable_checkpointing=False,
                    enable_progress_bar=False, default_root_dir=root, callbacks=callbacks)
-
-
-def reset_kiln() -> None:
-    from framework import DistributedState
-
-    DistributedState._reset_state()  # the next Trainer in this process starts from a clean topology
-
-
-# ---- Lightning -----------------------------------------------------------------------------------
-def lightning_module(width: int, blocks: int, reference: Reference | None) -> Any:
-    import pytorch_lightning as pl
-
-    class LitNet(pl.LightningModule):
-        def __init__(self, seed: int) -> None:
-            super().__init__()
-            self.net = build_net(width, blocks, seed)
-            self.first_batch_at: Stamp | None = None
-            self.checking = {"wall": 0.0, "cpu": 0.0}
-
-        def on_train_start(self):  # after Lightning restored the optimizer state
-            if reference is not None:
-                start = now()
-                reference.check("lightning restore", self.net, self.trainer.optimizers[0].state_dict())
-                self.checking = since(start)  # not part of fit → first batch
-
-        def training_step(self, batch, batch_idx):
-            if self.first_batch_at is None:
-                self.first_batch_at = now()
-            return loss_of(self.net, batch)
-
-        def configure_optimizers(self):
-            return torch.optim.AdamW(self.parameters(), lr=LR)
-
-    return LitNet
 
 
 def lightning_trainer(root: str, max_steps: int) -> Any:
@@ -242,13 +222,13 @@ class Bench:
     def __init__(self, width: int, blocks: int, root: str, with_lightning: bool) -> None:
         self.width, self.blocks, self.root = width, blocks, root
         self.loader = make_loader(width)
-        Net, self.RestoreClock = kiln_parts(width, blocks)
-        self.Net = Net
+        from framework import TrainModule
+
+        Net = step_module(TrainModule, width, blocks)
         # The saved state: one Kiln fit step (AdamW moments exist after a step).
         self.trained = Net(seed=0)
         self.trainer = kiln_trainer(os.path.join(root, "fit"), max_steps=1)
         self.trainer.fit(self.trained, self.loader)
-        reset_kiln()
         self.optimizer = self.trainer.optimizers[0]
         self.reference = Reference(self.trained.net, self.optimizer)
         self.n_params = sum(p.numel() for p in self.trained.parameters())
@@ -258,12 +238,13 @@ class Bench:
         self.writer = None
         self.async_first_blocking_s = None
         if with_lightning:
-            LitNet = lightning_module(width, blocks, None)
-            self.lit = LitNet(seed=0)
-            self.lit.net.load_state_dict(self.trained.net.state_dict())
+            import pytorch_lightning as pl
+
+            self.lit = step_module(pl.LightningModule, width, blocks)(seed=0)
             self.lit_trainer = lightning_trainer(os.path.join(root, "lit-fit"), max_steps=1)
             self.lit_trainer.fit(self.lit, self.loader)
-            self.LitTarget = lightning_module(width, blocks, Reference(self.lit.net, self.lit_trainer.optimizers[0]))
+            self.LitTarget = step_module(pl.LightningModule, width, blocks,
+                                         Reference(self.lit.net, self.lit_trainer.optimizers[0]))
 
     def path(self, name: str) -> str:
         return os.path.join(self.root, name)
@@ -330,11 +311,10 @@ class Bench:
         gc.collect()
         zero_(self.target.net)
         self.target.first_batch_at = None
-        clock = self.RestoreClock(self.reference)
+        clock = restore_clock(self.reference)
         trainer = kiln_trainer(self.path("resume"), max_steps=2, callbacks=[clock] if path else None)
         t0 = now()
         trainer.fit(self.target, self.loader, ckpt_path=path)
-        reset_kiln()
         first_batch = since(t0, self.target.first_batch_at)
         if path is None:
             return {}, first_batch
@@ -463,7 +443,7 @@ def table(result: dict[str, Any]) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="Checkpoint save/load: raw safetensors/torch vs Kiln vs Lightning.")
-    parser.add_argument("--repeats", type=int, default=5, help="rotated rounds (median taken)")
+    parser.add_argument("--repeats", type=int, default=7, help="rotated rounds (median taken)")
     parser.add_argument("--width", type=int, default=1024, help="hidden width (1024 × 6 blocks ≈ 50M parameters)")
     parser.add_argument("--blocks", type=int, default=6)
     parser.add_argument("--dir", default=None, help="parent directory for the files (default: system temp)")

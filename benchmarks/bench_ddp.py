@@ -11,7 +11,7 @@ Memory: a wider MLP trained for a few AdamW steps under Kiln ``strategy="ddp"`` 
 per rank, the bytes of the parameters and optimizer state this rank holds (DTensor shards counted
 locally). FSDP's gathered full weights must match DDP's.
 
-    python benchmarks/bench_ddp.py [--steps 300] [--repeats 5] [--json]
+    python benchmarks/bench_ddp.py [--steps 300] [--repeats 9] [--json]
 
 Targets (DESIGN.md §6): Kiln DDP / raw DDP ≤ 1.10; FSDP per-rank parameter + optimizer memory ≤ 0.55 × DDP.
 """
@@ -301,7 +301,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="Kiln DDP vs raw DDP per step; FSDP vs DDP memory (2 CPU processes).")
     parser.add_argument("--steps", type=int, default=300, help="timed steps per run")
     parser.add_argument("--warmup", type=int, default=30, help="steps before the clock starts")
-    parser.add_argument("--repeats", type=int, default=5, help="interleaved rounds (median taken)")
+    parser.add_argument("--repeats", type=int, default=9, help="interleaved rounds (median taken)")
     parser.add_argument("--log-every-n-steps", type=int, default=50)
     parser.add_argument("--no-memory", action="store_true", help="skip the FSDP vs DDP memory measurement")
     parser.add_argument("--timeout", type=float, default=900.0, help="seconds for the whole 2-process job")
