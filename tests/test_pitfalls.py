@@ -46,6 +46,7 @@ def _rank_zero_only_save_job(path: str) -> None:
     trainer.fit(_SavesOnRankZeroOnly(path))
 
 
+@pytest.mark.distributed
 @require_distributed
 def test_a_rank_zero_only_save_ends_the_job_with_a_clear_error_and_no_checkpoint(tmp_path):
     """Before the guard this job hung (rank 0 in the save's broadcast, rank 1 in the next gradient all-reduce)

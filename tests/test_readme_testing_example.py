@@ -12,6 +12,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 README = Path(__file__).resolve().parent.parent / "README.md"
 SECTION = "## Testing your code"
 
@@ -33,6 +35,7 @@ def test_the_readme_layout_covers_the_recommended_kinds_of_test():
         assert needle in code, f"the README's testing example no longer shows {needle}"
 
 
+@pytest.mark.distributed  # its multi-process example starts a 2-process job
 def test_the_readme_testing_example_passes_as_written(tmp_path):
     code = readme_test_file()
     (tmp_path / "test_regressor.py").write_text(code, encoding="utf-8")
