@@ -49,6 +49,8 @@ def run_train_epoch(t: Trainer, start: int = 0) -> bool:
     t._epoch_finished = False
     with t._metrics.epoch_level():
         t._call_hooks("on_train_epoch_start")
+    if start and t._validation_pending_at_resume(start):
+        t._run_validation()  # the saved run checkpointed just before this validation point
 
     step = t._training_batch if module.automatic_optimization else t._manual_batch
     check_placement = t._fit_guard.epoch_start()  # every parameter now, then one per batch (no host sync)

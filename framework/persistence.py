@@ -28,6 +28,7 @@ def trainer_state(t: Trainer) -> dict[str, Any]:
             "epoch_finished": t._epoch_finished,
             "global_step": t.global_step,
             "skipped_steps": t.skipped_steps,
+            "validated": t._validated_at == (t.current_epoch, t._batches_done),
         },
         "schedulers": [config.scheduler.state_dict() for config in t.lr_scheduler_configs],
         "precision": t.precision_plugin.state_dict(),
@@ -133,6 +134,7 @@ def _restore_training_state(t: Trainer, shared: dict[str, Any], own: dict[str, A
         t.current_epoch, t._resume_batch = int(loop["epoch"]) + 1, 0
     else:
         t.current_epoch, t._resume_batch = int(loop["epoch"]), int(loop["batches_done"])
+        t._resume_validation_pending = not loop.get("validated", False)
     schedulers = shared.get("schedulers", [])
     if len(schedulers) != len(t.lr_scheduler_configs):
         raise ValueError(f"The checkpoint has {len(schedulers)} LR scheduler(s) but configure_optimizers() returned "

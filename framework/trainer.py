@@ -99,6 +99,8 @@ class Trainer:
         self._batch_idx = 0
         self._batches_done = 0
         self._epoch_finished = False
+        self._validated_at: tuple[int, int] | None = None
+        self._resume_validation_pending = False
         self._val_every: int | None = None
         self._val_feeds: list[Any] = []
         self._data_seed = 0
@@ -353,6 +355,14 @@ class Trainer:
     def _run_validation(self) -> None:
         if self._val_feeds:
             run_evaluation(self, "validate", self._val_feeds)
+            self._validated_at = (self.current_epoch, self._batches_done)
+
+    def _validation_pending_at_resume(self, start: int) -> bool:
+        """True when a resumed epoch starts at an in-epoch validation point the saved run had not run yet."""
+        pending, self._resume_validation_pending = self._resume_validation_pending, False
+        num = self._train_feed.num_batches
+        return (pending and bool(self._val_feeds) and self._val_every is not None and start % self._val_every == 0
+                and (num is None or start < num))
 
 
 def _overrides(module: TrainModule, name: str) -> bool:

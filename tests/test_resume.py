@@ -125,9 +125,6 @@ def _script_module():
     return module
 
 
-@pytest.mark.xfail(strict=True, reason="a checkpoint saved at a train batch end comes before the mid-epoch validation "
-                   "that follows it; the resumed run skips that validation (its random draws, its metrics). The "
-                   "loop should run it on resume when the saved run had not yet (framework/loop.py).")
 def test_resume_right_before_a_mid_epoch_validation_is_exact(tmp_path, monkeypatch):
     monkeypatch.setenv("KILN_GLOBAL_SEED", "0")  # restored after the test (seed_everything sets it)
     monkeypatch.setenv("KILN_SEED_WORKERS", "0")
