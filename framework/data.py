@@ -197,28 +197,29 @@ def set_dataloader_epoch(dataloader: DataLoader, epoch: int) -> None:
             target.set_epoch(epoch)
 
 
-def _resolve_limit(length: int | None, limit: int | float | None) -> tuple[int | None, int | None]:
+def _resolve_limit(length: int | None, limit: int | float | None,
+                   name: str = "limit_batches") -> tuple[int | None, int | None]:
     """(num_batches, stop): the known epoch length after the limit, and the cap on batches."""
     if limit is None:
         return length, length
     if isinstance(limit, bool) or not isinstance(limit, (int, float)):
-        raise TypeError(f"limit_batches={limit!r} must be an int (a count), a float in [0, 1] or None.")
+        raise TypeError(f"{name}={limit!r} must be an int (a count), a float in [0, 1] or None.")
     if isinstance(limit, int):
         if limit < 0:
-            raise ValueError(f"limit_batches={limit} is negative; pass a count >= 0.")
+            raise ValueError(f"{name}={limit} is negative; pass a count >= 0.")
         return (None, limit) if length is None else (min(length, limit),) * 2
     if not 0.0 <= limit <= 1.0:
-        raise ValueError(f"limit_batches={limit} is a float outside [0, 1]; pass a fraction or an int count.")
+        raise ValueError(f"{name}={limit} is a float outside [0, 1]; pass a fraction or an int count.")
     if length is None:
         if limit == 1.0:
             return None, None
         raise ValueError(
-            f"limit_batches={limit} is a fraction but the dataloader has no length; pass an int count."
+            f"{name}={limit} is a fraction but the dataloader has no length; pass an int count."
         )
     count = int(length * limit)
     if count == 0 and limit > 0:
         raise ValueError(
-            f"limit_batches={limit} of {length} batches gives 0 batches; pass a larger fraction or an int."
+            f"{name}={limit} of {length} batches gives 0 batches; pass a larger fraction or an int."
         )
     return count, count
 
@@ -244,11 +245,12 @@ class DataFeed:
     ``load_state_dict`` call ``epoch_batches(feed.epoch, feed.batches_consumed)``.
     """
 
-    def __init__(self, dataloader: DataLoader, limit_batches: int | float | None = None) -> None:
+    def __init__(self, dataloader: DataLoader, limit_batches: int | float | None = None,
+                 limit_name: str = "limit_batches") -> None:
         if not isinstance(dataloader, DataLoader):
             raise TypeError(f"dataloader={type(dataloader).__name__} is not a torch.utils.data.DataLoader.")
         self.dataloader = dataloader
-        self.num_batches, self._stop = _resolve_limit(_loader_length(dataloader), limit_batches)
+        self.num_batches, self._stop = _resolve_limit(_loader_length(dataloader), limit_batches, limit_name)
         self.epoch = 0
         self.batches_consumed = 0
         dataset = dataloader.dataset

@@ -275,7 +275,8 @@ class Trainer:
             self._stage_feeds[name] = [
                 DataFeed(self.strategy.process_dataloader(
                     dl, stage=name, seed=self._data_seed, use_distributed_sampler=self.use_distributed_sampler,
-                    even_batches=self.even_batches), limit)
+                    even_batches=self.even_batches), limit,
+                    "limit_{}_batches".format({"fit": "train", "validate": "val"}.get(name, name)))
                 for dl in given]
         if stage == "fit":
             train = self._stage_feeds["fit"]

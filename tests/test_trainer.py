@@ -107,7 +107,7 @@ def test_limit_test_and_predict_batches(make_trainer, tiny_module_cls, make_load
 
 
 def test_fraction_that_selects_no_batch_is_refused(make_trainer, tiny_module_cls, make_loader):
-    with pytest.raises(ValueError, match=r"limit_batches=0\.1 of 5 batches gives 0 batches"):
+    with pytest.raises(ValueError, match=r"limit_train_batches=0\.1 of 5 batches gives 0 batches"):
         make_trainer(limit_train_batches=0.1).fit(tiny_module_cls(), make_loader(20, batch_size=4))
 
 
