@@ -112,6 +112,8 @@ def _scheduler_config(spec: Any, optimizers: list[torch.optim.Optimizer],
 
 
 def _check_optimizers(optimizers: list[Any]) -> None:
+    if not optimizers:
+        raise ValueError(f"configure_optimizers() returned no optimizer (an empty optimizer list). {_FIX}.")
     for o in optimizers:
         if not isinstance(o, torch.optim.Optimizer):
             raise TypeError(f"configure_optimizers() returned {_describe(o)} where an optimizer was expected. {_FIX}.")
