@@ -366,6 +366,9 @@ def read_manifest(path: str) -> Manifest:
     except FileNotFoundError:
         reason = "it does not exist" if not loc.exists() else f"it has no {MANIFEST} (incomplete or not a checkpoint)"
         raise checkpoint_error(path, reason) from None
+    except (IsADirectoryError, NotADirectoryError):
+        raise checkpoint_error(path, f"its {MANIFEST} is not a file (or the checkpoint is not a directory)",
+                               damaged=True) from None
     return _parse_manifest(path, data)
 
 
@@ -391,6 +394,8 @@ def _read_file(path: str, manifest: Manifest, rel: str, reader: Any, verify: boo
             result = reader(f, size, hasher)
     except FileNotFoundError:
         raise checkpoint_error(path, f"file {rel} listed in the manifest is missing", damaged=True) from None
+    except (IsADirectoryError, NotADirectoryError):
+        raise checkpoint_error(path, f"file {rel} listed in the manifest is not a file", damaged=True) from None
     except ValueError as exc:  # parsed before its checksum was complete: damaged, unless the bytes are intact
         raise checkpoint_error(path, f"file {rel} is damaged or unreadable: {exc}",
                                damaged=not _intact(loc, entry)) from None
