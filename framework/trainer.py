@@ -240,13 +240,13 @@ class Trainer:
         first_time = module is not self.module or self.strategy.module is not module
         object.__setattr__(module, "_trainer", self)
         self.module = module
-        if not first_time:
-            return
-        if not getattr(module, "_kiln_model_configured", False):
-            module.configure_model()
-            object.__setattr__(module, "_kiln_model_configured", True)
-        self.strategy.setup_module(module)
-        if stage == "fit":
+        if first_time:
+            if not getattr(module, "_kiln_model_configured", False):
+                module.configure_model()
+                object.__setattr__(module, "_kiln_model_configured", True)
+            self.optimizers = []
+            self.strategy.setup_module(module)
+        if stage == "fit" and not self.optimizers:  # also after an evaluation-only run on this module
             optimizers, configs = parse_optimizers(module.configure_optimizers())
             check_optimizer_params(module, optimizers)  # before a strategy wraps them (DeepSpeed)
             self.optimizers = self.strategy.setup_optimizers(optimizers)

@@ -338,3 +338,14 @@ def test_topology_attributes(make_trainer):
     assert trainer.precision_plugin.name == "32-true" and trainer.checkpoint_callback is None
     assert (trainer.global_step, trainer.current_epoch, trainer.skipped_steps) == (0, 0, 0)
     assert trainer.sync_gradients and not trainer.should_stop
+
+
+def test_fit_after_validate_on_the_same_trainer_builds_optimizers_and_trains(tiny_module_cls, make_loader,
+                                                                              make_trainer):
+    module = tiny_module_cls()
+    trainer = make_trainer(max_steps=3)
+    trainer.validate(module, make_loader())
+    before = [p.detach().clone() for p in module.parameters()]
+    trainer.fit(module, make_loader())
+    assert trainer.global_step == 3 and len(trainer.optimizers) == 1
+    assert any(not torch.equal(a, b) for a, b in zip(before, module.parameters()))
