@@ -48,6 +48,12 @@ def redact(url: Any) -> str:
     return "::".join(parts)
 
 
+def url_to_fs(url: str) -> tuple[Any, str]:
+    """fsspec's ``(filesystem, path)`` for ``url``, credentials in it passed as storage options (for other
+    modules that write to URLs, e.g. loggers: the credentials then never reach a path or a message)."""
+    return _remote(url)
+
+
 def _remote(url: str) -> tuple[Any, str]:
     import fsspec
 
@@ -127,6 +133,9 @@ class Location:
 
     def remove_tree(self) -> None:
         if self.fs is None:
+            if os.path.islink(self.path):  # a link is removed, never what it points to
+                os.unlink(self.path)
+                return
             shutil.rmtree(self.path, ignore_errors=not os.path.exists(self.path))
         elif self.fs.exists(self.path):
             self.fs.rm(self.path, recursive=True)
@@ -171,7 +180,8 @@ class Location:
             return []
         try:
             with os.scandir(self.path) as it:
-                return [(e.name, e.stat().st_mtime) for e in it if e.name.startswith(".") and e.is_dir()]
+                return [(e.name, e.stat().st_mtime) for e in it
+                        if e.name.startswith(".") and e.is_dir(follow_symlinks=False)]
         except FileNotFoundError:
             return []
 

@@ -176,7 +176,7 @@ class _VersionedDirLogger(Logger):
 
 
 def _url_to_fs(url: str):
-    from fsspec.core import url_to_fs
+    from framework.checkpoint_storage import url_to_fs  # credentials in the URL become storage options
 
     return url_to_fs(url)
 
