@@ -353,8 +353,8 @@ def _parse_manifest(path: str, data: bytes) -> Manifest:
         manifest = Manifest(path=path, format_version=doc["format_version"], world_size=int(doc["world_size"]),
                             strategy=str(doc["strategy"]), layout=str(doc["layout"]), created=float(doc["created"]),
                             metadata=dict(doc["metadata"]), files=files)
-    except (ValueError, KeyError, TypeError, AttributeError) as exc:
-        raise checkpoint_error(path, f"{MANIFEST} is invalid: {exc}") from None
+    except (ValueError, KeyError, TypeError, AttributeError, RecursionError) as exc:
+        raise checkpoint_error(path, f"{MANIFEST} is invalid: {type(exc).__name__}: {exc}"[:2000]) from None
     return manifest
 
 
@@ -383,7 +383,11 @@ class NoHash:
 
 def _read_file(path: str, manifest: Manifest, rel: str, reader: Any, verify: bool) -> Any:
     entry = manifest.files[rel]
-    loc = locate(path).join(rel)
+    root = locate(path)
+    loc = root.join(rel)
+    if loc.is_local and not _inside(root.path, loc.path):
+        raise checkpoint_error(path, f"file {rel} resolves to a place outside the checkpoint directory (a symbolic "
+                                     "link?); refusing to read it")
     try:
         with loc.open("rb") as f:
             size = loc.size_of_open(f)
@@ -396,13 +400,19 @@ def _read_file(path: str, manifest: Manifest, rel: str, reader: Any, verify: boo
         raise checkpoint_error(path, f"file {rel} listed in the manifest is missing", damaged=True) from None
     except (IsADirectoryError, NotADirectoryError):
         raise checkpoint_error(path, f"file {rel} listed in the manifest is not a file", damaged=True) from None
-    except ValueError as exc:  # parsed before its checksum was complete: damaged, unless the bytes are intact
-        raise checkpoint_error(path, f"file {rel} is damaged or unreadable: {exc}",
+    except (ValueError, RecursionError) as exc:  # parsed before its checksum was complete: damaged unless intact
+        raise checkpoint_error(path, f"file {rel} is damaged or unreadable: {type(exc).__name__}: {exc}"[:2000],
                                damaged=not _intact(loc, entry)) from None
     if verify and hasher.hexdigest() != entry["checksum"]:
         raise checkpoint_error(path, f"file {rel} is damaged: its checksum does not match the manifest",
                                damaged=True)
     return result
+
+
+def _inside(root: str, path: str) -> bool:
+    """Whether local ``path``, symbolic links resolved, lies inside directory ``root`` (itself resolved)."""
+    real_root = os.path.realpath(root)
+    return os.path.realpath(path).startswith(real_root.rstrip(os.sep) + os.sep)
 
 
 def _intact(loc: Location, entry: FileEntry) -> bool:
