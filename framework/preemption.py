@@ -8,9 +8,12 @@ the next optimizer-step boundary, where the state is consistent: it saves a chec
 during validation is acted on after it; one that arrives after the last step, at the end of training.
 
 On several processes the signal may reach one rank only, and all ranks must stop at the same step. Ranks
-agree through a one-element all_reduce on a separate gloo group, started asynchronously at one step boundary
-and read at the next, so it overlaps with the step instead of adding a round trip to it; the job stops one
-step after the signal. On one process the check is an attribute read.
+compare notes through a two-element all_reduce on a separate gloo group (the largest signal number seen, and
+the next check's distance in steps), started asynchronously at one check and read at the next, so it overlaps
+with training instead of adding a round trip to a step. By default checks are about ``CHECK_INTERVAL_S`` apart
+(each rank proposes the number of steps that takes; the smallest proposal wins, so all ranks agree), which keeps
+their cost out of the step time; a job stops within about two intervals of the signal. On one process the
+check is an attribute read after every optimizer step.
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ from __future__ import annotations
 import signal
 import sys
 import threading
+import time
 from collections.abc import Iterable
 from types import FrameType
 from typing import TYPE_CHECKING, Any
@@ -31,6 +35,8 @@ if TYPE_CHECKING:
 #: Exit status of a preempted run (sysexits' EX_TEMPFAIL: "temporary failure, retry later").
 PREEMPTED_EXIT_CODE = 75
 ON_PREEMPT = ("auto", "checkpoint", "exit", None)
+CHECK_INTERVAL_S = 0.5  # multi-process: the time between two checks that the automatic interval aims at
+_MAX_INTERVAL = 10_000
 DEFAULT_SIGNALS: tuple[int, ...] = tuple(
     s for s in (getattr(signal, "SIGTERM", None), getattr(signal, "SIGUSR1", None)) if s is not None)
 
@@ -60,23 +66,26 @@ class PreemptionHandler(Callback):
     """Turns ``signals`` into a checkpoint (``action="checkpoint"``) or a bare stop (``"exit"``) plus exit 75.
 
     Installed by ``Trainer(on_preempt=...)``; pass one in ``callbacks`` to choose the signals or
-    ``check_every_n_steps`` (ranks of a multi-process job compare notes every that many steps).
+    ``check_every_n_steps``: how often the ranks of a multi-process job compare notes (at the global steps
+    divisible by it; None: about every ``CHECK_INTERVAL_S`` seconds).
     """
 
     def __init__(self, action: str = "checkpoint", signals: Iterable[int] = DEFAULT_SIGNALS,
-                 check_every_n_steps: int = 1) -> None:
+                 check_every_n_steps: int | None = None) -> None:
         if action not in ("checkpoint", "exit"):
             raise ValueError(f"PreemptionHandler(action={action!r}) is not valid; use 'checkpoint' or 'exit'.")
         every = check_every_n_steps
-        if isinstance(every, bool) or not isinstance(every, int) or every < 1:
+        if every is not None and (isinstance(every, bool) or not isinstance(every, int) or every < 1):
             raise ValueError(f"PreemptionHandler(check_every_n_steps={check_every_n_steps!r}) is not valid; use an "
-                             "int >= 1.")
+                             "int >= 1, or None for about every half second.")
         self.action = action
         self.signals = tuple(signal.Signals(s) for s in signals)
         self.check_every_n_steps = check_every_n_steps
         self.received: signal.Signals | None = None
         self._previous: dict[signal.Signals, Any] = {}
-        self._vote: _Vote | None = None
+        self._vote: _Vote | _SyncVote | None = None
+        self._next_check = 0  # automatic interval: the global step of the next check
+        self._last_check = (0, 0.0)  # (global step, time) of the previous check
 
     # ---- signal handlers ----------------------------------------------------------------------------
     def _on_signal(self, signum: int, frame: FrameType | None) -> None:
@@ -110,6 +119,7 @@ class PreemptionHandler(Callback):
             raise ValueError("on_preempt='checkpoint' needs a ModelCheckpoint callback to save through; enable "
                              "checkpointing, or use on_preempt='exit' or None.")
         self._vote = _Vote.create(trainer.strategy) if trainer.world_size > 1 else None
+        self._next_check, self._last_check = 0, (trainer.global_step, time.monotonic())
         if not self.install():
             import warnings
 
@@ -123,10 +133,26 @@ class PreemptionHandler(Callback):
         if self._vote is None:
             if self.received is not None:
                 self._preempt(trainer, self.received.name)
-        elif trainer.global_step % self.check_every_n_steps == 0:
-            signum = self._vote.poll(self.received or 0)
-            if signum:
-                self._preempt(trainer, signal.Signals(signum).name)
+        elif self.check_every_n_steps is not None:
+            if trainer.global_step % self.check_every_n_steps == 0:
+                self._check(trainer, 1)
+        elif trainer.global_step >= self._next_check:
+            self._check(trainer, self._proposed_interval(trainer.global_step))
+
+    def _proposed_interval(self, step: int) -> int:
+        """Steps that take about CHECK_INTERVAL_S on this rank, measured since the previous check."""
+        now = time.monotonic()
+        (last_step, last_time), self._last_check = self._last_check, (step, now)
+        if step <= last_step or now <= last_time:
+            return 1
+        per_step = (now - last_time) / (step - last_step)
+        return max(1, min(_MAX_INTERVAL, int(CHECK_INTERVAL_S / per_step)))
+
+    def _check(self, trainer: Trainer, proposed: int) -> None:
+        signum, interval = self._vote.poll(int(self.received or 0), proposed)
+        self._next_check = trainer.global_step + interval
+        if signum:
+            self._preempt(trainer, signal.Signals(signum).name)
 
     def on_train_end(self, trainer: Trainer, module: TrainModule) -> None:
         """Training ended (or stopped) with a signal still pending: act on it now rather than drop it."""
@@ -160,8 +186,8 @@ class PreemptionHandler(Callback):
 
 
 class _Vote:
-    """Agreement of all ranks on "some rank got a signal" (the largest signal number seen, 0 for none), one
-    asynchronous all_reduce per poll."""
+    """What all ranks agree on at a check, one asynchronous all_reduce per poll: the largest signal number seen
+    (0: none) and the smallest proposed interval to the next check."""
 
     _side: tuple[Any, Any] | None = None  # (default group, its gloo side group), created once per process group
 
@@ -171,7 +197,7 @@ class _Vote:
 
         self.dist = dist
         self.group = group
-        self.buffer = torch.zeros(1, dtype=torch.int32)
+        self.buffer = torch.zeros(2, dtype=torch.int64)  # [signal, -interval]: MAX gives both
         self.work: Any = None
 
     @classmethod
@@ -185,19 +211,19 @@ class _Vote:
             cls._side = (default, dist.new_group(backend="gloo"))
         return cls(cls._side[1])
 
-    def poll(self, local: int) -> int:
-        """The agreed signal of the previous poll; starts the next one with this rank's ``local`` signal."""
-        decided = 0
+    def poll(self, signum: int, interval: int = 1) -> tuple[int, int]:
+        """The agreement of the previous poll ((0, 1) at the first); starts the next with this rank's values."""
+        decided = (0, 1)
         if self.work is not None:
             self.work.wait()
-            decided = int(self.buffer[0])
-        self.buffer.fill_(int(local))
+            decided = (int(self.buffer[0]), -int(self.buffer[1]))
+        self.buffer[0], self.buffer[1] = signum, -interval
         self.work = self.dist.all_reduce(self.buffer, op=self.dist.ReduceOp.MAX, group=self.group, async_op=True)
         return decided
 
-    def final(self, local: int) -> int:
-        """A synchronous last decision (the end of training): the pending poll's, or anyone's signal now."""
-        decided = self.poll(local)
+    def final(self, signum: int) -> int:
+        """A synchronous last decision (the end of training): the pending poll's signal, or anyone's now."""
+        decided = self.poll(signum)[0]
         self.work.wait()
         self.work = None
         return decided or int(self.buffer[0])
@@ -207,13 +233,15 @@ class _SyncVote:
     def __init__(self, strategy: Any) -> None:
         self.strategy = strategy
 
-    def poll(self, local: int) -> int:
+    def poll(self, signum: int, interval: int = 1) -> tuple[int, int]:
         import torch
 
-        signum = torch.tensor(int(local), device=self.strategy.root_device)
-        return int(self.strategy.all_reduce(signum, "max"))
+        values = torch.tensor([signum, -interval], device=self.strategy.root_device)
+        reduced = self.strategy.all_reduce(values, "max").tolist()
+        return int(reduced[0]), -int(reduced[1])
 
-    final = poll
+    def final(self, signum: int) -> int:
+        return self.poll(signum)[0]
 
 
 def preemption_callbacks(callbacks: list[Callback], on_preempt: Any) -> list[Callback]:

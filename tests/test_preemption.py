@@ -231,6 +231,19 @@ def test_handler_arguments_are_checked(kwargs, match):
         PreemptionHandler(**kwargs)
 
 
+def test_the_automatic_check_interval_aims_at_half_a_second(monkeypatch):
+    import framework.preemption as preemption
+
+    handler, now = PreemptionHandler(), [100.0]
+    monkeypatch.setattr(preemption.time, "monotonic", lambda: now[0])
+    handler._last_check = (0, 100.0)
+    now[0] = 101.0  # 200 steps took a second
+    assert handler._proposed_interval(200) == int(preemption.CHECK_INTERVAL_S / 0.005)
+    now[0] = 101.0 + 60  # one step took a minute: check every step
+    assert handler._proposed_interval(201) == 1
+    assert handler._proposed_interval(201) == 1  # no step since the last check
+
+
 def test_the_launcher_knows_the_exit_code():
     from framework import launch
 
