@@ -185,7 +185,8 @@ def test_random_kills_and_preemptions_then_resume_last_is_bit_exact(tmp_path, de
         target_step = rng.randint(step + 1, step + max(1, (total - 2 - step) // 2))
         target = rng.choice(["0", "1", "group"] if devices == 2 else ["0"])
         delay = rng.uniform(0.0, 0.03)
-        job = Job(root, devices, "--ckpt", "last")
+        # (a whole 2-rank run takes well under the default half-second check interval: check every step)
+        job = Job(root, devices, "--ckpt", "last", *(["--preempt-every", "1"] if devices > 1 else []))
         reached = job.wait_for(lambda job=job, at=target_step: job.step >= at and len(job.pids) == devices)
         assert reached, f"{log} never reached step {target_step}:\n{job.output[-4000:]}"
         returncode, what = interrupt(job, kind, target, delay)

@@ -140,6 +140,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--fault-rank", type=int, default=0)
     p.add_argument("--fault-step", type=int, default=0)
     p.add_argument("--timeout", type=float, default=None, help="collective timeout in seconds (DDP)")
+    p.add_argument("--preempt-every", type=int, default=None, help="ranks compare preemption notes every N steps")
     args = p.parse_args(argv)
 
     torch.set_num_threads(1)
@@ -154,6 +155,10 @@ def main(argv: list[str] | None = None) -> None:
         strategy = DDPStrategy(timeout=timeout)
     callbacks = [Faults(args.fault, args.fault_rank, args.fault_step),
                  ModelCheckpoint(every_n_train_steps=args.every_n_steps, total_limit=args.total_limit)]
+    if args.preempt_every:
+        from framework.preemption import PreemptionHandler
+
+        callbacks.append(PreemptionHandler(check_every_n_steps=args.preempt_every))
     trainer = Trainer(default_root_dir=args.root, max_epochs=args.max_epochs, devices=args.devices,
                       strategy=strategy, callbacks=callbacks, logger=False, enable_progress_bar=False)
     print(f"rank {trainer.global_rank if args.devices == 1 else os.environ.get('RANK', 0)} pid {os.getpid()}",
