@@ -18,6 +18,7 @@ check is an attribute read after every optimizer step.
 
 from __future__ import annotations
 
+import os
 import signal
 import sys
 import threading
@@ -100,6 +101,7 @@ class PreemptionHandler(Callback):
         self.received = None
         for sig in self.signals:
             self._previous[sig] = signal.signal(sig, self._on_signal)
+        _shield_forked_children(self.signals)
         return True
 
     def uninstall(self, redeliver: bool = True) -> None:
@@ -107,6 +109,8 @@ class PreemptionHandler(Callback):
         previous, self._previous = self._previous, {}
         for sig, handler in previous.items():
             signal.signal(sig, handler if handler is not None else signal.SIG_DFL)
+        if previous:
+            _shield_forked_children(())
         pending, self.received = self.received, None
         if redeliver and previous and pending is not None:
             signal.raise_signal(pending)
@@ -183,6 +187,30 @@ class PreemptionHandler(Callback):
             sys.stderr.write(f"[kiln] {exc}\n")
             sys.stderr.flush()
         raise exc
+
+
+_shielded: tuple[int, ...] = ()  # blocked in processes forked while a handler is installed
+
+
+def _shield_forked_children(signals: tuple[int, ...]) -> None:
+    """Processes forked from now on start with ``signals`` blocked (none: stop doing so).
+
+    DataLoader workers are forked, and torch makes them die on SIGTERM: a signal sent to the whole process
+    group (as SLURM does) would kill them and fail the next batch before the step boundary. Blocked, they
+    ignore it and keep feeding batches; they still stop with their DataLoader or when this process exits.
+    Workers started with "spawn"/"forkserver" are not covered.
+    """
+    global _shielded
+    _shielded = tuple(signals)
+
+
+def _block_in_child() -> None:
+    if _shielded and hasattr(signal, "pthread_sigmask"):
+        signal.pthread_sigmask(signal.SIG_BLOCK, _shielded)
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_block_in_child)
 
 
 class _Vote:

@@ -245,6 +245,37 @@ def test_the_automatic_check_interval_aims_at_half_a_second(monkeypatch):
     assert handler._proposed_interval(201) == 1  # no step since the last check
 
 
+@pytest.mark.timeout(180)
+def test_a_signal_to_the_whole_process_group_spares_the_dataloader_workers(tmp_path):
+    """SLURM signals every process of a job. torch makes DataLoader workers die on SIGTERM, which would fail the
+    next batch before the step boundary; workers forked during fit start with the signals blocked."""
+    import subprocess
+    import sys
+
+    script = os.path.join(os.path.dirname(__file__), "scripts", "resumable_run.py")
+    process = subprocess.Popen(
+        [sys.executable, script, "--root", str(tmp_path), "--out", str(tmp_path / "out.safetensors"), "--workers",
+         "2", "--progress", "--max-epochs", "50", "--samples", "64", "--precision", "32-true", "--accumulate", "4"],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    try:
+        lines = []
+        for line in process.stdout:
+            lines.append(line)
+            if line.startswith("step 6"):
+                os.killpg(process.pid, signal.SIGTERM)  # the trainer and both workers
+                break
+        output = "".join(lines) + process.communicate(timeout=120)[0]
+    finally:
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGKILL)
+    assert process.returncode == 75, output[-3000:]
+    assert "DataLoader worker" not in output and "SIGTERM received: stopped after global step" in output
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        assert find_last(str(tmp_path / "checkpoints")) is not None
+
+
 def test_the_launcher_knows_the_exit_code():
     from framework import launch
 
