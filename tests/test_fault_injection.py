@@ -160,10 +160,13 @@ def interrupt(job: Job, kind: str, target: str, delay: float) -> tuple[int, str]
         pids = dict(job.pids)
     time.sleep(delay)
     sent_at = time.monotonic()
-    if target == "group":
-        os.killpg(job.process.pid, sig)
-    else:
-        os.kill(pids[int(target)], sig)
+    try:
+        if target == "group":
+            os.killpg(job.process.pid, sig)
+        else:
+            os.kill(pids[int(target)], sig)
+    except ProcessLookupError:  # it had already ended
+        pass
     returncode = job.finish()
     assert wait_gone(pids.values(), ENDS_WITHIN), f"ranks outlived the job: {pids}"
     return returncode, f"{kind}->{target} ended in {time.monotonic() - sent_at:.1f}s with {returncode}"
@@ -180,9 +183,9 @@ def test_random_kills_and_preemptions_then_resume_last_is_bit_exact(tmp_path, de
     kinds = ["SIGKILL", "SIGTERM"] * (interruptions // 2) + [rng.choice(["SIGKILL", "SIGTERM"])] * (interruptions % 2)
     rng.shuffle(kinds)
     log: list[str] = [f"KILN_FAULT_SEED={seed}"]
-    step = 0
+    step, landed = 0, 0
     for kind in kinds:
-        target_step = rng.randint(step + 1, step + max(1, (total - 2 - step) // 2))
+        target_step = rng.randint(step + 1, step + max(1, (total - 4 - step) // 2))
         target = rng.choice(["0", "1", "group"] if devices == 2 else ["0"])
         delay = rng.uniform(0.0, 0.03)
         # (a whole 2-rank run takes well under the default half-second check interval: check every step)
@@ -192,6 +195,11 @@ def test_random_kills_and_preemptions_then_resume_last_is_bit_exact(tmp_path, de
         returncode, what = interrupt(job, kind, target, delay)
         log.append(f"{what} (asked for step {target_step}, last seen {job.step}; kept {visible(dirpath)})")
         about = "; ".join(log)
+        if job.step >= total:  # under load the output is read late: training had ended when the signal came
+            assert returncode in (0, 75, -signal.SIGTERM, -signal.SIGKILL), f"{about}:\n{job.output[-4000:]}"
+            log[-1] += " - after training ended"
+            break
+        landed += 1
         if kind == "SIGTERM":
             # the job stops by itself at a step boundary, with a checkpoint of that step, and exits 75
             assert returncode == 75, f"{about}:\n{job.output[-4000:]}"
@@ -203,6 +211,7 @@ def test_random_kills_and_preemptions_then_resume_last_is_bit_exact(tmp_path, de
             assert job.elapsed < RUN_TIMEOUT, about
         assert visible(dirpath) == complete(dirpath), f"{about}: an incomplete checkpoint is visible"
         step = max(step, job.step)
+    assert landed >= 2, f"only {landed} interruptions landed during training: {log}"
     final = run_to_end(root, devices, "--ckpt", "last")
     assert reference.finish() == 0, reference.output[-4000:]
     assert_bit_identical(final.out, reference.out, "; ".join(log))
