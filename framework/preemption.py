@@ -174,7 +174,7 @@ class PreemptionHandler(Callback):
 
     def on_exception(self, trainer: Trainer, module: TrainModule, exception: BaseException) -> None:
         self._vote = None  # a pending vote may involve a dead rank: dropped, not awaited
-        self.uninstall(redeliver=not isinstance(exception, TrainingPreempted))
+        self.uninstall(redeliver=False)  # the process is ending with this exception: let it be reported
 
     # ---- acting --------------------------------------------------------------------------------
     def _preempt(self, trainer: Trainer, signal_name: str) -> None:

@@ -196,6 +196,18 @@ def test_handlers_are_restored_when_fit_fails(make_trainer, tiny_module_cls, mak
     assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
 
 
+def test_an_error_after_a_signal_is_reported_not_drowned_by_the_signal(make_trainer, tiny_module_cls, make_loader):
+    class Boom(tiny_module_cls):
+        def training_step(self, batch, batch_idx):
+            if self.trainer.global_step == 2:
+                raise ZeroDivisionError("boom")
+            return super().training_step(batch, batch_idx)
+
+    with pytest.raises(ZeroDivisionError):  # not a process killed by the re-delivered SIGTERM
+        fit(make_trainer, Boom(), make_loader(), [send_from("on_train_batch_start", 2)], max_epochs=2)
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
+
+
 def test_fit_outside_the_main_thread_warns_and_trains(make_trainer, tiny_module_cls, make_loader):
     trainer, caught, errors = make_trainer(enable_checkpointing=True), [], []
 
