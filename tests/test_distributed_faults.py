@@ -51,7 +51,7 @@ def test_a_hung_rank_makes_the_others_fail_after_the_collective_timeout(tmp_path
     import framework.testing
 
     monkeypatch.setattr(framework.testing, "_FAILURE_GRACE_S", 2.0)  # the hung rank is killed sooner
-    other, hung = failing_job(tmp_path, "hang", 1, "--timeout", "4")
+    other, hung = failing_job(tmp_path, "hang", 1, "--timeout", "6")
     assert hung.killed  # still sleeping when run_distributed gave up on the job
     assert not other.killed and other.returncode not in (0, None), other.stderr[-3000:]
     assert "Timed out" in other.stderr and "probably died" in other.stderr and "or hung" in other.stderr
