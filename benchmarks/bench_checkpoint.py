@@ -16,7 +16,9 @@ Contenders, each saving and then restoring the same state (model weights + AdamW
 - Lightning (when installed): ``trainer.save_checkpoint(path)``; ``fit(ckpt_path)`` → first batch.
 
 Every round runs the contenders in a rotated order (A/B/C, B/C/A, ...), each save followed by its
-restore; medians and per-round ratios are reported. Every restore is compared bit for bit with the
+restore; medians and per-round ratios are reported. Each restore starts like one in a new process: the
+previous restore's state is freed and the heap trimmed (glibc ``malloc_trim``), so no contender reads into
+pages recycled from the one before (page faults cost as much as the copying on this kind of machine). Every restore is compared bit for bit with the
 saved state (and the async checkpoint is read back and compared), so a fast wrong path cannot win;
 the script exits 1 if any differs.
 
@@ -29,6 +31,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import ctypes
 import gc
 import json
 import logging
@@ -140,6 +143,14 @@ class Reference:
                     raise Mismatch(f"{who}: restored optimizer state {pid}.{key} differs from the saved one")
 
 
+def trim_heap() -> None:
+    """Return free heap memory to the OS (glibc ``malloc_trim``; a no-op elsewhere)."""
+    try:
+        ctypes.CDLL(None).malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
 def zero_(net: nn.Module) -> None:
     """Wipe the restore target, so that a restore that loads nothing fails the check."""
     with torch.no_grad():
@@ -249,8 +260,16 @@ class Bench:
     def path(self, name: str) -> str:
         return os.path.join(self.root, name)
 
-    def fresh_target(self) -> torch.optim.Optimizer:
+    def prepare_restore(self) -> None:
+        """Every restore starts alike, as in a fresh process: the previous restore's state is dropped and
+        the freed memory returned to the OS, so no contender reads into pages recycled from the one before."""
+        self.target._trainer = None  # a previous Kiln fit's optimizer state
         zero_(self.target.net)
+        gc.collect()
+        trim_heap()
+
+    def fresh_target(self) -> torch.optim.Optimizer:
+        self.prepare_restore()
         return torch.optim.AdamW(self.target.net.parameters(), lr=LR)
 
     def round_safetensors(self) -> Round:
@@ -278,6 +297,7 @@ class Bench:
             optimizer.load_state_dict({"state": unflatten_optimizer_tensors(read(optim_file)), "param_groups": groups})
             out[variant] = since(t0)
             self.reference.check(f"raw safetensors {variant}", self.target.net, optimizer.state_dict())
+            del optimizer
         shutil.rmtree(d)
         return out
 
@@ -293,6 +313,7 @@ class Bench:
         optimizer.load_state_dict(loaded["optimizer"])
         load = since(t0)
         self.reference.check("raw torch.load", self.target.net, optimizer.state_dict())
+        del optimizer, loaded
         os.remove(file)
         return {"save": save, "load": load}
 
@@ -307,9 +328,7 @@ class Bench:
 
     def _kiln_resume(self, path: str | None) -> tuple[dict[str, float], dict[str, float]]:
         """(the restore inside fit, fit → first batch) for a fresh Trainer and a zeroed module."""
-        self.target._trainer = None  # drop the previous run's optimizer state before the clock starts
-        gc.collect()
-        zero_(self.target.net)
+        self.prepare_restore()
         self.target.first_batch_at = None
         clock = restore_clock(self.reference)
         trainer = kiln_trainer(self.path("resume"), max_steps=2, callbacks=[clock] if path else None)
@@ -355,6 +374,7 @@ class Bench:
         target = self.LitTarget(seed=1)
         zero_(target.net)
         trainer = lightning_trainer(self.path("lit-resume"), max_steps=2)
+        self.prepare_restore()
         t0 = now()
         trainer.fit(target, self.loader, ckpt_path=file)
         first_batch = minus(since(t0, target.first_batch_at), target.checking)

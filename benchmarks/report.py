@@ -15,11 +15,11 @@ TARGET_LABELS = {  # key -> (benchmark, measurement)
     "checkpoint save": ("checkpoint", "Save, ~50M params + AdamW (through the Trainer)"),
     "checkpoint restore": (
         "Kiln does more work than the raw restore: it reads every byte eagerly into fresh tensors and checksums "
-        "it (xxh3, ~30 ms of CPU for 576 MiB), then `load_state_dict` copies the model weights once more (the "
-        "raw baseline maps the model file and copies once, straight into the parameters). The extra 200 MB "
-        "copy lands in freshly allocated pages, and page faults make it cost as much again: the same 400 MB "
-        "read takes 70-280 ms here depending on whether the allocator hands out recycled or fresh pages, so "
-        "the paired ratio moved between 1.1 and 2.3 across runs on this machine.",
+        "it (xxh3, ~25 ms of CPU for 576 MiB, on a helper thread that needs the second core), then "
+        "`load_state_dict` copies the model weights once more (the raw baseline maps the model file and copies "
+        "once, straight into the parameters). Page faults on fresh memory dominate both: each restore starts "
+        "from a trimmed heap, as in a new process (before that was done the ratio swung between 1.1 and 2.3 "
+        "depending on which contender got recycled pages).",
         "Read the model's tensors straight into the parameters' storage when names, shapes and dtypes match "
         "(one copy, no fresh 200 MB), keeping the load atomic (a damaged file must leave the module untouched, "
         "e.g. verify the checksum before the copy from a mapped file): a change to `Strategy.load_checkpoint` "
@@ -44,7 +44,7 @@ MISS_NOTES: dict[str, tuple[str, str]] = {
         "cProfile of `trainer.save_checkpoint` (576 MiB): 144 of 160 ms are `write()` calls of the same bytes "
         "safetensors writes; the rest is the xxh3 checksum of every byte (on a helper thread, ~25 ms CPU), the "
         "manifest and the atomic rename. When the second core is busy (shared machine) the checksum thread "
-        "competes with the writer and the wall ratio rises to the CPU ratio (~1.3).",
+        "(~25 ms of CPU) competes with the writer and the wall ratio rises towards the CPU ratio (~1.3).",
         "Re-measure on an idle machine (≈ 1.1 there). If it persists: checksum each tensor while it is written "
         "in one pass over memory instead of a second pass on the helper thread."),
     "checkpoint restore": (
@@ -72,10 +72,12 @@ PROFILE_NOTES = """
   The checksum (xxh3_64) runs on a helper thread that overlaps the writes. Raw `safetensors.save_file` of the
   same tensors: 148 ms. Nothing to remove that is not a feature (checksums, atomic commit).
 - **Checkpoint restore** (timed in parts): reading the 400 MB trainer file took 70-330 ms with the same
-  code in the same process (recycled vs fresh pages; glibc trimming disabled changed little), the model's
-  `load_state_dict` copy 25-50 ms, `optimizer.load_state_dict` < 1 ms; checksumming adds ~30 ms of CPU on the
-  helper thread. The lazy-mmap raw variant (`load_lazy`) is shown for reference: it defers reading the
-  optimizer state to the first step, so it is not the same amount of work.
+  code in the same process, depending on whether the allocator handed out recycled or fresh pages (page
+  faults cost as much as the copy in this VM); the model's `load_state_dict` copy 25-50 ms,
+  `optimizer.load_state_dict` < 1 ms; the checksum ~25 ms of CPU (xxh3 at ~24 GB/s) on the helper thread.
+  Hence every restore in the benchmark now starts from a trimmed heap (`malloc_trim`, as in a new process),
+  which made the ratio reproducible (~1.0-1.3 instead of 1.1-2.3). The lazy-mmap raw variant (`load_lazy`)
+  is shown for reference: it defers reading the optimizer state to the first step, so it is not the same work.
 - **Async snapshot**: a plain `copy_` of the same tensors into preallocated buffers takes 84 ms with 1 thread
   and 86 ms with 2 (7 GB/s, memory-bound) — the snapshot (65-75 ms) is already at that floor; the first async
   save also allocates the buffers (~330 ms, once per writer).
