@@ -13,17 +13,9 @@ TARGET_LABELS = {  # key -> (benchmark, measurement)
     "overhead_mlp": ("overhead", "Per step, tiny MLP (1 thread, loss logged every step)"),
     "import": ("import", "`import framework, callbacks, strategies` vs `import torch`"),
     "checkpoint save": ("checkpoint", "Save, ~50M params + AdamW (through the Trainer)"),
-    "checkpoint restore": (
-        "Kiln does more work than the raw restore: it reads every byte eagerly into fresh tensors and checksums "
-        "it (xxh3, ~25 ms of CPU for 576 MiB, on a helper thread that needs the second core), then "
-        "`load_state_dict` copies the model weights once more (the raw baseline maps the model file and copies "
-        "once, straight into the parameters). Page faults on fresh memory dominate both: each restore starts "
-        "from a trimmed heap, as in a new process (before that was done the ratio swung between 1.1 and 2.3 "
-        "depending on which contender got recycled pages).",
-        "Read the model's tensors straight into the parameters' storage when names, shapes and dtypes match "
-        "(one copy, no fresh 200 MB), keeping the load atomic (a damaged file must leave the module untouched, "
-        "e.g. verify the checksum before the copy from a mapped file): a change to `Strategy.load_checkpoint` "
-        "and the checkpoint reader, to design with their owners."),
+    "checkpoint restore": ("checkpoint", "Restore into model + fresh AdamW (inside `fit(ckpt_path)`)"),
+    "async save: loop blocked": ("checkpoint", "Async save: time the loop is blocked vs a sync save"),
+    "resume cost flat in position": ("resume", "Resume cost at batch 10,000 vs batch 10 of an epoch"),
     "DDP per step (2 processes)": ("ddp", "DDP per step, 2 CPU processes (gloo)"),
     "FSDP memory per rank (params + optimizer)": ("ddp", "FSDP vs DDP per-rank params + optimizer memory"),
 }
@@ -48,11 +40,16 @@ MISS_NOTES: dict[str, tuple[str, str]] = {
         "Re-measure on an idle machine (≈ 1.1 there). If it persists: checksum each tensor while it is written "
         "in one pass over memory instead of a second pass on the helper thread."),
     "checkpoint restore": (
-        "Kiln reads every byte eagerly into fresh tensors and verifies its checksum, then `load_state_dict` "
-        "copies the model weights once more (the raw baseline maps the model file and copies once): ~200 MB of "
-        "extra copying and 576 MiB of hashing, which competes for the second core on a loaded machine.",
-        "Read model tensors straight into the parameters' storage when names, shapes and dtypes match, keeping "
-        "the load atomic (a damaged file must leave the module untouched): design with the checkpoint owner."),
+        "Kiln does more work than the raw restore: it reads every byte eagerly into fresh tensors and checksums "
+        "it (xxh3, ~25 ms of CPU for 576 MiB, on a helper thread that needs the second core), then "
+        "`load_state_dict` copies the model weights once more (the raw baseline maps the model file and copies "
+        "once, straight into the parameters). Page faults on fresh memory dominate both: each restore starts "
+        "from a trimmed heap, as in a new process (before that was done the ratio swung between 1.1 and 2.3 "
+        "depending on which contender got recycled pages).",
+        "Read the model's tensors straight into the parameters' storage when names, shapes and dtypes match "
+        "(one copy, no fresh 200 MB), keeping the load atomic (a damaged file must leave the module untouched, "
+        "e.g. verify the checksum before the copy from a mapped file): a change to `Strategy.load_checkpoint` "
+        "and the checkpoint reader, to design with their owners."),
     "DDP per step (2 processes)": (
         "Two ranks on two cores that other processes share: the ratio swings with their load (compare the "
         "CPU-time ratio in the details, which other processes do not inflate).",
@@ -109,7 +106,7 @@ def fmt_bytes(n: float) -> str:
 
 def _row(key: str, kiln: str, baseline: str, ratio: float | None, target: float | None, passed: bool | None,
          benchmark: str | None = None, measurement: str | None = None, failed: str | None = None) -> dict[str, Any]:
-    bench, label = TARGET_LABELS.get(key, (benchmark, measurement))
+    bench, label = TARGET_LABELS.get(key, (benchmark, measurement or key))
     if failed:
         result = f"FAILED ({failed})"
     elif passed is None:

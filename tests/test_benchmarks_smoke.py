@@ -83,6 +83,9 @@ def test_each_benchmark_ran_and_its_contenders_agree(quick_run, name: str, equiv
     assert entry["ok"], entry.get("error")
     assert entry["result"]["benchmark"] == name.removeprefix("bench_")
     assert equivalent(entry["result"])
+    import report
+
+    assert all(c["name"] in report.TARGET_LABELS for c in entry["result"].get("checks", [])), "a target without a label"
 
 
 def test_checkpoint_benchmark_rejects_a_wrong_restore() -> None:
