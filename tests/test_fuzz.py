@@ -16,6 +16,7 @@ import os
 import shutil
 import tempfile
 import warnings
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -37,10 +38,13 @@ def fuzz(max_examples: int) -> settings:
 
 @pytest.fixture(scope="module")
 def parts():
-    """(TinyModule, loader factory) from conftest, for tests whose examples hypothesis generates."""
-    from conftest import TinyModule, random_dataset
+    """(TinyModule, loader factory) from tests/conftest.py (by path: "conftest" may name another directory's)."""
+    import importlib.util
 
-    return TinyModule, lambda n=12, batch_size=4: DataLoader(random_dataset(n), batch_size=batch_size)
+    spec = importlib.util.spec_from_file_location("_kiln_tests_conftest", Path(__file__).with_name("conftest.py"))
+    shared = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(shared)
+    return shared.TinyModule, lambda n=12, batch_size=4: DataLoader(shared.random_dataset(n), batch_size=batch_size)
 
 
 def ends_documented(run, *names: str) -> BaseException | None:
