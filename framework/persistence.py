@@ -48,10 +48,11 @@ def rank_state(t: Trainer) -> dict[str, Any]:
 def save_trainer_checkpoint(t: Trainer, path: str, *, safe_serialization: bool = True, writer: Any = None,
                             on_committed: Callable[[], None] | None = None) -> None:
     """Collective save of the whole training state to ``path``; ``writer`` makes it asynchronous."""
+    from framework.checkpoint_storage import redact
     from framework.pitfalls import check_collective_call
 
     # Every rank must be here: a rank-0-only call fails with a clear error instead of hanging or corrupting.
-    check_collective_call(t.strategy, f"trainer.save_checkpoint({str(path)!r}) at global_step {t.global_step}")
+    check_collective_call(t.strategy, f"trainer.save_checkpoint({redact(path)!r}) at global_step {t.global_step}")
     if t.stage == "fit" and not t.sync_gradients:
         warnings.warn(f"Saving a checkpoint inside a gradient accumulation window (after batch {t._batch_idx}): the "
                       "gradients accumulated so far are not saved, so resuming it will not reproduce this run. "
