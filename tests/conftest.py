@@ -5,7 +5,8 @@ Every test leaves ``DistributedState`` reset, so topology set by one test never 
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import logging
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
@@ -88,3 +89,17 @@ def make_trainer(tmp_path) -> Callable[..., Trainer]:
         return Trainer(**{**defaults, **kwargs})
 
     return make
+
+
+@pytest.fixture(scope="module")
+def moto_endpoint() -> Iterator[str]:
+    """URL of a local moto S3 server (one per test module); skips the test without moto[server] and s3fs."""
+    moto_server = pytest.importorskip("moto.server")
+    pytest.importorskip("s3fs")
+    logging.getLogger("werkzeug").setLevel(logging.ERROR)
+    server = moto_server.ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    try:
+        yield f"http://127.0.0.1:{server.get_host_and_port()[1]}"
+    finally:
+        server.stop()

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import logging
 import os
 import random
 import time
@@ -383,25 +382,12 @@ def test_memory_url_roundtrip_discovery_and_removal():
         fsspec.filesystem("memory").rm(root.removeprefix("memory://"), recursive=True)
 
 
-@pytest.fixture(scope="module")
-def s3_endpoint():
-    moto_server = pytest.importorskip("moto.server")
-    pytest.importorskip("s3fs")
-    logging.getLogger("werkzeug").setLevel(logging.ERROR)
-    server = moto_server.ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    server.start()
-    try:
-        yield f"http://127.0.0.1:{server.get_host_and_port()[1]}"
-    finally:
-        server.stop()
-
-
 @pytest.fixture
-def s3_bucket(s3_endpoint, monkeypatch):
+def s3_bucket(moto_endpoint, monkeypatch):
     import fsspec
 
     monkeypatch.setenv("NO_PROXY", "127.0.0.1")
-    monkeypatch.setitem(fsspec.config.conf, "s3", {"client_kwargs": {"endpoint_url": s3_endpoint},
+    monkeypatch.setitem(fsspec.config.conf, "s3", {"client_kwargs": {"endpoint_url": moto_endpoint},
                                                    "key": "testing", "secret": "testing"})
     bucket = f"kiln-{new_token()[:12]}"
     fsspec.filesystem("s3", skip_instance_cache=True).mkdir(bucket)

@@ -4,7 +4,6 @@ moto server) and async saves."""
 
 from __future__ import annotations
 
-import logging
 import os
 import shutil
 import uuid
@@ -325,19 +324,6 @@ def test_memory_filesystem_save_rotate_resume_last(reference):
         check_remote_rotation_and_resume(f"memory://{path}", fs, path, reference)
     finally:
         fs.rm(path, recursive=True)
-
-
-@pytest.fixture(scope="module")
-def moto_endpoint():
-    moto_server = pytest.importorskip("moto.server")
-    pytest.importorskip("s3fs")
-    logging.getLogger("werkzeug").setLevel(logging.ERROR)
-    server = moto_server.ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    server.start()
-    try:
-        yield f"http://127.0.0.1:{server.get_host_and_port()[1]}"
-    finally:
-        server.stop()
 
 
 @pytest.mark.timeout(180)

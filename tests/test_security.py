@@ -261,19 +261,6 @@ def test_memory_url_credentials_never_show(make_trainer, tiny_module_cls, make_l
     capture.assert_clean(capfd)
 
 
-@pytest.fixture(scope="module")
-def moto_endpoint():
-    moto_server = pytest.importorskip("moto.server")
-    pytest.importorskip("s3fs")
-    logging.getLogger("werkzeug").setLevel(logging.ERROR)
-    server = moto_server.ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    server.start()
-    try:
-        yield f"http://127.0.0.1:{server.get_host_and_port()[1]}"
-    finally:
-        server.stop()
-
-
 @pytest.mark.timeout(180)
 def test_s3_url_credentials_never_show(moto_endpoint, make_trainer, tiny_module_cls, make_loader, monkeypatch, capfd,
                                        caplog):
