@@ -26,8 +26,9 @@ MISS_NOTES: dict[str, tuple[str, str]] = {
         "On CPU the snapshot is one memory copy of the whole state (576 MiB at 7-8 GB/s on one core: 65-75 ms; "
         "two threads are no faster, the copy is memory-bound), while a synchronous save into the page cache is "
         "itself little more than a copy plus a checksum (170-215 ms). Any snapshot that copies therefore blocks "
-        "about a third of a sync save on this machine; the target assumes storage slower than memory (a durable "
-        "`fsync=True` save: see bench_checkpoint_io below) or a GPU, whose snapshot is a device-to-pinned-host copy.",
+        "about a third of a sync save on this machine. The target needs storage slower than memory: against a "
+        "durable `fsync=True` save (400-470 ms here, see bench_checkpoint_io) the same snapshot is ~0.15; on a "
+        "GPU the snapshot is a device-to-pinned-host copy (bench_gpu.py measures it).",
         "Overlap the snapshot with the next step: copy on the writer's thread during the next forward/backward and "
         "block only before the next optimizer step (ModelCheckpoint's `on_before_optimizer_step`), copying buffers "
         "that forward mutates (BatchNorm statistics) synchronously. Needs the checkpoint and loop owners, because "
@@ -79,15 +80,19 @@ PROFILE_NOTES = """
   Hence every restore in the benchmark now starts from a trimmed heap (`malloc_trim`, as in a new process),
   which made the ratio reproducible (~1.0-1.3 instead of 1.1-2.3). The lazy-mmap raw variant (`load_lazy`)
   is shown for reference: it defers reading the optimizer state to the first step, so it is not the same work.
-- **Async snapshot**: a plain `copy_` of the same tensors into preallocated buffers takes 84 ms with 1 thread
-  and 86 ms with 2 (7 GB/s, memory-bound) — the snapshot (65-75 ms) is already at that floor; the first async
-  save also allocates the buffers (~330 ms, once per writer).
+- **Async snapshot**: a plain `copy_` of the same tensors into preallocated buffers takes 55-85 ms with 1
+  thread (7-10 GB/s, memory-bound) — the snapshot (55-75 ms) is at that floor; the first async save also
+  allocates the buffers (~330 ms, once per writer). With torch's default 2 threads the snapshot took 150-290 ms
+  whenever the other core was busy (the copy's second OpenMP thread waits for a core) and 45-55 ms when it
+  was free — which is why bench_checkpoint_io (2 threads) prints a snapshot slower than a sync save. A
+  single-threaded memcpy (65 ms, load-independent) would make the snapshot predictable: suggested to the
+  checkpoint owner, not changed here (it is slower on an idle machine).
 - **Resume**: flat (Kiln positions its sampler); a loader that Kiln must replay costs 65-85× more at batch
   10,000 than at batch 10, which shows that this benchmark would catch a replaying resume.
-- **DDP** (cProfile of rank 0, a 331-step Kiln run): 1.12 of 1.65 s inside `backward` (DDP's gloo all-reduce,
-  waiting for the other rank); Kiln's loop code is a few percent; data loading is the same per-sample
-  indexing as in the raw loop. Across runs the paired ratio moved between 0.99 and 1.18 with the machine's
-  load (two ranks on two shared cores), the per-step Kiln/raw ratio in one process stays ~1.02.
+- **Per step / DDP** (cProfile, Kiln vs raw, same steps): Kiln adds ~45 Python calls per step on one process
+  (~58 under DDP: loop bookkeeping, `self.log`, progress bar, pitfall checks), tens of µs per step. Under DDP
+  1.12 of 1.65 s of a Kiln run are inside `backward` (the gloo all-reduce waiting for the other rank), so
+  the DDP ratio follows the machine's load: 0.99, 1.18, 1.11 and 1.02 in four runs today.
 - No Kiln source was changed for these figures: the misses above have no fix that is both local and safe.
 """
 

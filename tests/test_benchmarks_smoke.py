@@ -8,7 +8,6 @@ one's equivalence checks passed, and that the report marks misses and failures.
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import io
 import json
@@ -123,7 +122,7 @@ def test_report_marks_pass_miss_and_failure_with_reasons(tmp_path: Path) -> None
                {"name": "bench_resume", "ok": False, "seconds": 1.0, "load_before": 0.5, "error": "Traceback\nKeyError: x"}]
     results = [r["result"] for r in report.summary_rows(entries)]
     assert results[:3] == ["PASS", "MISS", "FAILED (boom)"] and results[3].startswith("FAILED (KeyError: x")
-    args = argparse.Namespace(quick=False, argv=[])
-    text = run_all.markdown(entries, args, (0.5, 0.6), None)
+    meta = run_all.run_meta([], False, (0.5, 0.6))
+    text = run_all.markdown(entries, meta, None)
     reason, plan = report.MISS_NOTES.get(check["name"], ("not analysed yet", "profile it"))
     assert "### Misses: reason and plan" in text and reason in text and plan.split()[0] in text
