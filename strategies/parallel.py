@@ -143,7 +143,8 @@ class ParallelStrategy(Strategy):
         self.model = self._wrap(_StepDispatcher(module))
 
     def _wrap(self, dispatcher: _StepDispatcher) -> nn.Module:
-        raise NotImplementedError
+        """Wrap the step dispatcher (DDP(...), fully_shard(...)); every subclass defines its own."""
+        raise TypeError(f"{type(self).__name__} must define _wrap(dispatcher) to be used as a ParallelStrategy.")
 
     def step_function(self, name: str) -> Callable[..., Any]:
         if name == "training_step":
