@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import atexit
 import os
+import sys
 import warnings
 from collections.abc import Callable
 from contextlib import AbstractContextManager
@@ -305,5 +306,14 @@ class ParallelStrategy(Strategy):
 def _destroy_process_group() -> None:
     import torch.distributed as dist
 
-    if dist.is_available() and dist.is_initialized():
-        dist.destroy_process_group()
+    if not (dist.is_available() and dist.is_initialized()):
+        return
+    # Ranks that end normally meet first: a gloo group torn down while a peer is still tearing down its
+    # own can abort the process ("terminate called without an active exception"). After an unhandled
+    # error (sys.last_value is set) peers may be gone, so nobody is waited for.
+    if not hasattr(sys, "last_value") and dist.get_backend() == "gloo":
+        try:
+            dist.monitored_barrier(timeout=timedelta(seconds=30))
+        except Exception:  # a peer already left: nothing to coordinate with
+            pass
+    dist.destroy_process_group()

@@ -38,9 +38,9 @@ def main() -> None:
     t.fit(module, loader(16, 2))
     state = DistributedState()
     total = sum(p.detach().double().sum().item() for p in module.parameters())
-    print(f"RESULT rank={state.process_index} world={state.num_processes} local={state.local_process_index} "
-          f"launcher={os.environ.get('KILN_LAUNCHER_PID') is not None} step={t.global_step} params={total:.10f}",
-          flush=True)
+    line = (f"RESULT rank={state.process_index} world={state.num_processes} local={state.local_process_index} "
+            f"launcher={os.environ.get('KILN_LAUNCHER_PID') is not None} step={t.global_step} params={total:.10f}\n")
+    os.write(1, line.encode())  # one write(2): the ranks share this pipe, and lines must not interleave
     assert torch.distributed.get_world_size() == 2
 
 
