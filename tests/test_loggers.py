@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import csv
 import io
-import json
 import os
 import uuid
 
 import fsspec
 import pytest
 import torch
+import yaml
 from torch.utils.data import DataLoader, TensorDataset
 
 from framework import Trainer, TrainModule
@@ -63,7 +63,7 @@ def test_tensorboard_scalars_read_back(tmp_path):
     logger.log_metrics({"loss": torch.tensor(0.5), "acc": 0.25}, step=0)
     logger.log_metrics({"loss": 0.25}, step=10)
     logger.save()
-    assert logger.log_dir == os.path.join(tmp_path, "logs", "version_0")
+    assert logger.log_dir == os.path.join(tmp_path, "lightning_logs", "version_0")
     scalars = read_scalars(logger.log_dir)
     assert scalars["loss"] == [(0, 0.5), (10, 0.25)]
     assert scalars["acc"] == [(0, 0.25)]
@@ -74,8 +74,8 @@ def test_tensorboard_hparams(tmp_path):
     logger = TensorBoardLogger(tmp_path, name="exp")
     logger.log_hyperparams({"lr": 0.1, "opt": {"name": "sgd", "betas": (0.9, 0.99)}})
     logger.finalize("success")
-    with open(os.path.join(logger.log_dir, "hparams.json")) as f:
-        assert json.load(f)["lr"] == 0.1
+    with open(os.path.join(logger.log_dir, "hparams.yaml")) as f:
+        assert yaml.safe_load(f) == {"lr": 0.1, "opt": {"name": "sgd", "betas": [0.9, 0.99]}}
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
     from tensorboard.plugins.hparams.plugin_data_pb2 import HParamsPluginData
 
@@ -86,6 +86,104 @@ def test_tensorboard_hparams(tmp_path):
     assert hparams["lr"].number_value == 0.1
     assert hparams["opt/name"].string_value == "sgd"
     assert hparams["opt/betas"].string_value == "(0.9, 0.99)"
+
+
+def test_tensorboard_default_hp_metric(tmp_path):
+    logger = TensorBoardLogger(tmp_path)
+    logger.log_hyperparams({"lr": 0.1})
+    logger.log_hyperparams({"lr": 0.1}, metrics={"hp_metric": 0.5})
+    logger.finalize("success")
+    assert read_scalars(logger.log_dir)["hp_metric"] == [(0, -1.0), (0, 0.5)]
+    quiet = TensorBoardLogger(tmp_path, default_hp_metric=False)
+    quiet.log_hyperparams({"lr": 0.1})
+    quiet.finalize("success")
+    assert "hp_metric" not in read_scalars(quiet.log_dir)
+    with open(os.path.join(quiet.log_dir, "hparams.yaml")) as f:
+        assert yaml.safe_load(f) == {"lr": 0.1}
+
+
+@pytest.mark.parametrize("logger_cls", [TensorBoardLogger, CSVLogger])
+def test_prefix(tmp_path, logger_cls):
+    logger = logger_cls(tmp_path, prefix="run")
+    logger.log_metrics({"loss": 1.0}, step=3)
+    logger.finalize("success")
+    if logger_cls is CSVLogger:
+        assert read_csv(open(logger.experiment.metrics_file_path).read()) == [{"step": "3", "run-loss": "1.0"}]
+    else:
+        assert read_scalars(logger.log_dir) == {"run-loss": [(3, 1.0)]}
+
+
+def test_tensorboard_sub_dir_and_experiment(tmp_path):
+    from torch.utils.tensorboard import SummaryWriter
+
+    logger = TensorBoardLogger(tmp_path, name="n", version="v", sub_dir="fold_1", flush_secs=1)
+    assert logger.log_dir == os.path.join(tmp_path, "n", "v", "fold_1")
+    assert logger.root_dir == os.path.join(tmp_path, "n")
+    writer = logger.experiment
+    assert isinstance(writer, SummaryWriter) and writer.log_dir == logger.log_dir
+    writer.add_scalar("direct", 2.0, 7)  # the real writer, as in Lightning
+    logger.finalize("success")
+    assert read_scalars(logger.log_dir) == {"direct": [(7, 2.0)]}
+
+
+def test_tensorboard_log_graph(tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    model = torch.nn.Sequential(torch.nn.Linear(3, 2), torch.nn.ReLU())
+    model.example_input_array = torch.zeros(1, 3)
+    logger = TensorBoardLogger(tmp_path, log_graph=True)
+    logger.log_graph(model)
+    logger.finalize("success")
+    acc = EventAccumulator(logger.log_dir)
+    acc.Reload()
+    assert acc.Tags()["graph"]
+    off = TensorBoardLogger(tmp_path)  # log_graph=False: nothing traced
+    off.log_graph(model)
+    assert off._experiment is None
+    with pytest.warns(UserWarning, match="example_input_array"):
+        TensorBoardLogger(tmp_path, log_graph=True).log_graph(torch.nn.Linear(3, 2))
+
+
+def test_csv_experiment_writer(tmp_path):
+    logger = CSVLogger(tmp_path, flush_logs_every_n_steps=10)
+    logger.log_metrics({"a": 1.0}, step=0)
+    writer = logger.experiment
+    assert writer.metrics == [{"a": 1.0, "step": 0}]
+    assert writer.metrics_file_path == os.path.join(logger.log_dir, "metrics.csv")
+    logger.save()
+    assert writer.metrics == [] and os.path.exists(writer.metrics_file_path)
+
+
+def test_hparams_namespace_and_unrepresentable_values(tmp_path):
+    import argparse
+
+    logger = CSVLogger(tmp_path)
+    with pytest.warns(UserWarning, match="'fn'"):
+        logger.log_hyperparams(argparse.Namespace(lr=0.5, path=tmp_path / "x", fn=object()))
+    with open(os.path.join(logger.log_dir, "hparams.yaml")) as f:
+        assert yaml.safe_load(f) == {"lr": 0.5, "path": str(tmp_path / "x")}
+    with pytest.raises(TypeError, match="log_hyperparams"):
+        logger.log_hyperparams([1, 2])
+
+
+def test_log_run_start_merges_module_and_datamodule(tmp_path):
+    from framework.loggers import log_run_start
+
+    class Holder:
+        def __init__(self, **hparams):
+            self.hparams = hparams
+
+    logger = CSVLogger(tmp_path)
+    log_run_start([logger], Holder(lr=0.1, shared=1), Holder(batch_size=4, shared=1))
+    with open(os.path.join(logger.log_dir, "hparams.yaml")) as f:
+        assert yaml.safe_load(f) == {"lr": 0.1, "shared": 1, "batch_size": 4}
+    with pytest.raises(RuntimeError, match="shared"):
+        log_run_start([logger], Holder(shared=1), Holder(shared=2))
+    quiet = Holder(lr=0.1)
+    quiet._log_hyperparams = False  # save_hyperparameters(logger=False)
+    other = CSVLogger(tmp_path)
+    log_run_start([other], quiet)
+    assert not os.path.exists(os.path.join(other.log_dir, "hparams.yaml"))
 
 
 def test_tensorboard_reopens_after_finalize(tmp_path):
@@ -101,9 +199,9 @@ def test_tensorboard_reopens_after_finalize(tmp_path):
 def test_versions_increment(tmp_path, logger_cls):
     versions = [logger_cls(tmp_path).version for _ in range(3)]
     assert versions == [0, 1, 2]
-    assert sorted(os.listdir(tmp_path / "logs")) == ["version_0", "version_1", "version_2"]
-    os.makedirs(tmp_path / "logs" / "version_7")
-    os.makedirs(tmp_path / "logs" / "not_a_version")
+    assert sorted(os.listdir(tmp_path / "lightning_logs")) == ["version_0", "version_1", "version_2"]
+    os.makedirs(tmp_path / "lightning_logs" / "version_7")
+    os.makedirs(tmp_path / "lightning_logs" / "not_a_version")
     assert logger_cls(tmp_path).version == 8
 
 
@@ -158,8 +256,9 @@ def test_csv_continues_existing_file(tmp_path):
 def test_csv_hparams(tmp_path):
     logger = CSVLogger(tmp_path)
     logger.log_hyperparams({"lr": 0.01, "layers": [4, 8]})
-    with open(os.path.join(logger.log_dir, "hparams.json")) as f:
-        assert json.load(f) == {"lr": 0.01, "layers": [4, 8]}
+    logger.log_hyperparams({"seed": 3})  # merged with the earlier call, as Lightning's
+    with open(os.path.join(logger.log_dir, "hparams.yaml")) as f:
+        assert yaml.safe_load(f) == {"lr": 0.01, "layers": [4, 8], "seed": 3}
 
 
 def test_csv_on_memory_url(memory_url):
@@ -167,7 +266,7 @@ def test_csv_on_memory_url(memory_url):
     logger.log_metrics({"loss": 2.0}, step=0)
     logger.log_hyperparams({"lr": 0.5})
     logger.save()
-    assert logger.log_dir == f"{memory_url}/logs/version_0"
+    assert logger.log_dir == f"{memory_url}/lightning_logs/version_0"
     with fsspec.open(f"{logger.log_dir}/metrics.csv", "r") as f:
         assert read_csv(f.read()) == [{"step": "0", "loss": "2.0"}]
     logger.log_metrics({"loss": 1.0, "acc": 0.5}, step=5)
@@ -175,8 +274,8 @@ def test_csv_on_memory_url(memory_url):
     with fsspec.open(f"{logger.log_dir}/metrics.csv", "r") as f:
         rows = read_csv(f.read())
     assert [(r["step"], r["acc"], r["loss"]) for r in rows] == [("0", "", "2.0"), ("5", "0.5", "1.0")]
-    with fsspec.open(f"{logger.log_dir}/hparams.json", "r") as f:
-        assert json.load(f) == {"lr": 0.5}
+    with fsspec.open(f"{logger.log_dir}/hparams.yaml", "r") as f:
+        assert yaml.safe_load(f) == {"lr": 0.5}
     assert CSVLogger(memory_url).version == 1
 
 
@@ -224,7 +323,7 @@ def test_bad_constructor_arguments(tmp_path):
 def test_resolve_loggers(tmp_path):
     (default,) = resolve_loggers(True, str(tmp_path))
     assert isinstance(default, TensorBoardLogger)
-    assert default.root_dir == os.path.join(tmp_path, "logs")
+    assert default.root_dir == os.path.join(tmp_path, "lightning_logs")
     assert resolve_loggers(False, tmp_path) == []
     assert resolve_loggers(None, tmp_path) == []
     csv_logger, tb_logger = CSVLogger(tmp_path), TensorBoardLogger(tmp_path)
@@ -303,14 +402,14 @@ def test_fit_writes_tensorboard_and_csv(tmp_path):
 def test_fit_default_logger_is_tensorboard_under_default_root_dir(tmp_path):
     trainer = fit_tiny(default_root_dir=tmp_path)
     assert isinstance(trainer.logger, TensorBoardLogger)
-    assert trainer.logger.log_dir == os.path.join(tmp_path, "logs", "version_0")
+    assert trainer.logger.log_dir == os.path.join(tmp_path, "lightning_logs", "version_0")
     assert set(read_scalars(trainer.logger.log_dir)) >= {"train_loss", "val_loss"}
     assert fit_tiny(default_root_dir=tmp_path).logger.version == 1
 
 
 def test_fit_logs_to_memory_url(memory_url, tmp_path):
     trainer = fit_tiny(default_root_dir=memory_url)
-    assert trainer.logger.log_dir == f"{memory_url}/logs/version_0"
+    assert trainer.logger.log_dir == f"{memory_url}/lightning_logs/version_0"
     assert [step for step, _ in read_scalars(download(trainer.logger.log_dir, tmp_path))["val_loss"]] == [
         4,
         8,
