@@ -14,6 +14,7 @@ _LAZY = {
     "EarlyStopping": "callbacks.early_stopping",
     "LearningRateMonitor": "callbacks.lr_monitor",
     "ProgressBar": "callbacks.progress",
+    "ModelSummary": "callbacks.model_summary",
 }
 
 __all__ = ["Callback", "GradientAccumulation", *_LAZY]
