@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from callbacks.base import Callback
+from framework.checkpoint.storage import join_path
 
 if TYPE_CHECKING:
     from framework.module import TrainModule
@@ -73,7 +74,7 @@ class ModelCheckpoint(Callback):
     # ---- hooks -----------------------------------------------------------------------------------
     def setup(self, trainer: Trainer, module: TrainModule, stage: str) -> None:
         if self.dirpath is None:
-            self.dirpath = _join(trainer.default_root_dir, "checkpoints")
+            self.dirpath = join_path(trainer.default_root_dir, "checkpoints")
         self._validated = self._warned_missing = False
         if stage == "fit" and trainer.is_global_zero:
             from framework.checkpoint import cleanup_stale
@@ -136,7 +137,7 @@ class ModelCheckpoint(Callback):
         self.wait(trainer)
         metrics = trainer.callback_metrics
         score = self._monitored(metrics)
-        path = _join(self.dirpath, self._name(trainer, metrics))
+        path = join_path(self.dirpath, self._name(trainer, metrics))
         self._last_saved_step = trainer.global_step
         # Recorded before writing so that the checkpoint's own callback state already ranks it.
         self.last_model_path = path
@@ -210,7 +211,7 @@ class ModelCheckpoint(Callback):
         name = name.replace("/", "_")
         existing = set(self.best_k_models) | {self.last_model_path}
         base, version = name, 1
-        while _join(self.dirpath, name) in existing or _exists(_join(self.dirpath, name)):
+        while join_path(self.dirpath, name) in existing or _exists(join_path(self.dirpath, name)):
             name, version = f"{base}-v{version}", version + 1
         return name
 
@@ -236,11 +237,7 @@ class ModelCheckpoint(Callback):
         self._kept_as_last = state_dict.get("kept_as_last", "")
 
 
-def _join(base: str, name: str) -> str:
-    return base.rstrip("/") + "/" + name if "://" in base else __import__("os").path.join(base, name)
-
-
 def _exists(path: str) -> bool:
-    from framework.checkpoint_storage import locate
+    from framework.checkpoint.storage import locate
 
     return locate(path).exists()

@@ -81,7 +81,7 @@ class NanGuard(Callback):
         self._stop = None
         callback = trainer.checkpoint_callback
         path = callback.save_now(trainer) if callback is not None else None
-        from framework.checkpoint_storage import redact
+        from framework.checkpoint.storage import redact
 
         saved = (f"the state with that step skipped was saved to {redact(path)} (resume it with ckpt_path=... "
                  "once the cause is fixed)" if path else "no checkpoint was saved (checkpointing is disabled)")

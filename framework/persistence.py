@@ -48,7 +48,7 @@ def rank_state(t: Trainer) -> dict[str, Any]:
 def save_trainer_checkpoint(t: Trainer, path: str, *, safe_serialization: bool = True, writer: Any = None,
                             on_committed: Callable[[], None] | None = None) -> None:
     """Collective save of the whole training state to ``path``; ``writer`` makes it asynchronous."""
-    from framework.checkpoint_storage import redact
+    from framework.checkpoint.storage import redact
     from framework.pitfalls import check_collective_call
 
     # Every rank must be here: a rank-0-only call fails with a clear error instead of hanging or corrupting.

@@ -55,7 +55,7 @@ class TrainingPreempted(SystemExit):
         self.checkpoint = checkpoint
 
     def __str__(self) -> str:
-        from framework.checkpoint_storage import redact
+        from framework.checkpoint.storage import redact
 
         saved = (f"saved checkpoint {redact(self.checkpoint)}; resume with ckpt_path='last'"
                  if self.checkpoint else "no checkpoint saved (on_preempt='exit')")

@@ -63,7 +63,7 @@ def assert_checkpoints_equal(a: str | os.PathLike, b: str | os.PathLike, *, atol
     Sharded optimizer files (``dcp/``, DeepSpeed engine files) are not compared.
     """
     from framework.checkpoint import MODEL, read_manifest, read_state
-    from framework.consolidate import read_model_state
+    from framework.checkpoint.consolidate import read_model_state
 
     _check_tolerances(atol, rtol)
     a, b = os.fspath(a), os.fspath(b)

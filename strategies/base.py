@@ -249,7 +249,7 @@ class Strategy:
                         ) -> tuple[dict[str, Any], dict[str, Any]]:
         """Load model (and optimizer) state in place; return ``(trainer_state, this rank's state)``."""
         from framework import checkpoint as io
-        from framework.consolidate import read_model_state
+        from framework.checkpoint.consolidate import read_model_state
 
         manifest = io.read_manifest(path)
         self.load_module_state_dict(read_model_state(path, manifest))
@@ -298,7 +298,7 @@ class Strategy:
 
 def _note_failed_save(exc: BaseException, path: str) -> None:
     """Say which save failed and that nothing earlier was touched (in the traceback, the type unchanged)."""
-    from framework.checkpoint_storage import redact
+    from framework.checkpoint.storage import redact
 
     if hasattr(exc, "add_note") and isinstance(exc, Exception):
         exc.add_note(f"[kiln] saving checkpoint {redact(path)} failed: it was not committed (a later fit removes "
@@ -307,7 +307,7 @@ def _note_failed_save(exc: BaseException, path: str) -> None:
 
 def _discard_staging(staging: Any) -> None:
     """Best-effort removal of a failed save's files (it has no manifest, so it was never a checkpoint)."""
-    from framework.checkpoint_storage import locate
+    from framework.checkpoint.storage import locate
 
     try:
         locate(staging.dir).remove_tree()

@@ -317,7 +317,7 @@ class DeepSpeedStrategy(ParallelStrategy):
                         safe_serialization: bool = True, writer: Any = None,
                         on_committed: Callable[[], None] | None = None) -> None:
         """The engine's checkpoint (every rank's ZeRO partitions) inside a Kiln checkpoint, plus the full
-        weights as ``model.*`` so ``framework.consolidate.load_weights``/``export_safetensors`` read it.
+        weights as ``model.*`` so ``framework.checkpoint.consolidate.load_weights``/``export_safetensors`` read it.
 
         DeepSpeed's writer is collective, so the save is synchronous even when ``writer`` is given.
         """

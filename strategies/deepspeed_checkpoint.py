@@ -3,7 +3,7 @@
 Layout (one Kiln checkpoint directory, committed by its manifest like any other)::
 
     deepspeed/state/...             the engine's own files (every rank's ZeRO partitions, loss scale, ...)
-    model.safetensors + model.json  the full module weights (gathered under ZeRO-3), for framework.consolidate
+    model.safetensors + model.json  the full module weights (gathered under ZeRO-3), for framework.checkpoint.consolidate
     trainer.*, rank-{r}.*           Kiln's trainer state (loop, schedulers, callbacks) and per-rank RNG/data
 
 The engine writes its files with ``torch.save``; they are loaded back with ``weights_only=True`` and an
@@ -111,7 +111,7 @@ def save_checkpoint(strategy: DeepSpeedStrategy, path: str, *, trainer_state: di
 
 def _write_engine_files(strategy: DeepSpeedStrategy, staging: Any) -> list:
     from framework import checkpoint as io
-    from framework.checkpoint_storage import locate
+    from framework.checkpoint.storage import locate
 
     root = locate(staging.dir)
     local_dir = os.path.join(root.path, DS_DIR) if root.is_local else tempfile.mkdtemp(prefix="kiln-ds-save-")
@@ -159,16 +159,16 @@ def load_checkpoint(strategy: DeepSpeedStrategy, path: str, *, training: bool) -
             raise ValueError(
                 f"The checkpoint {io.redact(path)} was saved by strategy={manifest.strategy!r} and holds no DeepSpeed "
                 "engine state, so training cannot resume from it under strategy='deepspeed'. Resume with the "
-                "strategy that saved it, or start a new fit from its weights (framework.consolidate.load_weights).")
+                "strategy that saved it, or start a new fit from its weights (framework.checkpoint.consolidate.load_weights).")
         if manifest.world_size != strategy.world_size:
             raise ValueError(
                 f"The checkpoint {io.redact(path)} holds ZeRO partitions of {manifest.world_size} ranks, but this run "
                 f"has {strategy.world_size}. Resume with {manifest.world_size} processes, or start a new fit from "
-                "its weights (framework.consolidate.load_weights).")
+                "its weights (framework.checkpoint.consolidate.load_weights).")
         io.verify_checkpoint(path, manifest)  # the engine reads its files itself: check them first
         _load_engine_files(strategy, path, manifest)
     else:
-        from framework.consolidate import read_model_state
+        from framework.checkpoint.consolidate import read_model_state
 
         strategy.load_module_state_dict(read_model_state(path, manifest))
     shared = io.read_state(path, io.TRAINER, manifest)
@@ -176,7 +176,7 @@ def load_checkpoint(strategy: DeepSpeedStrategy, path: str, *, training: bool) -
 
 
 def _load_engine_files(strategy: DeepSpeedStrategy, path: str, manifest: Any) -> None:
-    from framework.checkpoint_storage import locate
+    from framework.checkpoint.storage import locate
 
     root = locate(path)
     if root.is_local:

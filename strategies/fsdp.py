@@ -214,8 +214,8 @@ class FSDPStrategy(ParallelStrategy):
         import torch.distributed.checkpoint as dcp
 
         from framework import checkpoint as io
-        from framework.checkpoint_storage import locate
-        from framework.consolidate import DCP_DIR
+        from framework.checkpoint.consolidate import DCP_DIR
+        from framework.checkpoint.storage import locate
 
         location = locate(staging.dir).join(DCP_DIR)
         if location.is_local:
@@ -233,8 +233,8 @@ class FSDPStrategy(ParallelStrategy):
         import torch.distributed.checkpoint as dcp
 
         from framework import checkpoint as io
-        from framework.checkpoint_storage import locate
-        from framework.consolidate import DCP_DIR
+        from framework.checkpoint.consolidate import DCP_DIR
+        from framework.checkpoint.storage import locate
 
         manifest = io.read_manifest(path)
         if manifest.layout != "dcp":

@@ -1,4 +1,4 @@
-"""Checkpoint directories: commit, verified load, integrity, discovery, fsspec/S3 (framework/checkpoint.py)."""
+"""Checkpoint directories: commit, verified load, integrity, discovery, fsspec/S3 (framework/checkpoint/)."""
 
 from __future__ import annotations
 
@@ -31,7 +31,9 @@ from framework.checkpoint import (
     save_checkpoint,
     write_state,
 )
-from framework.consolidate import export_safetensors, load_weights
+from framework.checkpoint.consolidate import export_safetensors, load_weights
+from framework.checkpoint.format import manifest_checksum
+from framework.checkpoint.storage import Location
 
 
 class TiedNet(torch.nn.Module):
@@ -93,7 +95,7 @@ def rewrite_manifest(path, edit):
     doc = json.load(open(file))
     doc.pop("checksum")
     edit(doc)
-    doc["checksum"] = ckpt._manifest_checksum(doc, "xxh3_64")
+    doc["checksum"] = manifest_checksum(doc, "xxh3_64")
     json.dump(doc, open(file, "w"))
 
 
@@ -302,7 +304,7 @@ def test_commit_replaces_an_existing_checkpoint(tmp_path):
 
 def test_remove_checkpoint_deletes_manifest_first(tmp_path, monkeypatch):
     path = save(tmp_path / "c")
-    monkeypatch.setattr(ckpt.Location, "remove_tree", lambda self: (_ for _ in ()).throw(OSError("crash")))
+    monkeypatch.setattr(Location, "remove_tree", lambda self: (_ for _ in ()).throw(OSError("crash")))
     with pytest.raises(OSError, match="crash"):
         remove_checkpoint(path)
     monkeypatch.undo()

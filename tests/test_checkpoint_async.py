@@ -1,4 +1,4 @@
-"""Asynchronous checkpoint writes (framework/checkpoint_async.py)."""
+"""Asynchronous checkpoint writes (framework/checkpoint/async_writer.py)."""
 
 from __future__ import annotations
 

@@ -1,10 +1,10 @@
-"""Local/fsspec locations and credential redaction (framework/checkpoint_storage.py)."""
+"""Local/fsspec locations and credential redaction (framework/checkpoint/storage.py)."""
 
 from __future__ import annotations
 
 import pytest
 
-from framework.checkpoint_storage import locate, redact
+from framework.checkpoint.storage import locate, redact
 
 
 @pytest.mark.parametrize(("url", "expected"), [

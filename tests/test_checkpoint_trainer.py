@@ -15,7 +15,7 @@ import torch
 from torch.utils.data import DataLoader, TensorDataset
 
 from callbacks import ModelCheckpoint
-from framework import Trainer, TrainModule, tensor_files
+from framework import Trainer, TrainModule
 from framework.checkpoint import (
     CheckpointError,
     begin_checkpoint,
@@ -24,6 +24,7 @@ from framework.checkpoint import (
     list_checkpoints,
     read_manifest,
     read_state,
+    tensor_files,
 )
 from framework.testing import assert_modules_equal
 

@@ -1,4 +1,4 @@
-"""Model weights out of any checkpoint layout (framework/consolidate.py)."""
+"""Model weights out of any checkpoint layout (framework/checkpoint/consolidate.py)."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ from framework.checkpoint import (
     describe_files,
     save_checkpoint,
 )
-from framework.consolidate import DCP_DIR, export_safetensors, load_weights, read_model_state
+from framework.checkpoint.consolidate import DCP_DIR, export_safetensors, load_weights, read_model_state
 
 
 class TiedNet(torch.nn.Module):

@@ -192,7 +192,7 @@ def test_resume_from_a_mid_epoch_checkpoint_is_bit_exact(resume_results: dict[st
 @pytest.mark.parametrize("stage", [2, 3])
 def test_checkpoint_holds_loadable_full_weights(resume_results: dict[str, Any], stage: int) -> None:
     from framework.checkpoint import read_manifest
-    from framework.consolidate import load_weights
+    from framework.checkpoint.consolidate import load_weights
 
     result = resume_results[stage]
     path = result["ckpt"][-1]  # step 8, what run C validated under this stage

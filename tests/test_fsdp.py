@@ -37,7 +37,7 @@ def test_checkpoints_resume_bit_exact_and_reshard_to_one_process(tmp_path):
 
     from framework import Trainer
     from framework.checkpoint import read_manifest
-    from framework.consolidate import read_model_state
+    from framework.checkpoint.consolidate import read_model_state
 
     run_distributed(fsdp_jobs.checkpoint_job, nproc=2, timeout=150, args=(str(tmp_path),))
     assert read_manifest(str(tmp_path / "sharded")).layout == "dcp"

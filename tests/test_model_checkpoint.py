@@ -13,8 +13,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from callbacks import ModelCheckpoint
-from framework import tensor_files
-from framework.checkpoint import list_checkpoints, read_manifest, read_state, verify_checkpoint
+from framework.checkpoint import list_checkpoints, read_manifest, read_state, tensor_files, verify_checkpoint
 
 BATCHES_PER_EPOCH = 5  # make_loader(): 20 samples, batch_size 4
 

@@ -24,7 +24,6 @@ import pytest
 import torch
 
 from callbacks import Callback, ModelCheckpoint
-from framework import tensor_files
 from framework.checkpoint import (
     CheckpointError,
     begin_checkpoint,
@@ -32,6 +31,7 @@ from framework.checkpoint import (
     describe_files,
     list_checkpoints,
     read_manifest,
+    tensor_files,
 )
 
 SECRET = "TOPSECRET9"
@@ -128,7 +128,7 @@ def test_a_deeply_nested_manifest_is_refused(tmp_path, make_trainer, tiny_module
 
 def test_a_manifest_path_that_climbs_out_is_refused_and_passed_over_by_last(trained, tmp_path):
     """(Every form of such a path is tests/test_checkpoint.py's; here through the Trainer.)"""
-    from framework.checkpoint import _manifest_checksum
+    from framework.checkpoint.format import manifest_checksum
 
     dirpath, fit = trained
     (tmp_path / "victim.pt").write_bytes(b"x")
@@ -138,7 +138,7 @@ def test_a_manifest_path_that_climbs_out_is_refused_and_passed_over_by_last(trai
         doc = json.load(f)
     del doc["checksum"]
     doc["files"].append({"path": "../../victim.pt", "size": 1, "checksum": doc["files"][0]["checksum"]})
-    doc["checksum"] = _manifest_checksum(doc, tensor_files.default_algorithm())  # consistent, just hostile
+    doc["checksum"] = manifest_checksum(doc, tensor_files.default_algorithm())  # consistent, just hostile
     with open(os.path.join(evil, "manifest.json"), "w") as f:
         json.dump(doc, f)
     with pytest.raises(CheckpointError, match=r"step=99.*unsafe"):

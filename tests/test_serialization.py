@@ -1,4 +1,4 @@
-"""State trees <-> (tensors, JSON skeleton): exact round trips, ties, refusals (framework/serialization.py)."""
+"""State trees <-> (tensors, JSON skeleton): exact round trips, ties, refusals (framework/checkpoint/serialization.py)."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
-from framework.serialization import (
+from framework.checkpoint.serialization import (
     TAG,
     flatten_state,
     skeleton_from_json,

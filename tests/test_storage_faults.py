@@ -21,7 +21,7 @@ import pytest
 import torch
 
 from callbacks import ModelCheckpoint
-from framework import checkpoint, tensor_files
+from framework import checkpoint
 from framework.checkpoint import (
     CheckpointDamaged,
     begin_checkpoint,
@@ -29,10 +29,12 @@ from framework.checkpoint import (
     commit_checkpoint,
     find_last,
     list_checkpoints,
+    tensor_files,
     verify_checkpoint,
     write_state,
 )
-from framework.checkpoint_storage import Location
+from framework.checkpoint import save as checkpoint_save
+from framework.checkpoint.storage import Location
 
 FAILING_SAVE = 4  # saves every step; the 4th one fails (rotation keeps 2)
 
@@ -54,7 +56,7 @@ class Failure:
         real_tensors = tensor_files.write_safetensors
         monkeypatch.setattr(tensor_files, "write_safetensors", lambda f, tensors, hasher: (
             self.fire(f) if self.armed and where == "state" else real_tensors(f, tensors, hasher)))
-        real_write_file = checkpoint.write_file
+        real_write_file = checkpoint_save.write_file
 
         def write_file(loc: Location, write: Any, fsync: bool = False) -> Any:
             target = {"manifest.json": "manifest"}.get(loc.name, "skeleton" if loc.name.endswith(".json") else "")
@@ -62,7 +64,7 @@ class Failure:
                 self.fire()
             return real_write_file(loc, write, fsync)
 
-        monkeypatch.setattr(checkpoint, "write_file", write_file)
+        monkeypatch.setattr(checkpoint_save, "write_file", write_file)
         real_replace = Location.replace_with
         monkeypatch.setattr(Location, "replace_with", lambda loc, staging, token, fsync=False: (
             self.fire() if self.armed and where == "rename" else real_replace(loc, staging, token, fsync)))

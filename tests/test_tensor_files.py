@@ -1,4 +1,4 @@
-"""Tensor files with streaming checksums (framework/tensor_files.py)."""
+"""Tensor files with streaming checksums (framework/checkpoint/tensor_files.py)."""
 
 from __future__ import annotations
 
@@ -15,9 +15,15 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from framework import tensor_files
-from framework.serialization import flatten_state
-from framework.tensor_files import StreamHasher, read_pt, read_safetensors, write_pt, write_safetensors
+from framework.checkpoint import tensor_files
+from framework.checkpoint.serialization import flatten_state
+from framework.checkpoint.tensor_files import (
+    StreamHasher,
+    read_pt,
+    read_safetensors,
+    write_pt,
+    write_safetensors,
+)
 
 TENSORS = {
     "w": torch.randn(4, 3), "b64": torch.arange(5, dtype=torch.float64), "bf": torch.randn(3).bfloat16(),

@@ -19,6 +19,7 @@ import weakref
 from collections.abc import Mapping
 from typing import Any
 
+from framework.checkpoint.storage import join_path
 from framework.state import DistributedState
 
 _VERSION_DIR = re.compile(r"^version_(\d+)$")
@@ -31,13 +32,6 @@ def is_rank_zero() -> bool:
 
 def is_url(path: str) -> bool:
     return "://" in path and not path.startswith("file://")
-
-
-def join(base: str, *parts: str) -> str:
-    parts = tuple(p for p in parts if p)
-    if is_url(base):
-        return "/".join((base.rstrip("/"), *parts))
-    return os.path.join(base, *parts)
 
 
 def to_float(name: str, value: Any) -> float:
@@ -214,7 +208,7 @@ class VersionedDirLogger(Logger):
     @property
     def root_dir(self) -> str:
         """``save_dir/name``: the parent of every version directory (``save_dir`` when name is empty)."""
-        return join(self._save_dir, self._name)
+        return join_path(self._save_dir, self._name)
 
     @property
     def version(self) -> int | str:
@@ -228,7 +222,7 @@ class VersionedDirLogger(Logger):
     @property
     def log_dir(self) -> str:
         version = self.version
-        return join(self.root_dir, version if isinstance(version, str) else f"version_{version}", self._sub_dir or "")
+        return join_path(self.root_dir, version if isinstance(version, str) else f"version_{version}", self._sub_dir or "")
 
     def _next_version(self) -> int:
         root = self.root_dir
@@ -277,7 +271,7 @@ class VersionedDirLogger(Logger):
 
 
 def url_to_fs(url: str):
-    from framework.checkpoint_storage import url_to_fs as _url_to_fs  # credentials in the URL become options
+    from framework.checkpoint.storage import url_to_fs as _url_to_fs  # credentials in the URL become options
 
     return _url_to_fs(url)
 

@@ -70,8 +70,10 @@ class Faults(Callback):
 
 def arm(kind: str) -> None:
     """Patch the checkpoint IO so that the next save (or rotation) kills this process at the chosen point."""
-    from framework import checkpoint, tensor_files
-    from framework.checkpoint_storage import Location
+    from framework import checkpoint
+    from framework.checkpoint import save as checkpoint_save
+    from framework.checkpoint import tensor_files
+    from framework.checkpoint.storage import Location
 
     if kind == "kill-in-write":
         real_write = tensor_files.write_safetensors
@@ -97,14 +99,14 @@ def arm(kind: str) -> None:
 
         tensor_files.write_safetensors = write_half
     elif kind == "kill-before-manifest":
-        real_file = checkpoint.write_file
+        real_file = checkpoint_save.write_file
 
         def write_file(loc: Any, write: Any, fsync: bool = False) -> Any:
             if loc.name == checkpoint.MANIFEST:
                 die()
             return real_file(loc, write, fsync)
 
-        checkpoint.write_file = write_file
+        checkpoint_save.write_file = write_file
     elif kind == "kill-before-rename":
         Location.replace_with = lambda self, staging, token, fsync=False: die()
     elif kind == "kill-in-rotation":  # die right after the first file of a deletion goes, whichever it is

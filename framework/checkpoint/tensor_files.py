@@ -20,7 +20,7 @@ from typing import IO, Any
 
 import torch
 
-from framework.serialization import (
+from framework.checkpoint.serialization import (
     TREE_FORMAT,
     TREE_VERSION,
     skeleton_from_json,

@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 
-from framework.serialization import _tensor_identity
+from framework.checkpoint.serialization import tensor_identity
 
 __all__ = ["AsyncCheckpointWriter"]
 
@@ -109,7 +109,7 @@ class AsyncCheckpointWriter:
         if isinstance(obj, torch.Tensor):
             if obj.layout != torch.strided or obj.is_meta or type(obj) not in (torch.Tensor, torch.nn.Parameter):
                 return obj  # not copyable here; flatten_state reports it with its key path
-            ident = _tensor_identity(obj)
+            ident = tensor_identity(obj)
             if ident is not None and ident in copies:
                 return copies[ident]
             buf = self._buffer(path, obj)

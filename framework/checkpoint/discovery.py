@@ -1,4 +1,4 @@
-"""Finding, ranking and removing complete checkpoints in a folder (see :mod:`framework.checkpoint`).
+"""Finding, ranking and removing complete checkpoints in a folder (see :mod:`framework.checkpoint.format`).
 
 A checkpoint counts only once its manifest is committed; these functions skip the rest with a
 warning, rank the complete ones newest first, delete a checkpoint so no crash leaves a half-deleted
@@ -12,16 +12,16 @@ import re
 import time
 import warnings
 
-from framework.checkpoint import (
-    _PENDING,
+from framework.checkpoint.format import (
     MANIFEST,
+    PENDING_MARK,
     CheckpointError,
     Manifest,
     checkpoint_error,
     new_token,
-    read_manifest,
 )
-from framework.checkpoint_storage import Location, locate, redact
+from framework.checkpoint.load import read_manifest
+from framework.checkpoint.storage import Location, locate, redact
 
 __all__ = ["list_checkpoints", "find_last", "remove_checkpoint", "cleanup_stale"]
 
@@ -102,8 +102,8 @@ def cleanup_stale(dirpath: str, max_age_s: float = 3600.0) -> list[str]:
                  if _STAGING.fullmatch(name) and time.time() - mtime > max_age_s]
     else:
         stale = [loc for loc in (parent.join(name) for name in parent.child_dirs())
-                 if loc.join(_PENDING).exists() and not loc.join(MANIFEST).exists()
-                 and (max_age_s <= 0 or _age_s(loc.join(_PENDING)) > max_age_s)]
+                 if loc.join(PENDING_MARK).exists() and not loc.join(MANIFEST).exists()
+                 and (max_age_s <= 0 or _age_s(loc.join(PENDING_MARK)) > max_age_s)]
     for loc in stale:
         loc.remove_tree()
         removed.append(loc.url)

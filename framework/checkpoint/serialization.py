@@ -4,7 +4,7 @@ A state tree (nested dicts/lists/tuples of primitives, tensors and numpy values)
 dict of tensors plus a JSON *skeleton* whose placeholders name those tensors. Tensors viewing the
 same memory (tied weights) are stored once and come back as one object; tuples, OrderedDicts
 (with their ``_metadata``), int dict keys, non-finite floats and numpy dtypes all round-trip.
-Malformed skeletons raise ``ValueError``; ``framework.checkpoint`` adds which file it came from.
+Malformed skeletons raise ``ValueError``; ``framework.checkpoint.load`` adds which file it came from.
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ def _path_str(path: tuple) -> str:
     return "state" + "".join(f"[{p!r}]" for p in path)
 
 
-def _tensor_identity(t: torch.Tensor) -> tuple | None:
+def tensor_identity(t: torch.Tensor) -> tuple | None:
     """Key equal for two tensors that view exactly the same memory (tied weights)."""
     if t.numel() == 0:
         return None
@@ -63,7 +63,7 @@ class _Flattener:
 
     def tensor(self, t: torch.Tensor, path: tuple) -> dict:
         _check_tensor(t, path)
-        ident = _tensor_identity(t)
+        ident = tensor_identity(t)
         if ident is not None and ident in self._by_identity:
             return {TAG: "tensor", "key": self._by_identity[ident]}
         name = self._name_for(path)

@@ -13,18 +13,11 @@ from typing import Any
 
 import torch
 
-from framework import tensor_files
-from framework.checkpoint import (
-    MODEL,
-    Manifest,
-    NoHash,
-    checkpoint_error,
-    read_manifest,
-    read_state,
-    verify_checkpoint,
-    write_file,
-)
-from framework.checkpoint_storage import locate
+import framework.checkpoint.tensor_files as tensor_files
+from framework.checkpoint.format import MODEL, Manifest, checkpoint_error
+from framework.checkpoint.load import NoHash, read_manifest, read_state, verify_checkpoint
+from framework.checkpoint.save import write_file
+from framework.checkpoint.storage import locate
 
 __all__ = ["read_model_state", "load_weights", "export_safetensors", "DCP_DIR", "DCP_MODEL_KEY"]
 

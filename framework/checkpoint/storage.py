@@ -48,6 +48,14 @@ def redact(url: Any) -> str:
     return "::".join(parts)
 
 
+def join_path(base: str, *parts: str) -> str:
+    """``base`` joined with ``parts`` (empty parts skipped): ``/`` for URLs, ``os.path.join`` for local paths."""
+    parts = tuple(p for p in parts if p)
+    if "://" in base and not base.startswith("file://"):
+        return "/".join((base.rstrip("/"), *parts))
+    return os.path.join(base, *parts)
+
+
 def url_to_fs(url: str) -> tuple[Any, str]:
     """fsspec's ``(filesystem, path)`` for ``url``, credentials in it passed as storage options (for other
     modules that write to URLs, e.g. loggers: the credentials then never reach a path or a message)."""
