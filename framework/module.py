@@ -48,6 +48,13 @@ class TrainModule(nn.Module):
     def configure_model(self) -> None:
         """Build layers lazily here (meta device / sharded init); called once before wrapping."""
 
+    @property
+    def device_mesh(self) -> Any:
+        """The strategy's ``DeviceMesh`` while a Trainer runs (``model_parallel``: dims ``"data_parallel"`` x
+        ``"tensor_parallel"``, ready in ``configure_model``); None without one."""
+        trainer = self._trainer
+        return getattr(trainer.strategy, "device_mesh", None) if trainer is not None else None
+
     # ---- optional data hooks -----------------------------------------------------------------
     # train_dataloader / val_dataloader / test_dataloader / predict_dataloader are looked up by name
     # when fit/validate/test/predict get no loaders; they are not defined here so "not overridden"

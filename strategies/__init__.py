@@ -16,6 +16,7 @@ from strategies.single import SingleDeviceStrategy
 _LAZY = {
     "DDPStrategy": "strategies.ddp",
     "FSDPStrategy": "strategies.fsdp",
+    "ModelParallelStrategy": "strategies.model_parallel",
     "DeepSpeedStrategy": "strategies.deepspeed",
     "XLAStrategy": "strategies.xla",
 }

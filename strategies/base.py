@@ -66,6 +66,11 @@ class Strategy:
     def is_global_zero(self) -> bool:
         return self.global_rank == 0
 
+    @property
+    def distributed_sampler_kwargs(self) -> dict[str, int]:
+        """How data is sharded: ``num_replicas``/``rank`` of this process among the data-parallel replicas."""
+        return {"num_replicas": self.world_size, "rank": self.global_rank}
+
     def setup_environment(self) -> None:
         """Create the process group (if any) and publish the topology in DistributedState."""
         DistributedState._reset_state()
@@ -286,7 +291,7 @@ class Strategy:
 
         # Evaluation is never padded: duplicated samples would distort sync_dist metrics. Strategies whose
         # evaluation forward is itself collective (FSDP) override this to keep ranks in lockstep.
-        return prepare_dataloader(dataloader, num_replicas=self.world_size, rank=self.global_rank, seed=seed,
+        return prepare_dataloader(dataloader, **self.distributed_sampler_kwargs, seed=seed,
                                   use_distributed_sampler=use_distributed_sampler,
                                   even_batches=even_batches if stage == "fit" else False,
                                   shuffle=None if stage == "fit" else False)

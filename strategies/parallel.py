@@ -208,8 +208,8 @@ class ParallelStrategy(Strategy):
                 warnings.warn(f"The {stage} data has fewer samples than processes ({self.world_size}); samples are "
                               "repeated so that every rank runs a step, which weights them twice in metrics.",
                               stacklevel=2)
-                loader = prepare_dataloader(dataloader, num_replicas=self.world_size, rank=self.global_rank,
-                                            seed=seed, use_distributed_sampler=use_distributed_sampler,
+                loader = prepare_dataloader(dataloader, **self.distributed_sampler_kwargs, seed=seed,
+                                            use_distributed_sampler=use_distributed_sampler,
                                             even_batches=True, shuffle=False)
         self._eval_plans.setdefault(stage, []).append(plan if plan is not None and plan.extra else None)
         return loader

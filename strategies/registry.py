@@ -24,6 +24,7 @@ def register_strategy(name: str, target: str, **defaults: Any) -> None:
 register_strategy("single_device", "strategies.single:SingleDeviceStrategy")
 register_strategy("ddp", "strategies.ddp:DDPStrategy")
 register_strategy("fsdp", "strategies.fsdp:FSDPStrategy")
+register_strategy("model_parallel", "strategies.model_parallel:ModelParallelStrategy")
 register_strategy("deepspeed", "strategies.deepspeed:DeepSpeedStrategy", stage=2)
 for _stage in (1, 2, 3):
     register_strategy(f"deepspeed_stage_{_stage}", "strategies.deepspeed:DeepSpeedStrategy", stage=_stage)
