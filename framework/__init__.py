@@ -1,8 +1,48 @@
-"""Kiln's core: TrainModule, Trainer, seeding and the process topology."""
+"""Kiln's core: TrainModule, DataModule, Trainer, seeding, the process topology and rank-zero helpers.
 
-from framework.module import TrainModule
-from framework.seed import seed_everything
-from framework.state import DistributedState
-from framework.trainer import Trainer
+Names are imported on first use (PEP 562), so ``import framework`` stays cheap and any submodule can be
+imported first, alone, without an import cycle.
+"""
 
-__all__ = ["TrainModule", "Trainer", "seed_everything", "DistributedState"]
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+_EXPORTS = {
+    "TrainModule": "framework.module",
+    "DataModule": "framework.datamodule",
+    "Trainer": "framework.trainer",
+    "seed_everything": "framework.seed",
+    "DistributedState": "framework.state",
+    "AttributeDict": "framework.hparams",
+    "rank_zero_only": "framework.rank_zero",
+    "rank_zero_info": "framework.rank_zero",
+    "rank_zero_warn": "framework.rank_zero",
+    "rank_zero_debug": "framework.rank_zero",
+}
+
+__all__ = ["TrainModule", "DataModule", "Trainer", "seed_everything", "DistributedState", "AttributeDict",
+           "rank_zero_only", "rank_zero_info", "rank_zero_warn", "rank_zero_debug"]
+
+if TYPE_CHECKING:
+    from framework.datamodule import DataModule
+    from framework.hparams import AttributeDict
+    from framework.module import TrainModule
+    from framework.rank_zero import rank_zero_debug, rank_zero_info, rank_zero_only, rank_zero_warn
+    from framework.seed import seed_everything
+    from framework.state import DistributedState
+    from framework.trainer import Trainer
+
+
+def __getattr__(name: str) -> Any:
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'framework' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *_EXPORTS})

@@ -7,17 +7,22 @@ the Trainer and its Strategy do the placement, wrapping and numerics.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
 
+from framework.hparams import HyperparametersMixin
+from framework.loading import load_from_checkpoint, restricted_classmethod
+from framework.module_utils import ModuleUtilities
+
 if TYPE_CHECKING:
     from framework.trainer import Trainer
 
 
-class TrainModule(nn.Module):
+class TrainModule(HyperparametersMixin, ModuleUtilities, nn.Module):
     """Subclass and implement ``training_step`` and ``configure_optimizers`` (see DESIGN.md §2).
 
     Set ``automatic_optimization = False`` to drive optimizers yourself with ``self.optimizers()``,
@@ -26,6 +31,9 @@ class TrainModule(nn.Module):
     """
 
     automatic_optimization: bool = True
+    CHECKPOINT_HYPER_PARAMS_KEY = "hyper_parameters"
+    CHECKPOINT_HYPER_PARAMS_NAME = "hparams_name"
+    CHECKPOINT_HYPER_PARAMS_TYPE = "hparams_type"
 
     def __init__(self) -> None:
         super().__init__()
@@ -94,9 +102,16 @@ class TrainModule(nn.Module):
     # ---- trainer-backed properties -------------------------------------------------------------------
     @property
     def trainer(self) -> Trainer:
-        if self._trainer is None:
+        if self._trainer is None and not self._jit_is_scripting:
             raise RuntimeError(f"{type(self).__name__} is not attached to a Trainer; call trainer.fit(module) first.")
         return self._trainer
+
+    @trainer.setter
+    def trainer(self, trainer: Trainer | None) -> None:
+        for child in self.children():  # nested TrainModules share the Trainer, as in Lightning
+            if isinstance(child, TrainModule):
+                child.trainer = trainer
+        object.__setattr__(self, "_trainer", trainer)
 
     @property
     def device(self) -> torch.device:
@@ -115,10 +130,12 @@ class TrainModule(nn.Module):
         return self._trainer.current_epoch if self._trainer is not None else 0
 
     # ---- manual optimization ------------------------------------------------------------------------
-    def optimizers(self) -> Any:
-        """The Trainer's optimizers, wrapped so ``step()`` honours precision; one optimizer is returned bare."""
-        wrapped = self.trainer._manual_optimizers
-        return wrapped[0] if len(wrapped) == 1 else wrapped
+    def optimizers(self, use_pl_optimizer: bool = True) -> Any:
+        """The Trainer's optimizers: one object when there is one, else a list. With ``use_pl_optimizer`` (the
+        default) they are wrapped so ``step()`` goes through precision, clipping and the step counter; with
+        False the plain ``torch.optim`` objects."""
+        opts = self.trainer._manual_optimizers if use_pl_optimizer else self.trainer.optimizers
+        return opts[0] if len(opts) == 1 else list(opts)
 
     def lr_schedulers(self) -> Any:
         schedulers = [c.scheduler for c in self.trainer.lr_scheduler_configs]
@@ -126,15 +143,47 @@ class TrainModule(nn.Module):
             return None
         return schedulers[0] if len(schedulers) == 1 else schedulers
 
-    def manual_backward(self, loss: torch.Tensor) -> None:
-        """Backward through the strategy and precision (loss scaling, DeepSpeed engine, ...)."""
+    def manual_backward(self, loss: torch.Tensor, *args: Any, **kwargs: Any) -> None:
+        """Backward through the strategy and precision (loss scaling, DeepSpeed engine, ...); ``args``/``kwargs``
+        (e.g. ``retain_graph=True``) go on to ``Tensor.backward``. Manual optimization only."""
+        if self.automatic_optimization:
+            raise RuntimeError("manual_backward() is for manual optimization: set self.automatic_optimization = "
+                               "False in __init__, or return the loss from training_step and let the Trainer "
+                               "call backward.")
         trainer = self.trainer
         trainer._call_hooks("on_before_backward", loss)
-        trainer.strategy.backward(loss)
+        if args or kwargs:
+            _backward_with_args(trainer.strategy, loss, args, kwargs)
+        else:
+            trainer.strategy.backward(loss)
         trainer._call_hooks("on_after_backward")
+
+    @restricted_classmethod
+    def load_from_checkpoint(cls, checkpoint_path: str | os.PathLike, map_location: Any = None,
+                             hparams_file: str | os.PathLike | None = None, strict: bool | None = None,
+                             **kwargs: Any) -> Any:
+        """A new module built from the checkpoint's saved hyperparameters (``kwargs`` override them), with its
+        weights loaded (``strict``; default ``self.strict_loading``). ``checkpoint_path`` is a checkpoint
+        directory or URL, or ``<dirpath>/last`` / ``<dirpath>/best``. Weights load on the CPU unless
+        ``map_location`` names a device. See ``framework.loading``."""
+        return load_from_checkpoint(cls, checkpoint_path, map_location=map_location, hparams_file=hparams_file,
+                                    strict=strict, **kwargs)
 
     def __getstate__(self) -> dict[str, Any]:
         state = super().__getstate__() if hasattr(super(), "__getstate__") else self.__dict__.copy()
         state = dict(state)
         state["_trainer"] = None
         return state
+
+
+def _backward_with_args(strategy: Any, loss: torch.Tensor, args: tuple, kwargs: dict[str, Any]) -> None:
+    """``strategy.backward(loss, *args, **kwargs)``; a strategy whose backward takes no extra arguments is
+    refused clearly rather than having them dropped."""
+    import inspect
+
+    params = inspect.signature(strategy.backward).parameters.values()
+    if not any(p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD) for p in params):
+        raise TypeError(f"manual_backward(loss, *{args!r}, **{kwargs!r}): {type(strategy).__name__}.backward takes "
+                        "no extra arguments to pass on to Tensor.backward; call self.manual_backward(loss) "
+                        "without them.")
+    strategy.backward(loss, *args, **kwargs)
