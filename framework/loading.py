@@ -79,7 +79,7 @@ def load_from_checkpoint(cls: type, checkpoint_path: str | os.PathLike, map_loca
 
 def _load_module(obj: Any, path: str, manifest: Any, checkpoint: dict[str, Any], strict: bool | None,
                  device: torch.device | None) -> Any:
-    from framework.consolidate import read_model_state
+    from framework.checkpoint.consolidate import read_model_state
 
     if obj._strict_loading is not None and strict is not None and strict != obj.strict_loading:
         raise ValueError(f"load_from_checkpoint(..., strict={strict!r}) contradicts {type(obj).__name__}."
@@ -160,7 +160,7 @@ def resolve_checkpoint_path(checkpoint_path: str | os.PathLike) -> str:
     ``<dirpath>/best`` (when no checkpoint has that name) the newest complete checkpoint in ``dirpath``
     / the best one its ModelCheckpoint recorded. Never a path outside ``dirpath``."""
     from framework import checkpoint as io
-    from framework.checkpoint_storage import locate
+    from framework.checkpoint import locate
 
     if not isinstance(checkpoint_path, (str, os.PathLike)):
         raise TypeError(f"checkpoint_path={checkpoint_path!r}: pass a checkpoint directory path or URL "
@@ -188,6 +188,7 @@ def resolve_checkpoint_path(checkpoint_path: str | os.PathLike) -> str:
 def _best(dirpath: str, newest: str) -> str:
     """The best checkpoint recorded by the ModelCheckpoint state in the newest checkpoint of ``dirpath``."""
     from framework import checkpoint as io
+    from framework.checkpoint.storage import join_path
 
     states = io.read_state(newest, io.TRAINER).get("callbacks") or {}
     best = {s["best_model_path"] for s in states.values() if isinstance(s, Mapping) and s.get("best_model_path")}
@@ -197,14 +198,14 @@ def _best(dirpath: str, newest: str) -> str:
         raise io.CheckpointError(f"cannot resolve 'best' in {io.redact(dirpath)}: {reason}; pass the checkpoint "
                                  "path itself.")
     name = str(best.pop()).rstrip("/").replace("\\", "/").rsplit("/", 1)[-1]
-    resolved = f"{dirpath.rstrip('/')}/{name}" if "://" in dirpath else os.path.join(dirpath, name)
+    resolved = join_path(dirpath, name)
     io.read_manifest(resolved)  # complete, or a CheckpointError naming it
     return resolved
 
 
 def read_hparams_file(hparams_file: str | os.PathLike) -> dict[str, Any]:
     """Hyperparameters from a ``.yaml``/``.yml`` file (safe loader) or a Lightning tags ``.csv``."""
-    from framework.checkpoint_storage import locate
+    from framework.checkpoint import locate
 
     name = os.fspath(hparams_file)
     ext = name.rsplit(".", 1)[-1].lower()
