@@ -15,6 +15,13 @@ _LAZY = {
     "LearningRateMonitor": "callbacks.lr_monitor",
     "ProgressBar": "callbacks.progress",
     "ModelSummary": "callbacks.model_summary",
+    "Timer": "callbacks.timer",
+    "ThroughputMonitor": "callbacks.throughput_monitor",
+    "LambdaCallback": "callbacks.lambda_function",
+    "BasePredictionWriter": "callbacks.prediction_writer",
+    "DeviceStatsMonitor": "callbacks.device_stats_monitor",
+    "StochasticWeightAveraging": "callbacks.stochastic_weight_avg",
+    "GradientAccumulationScheduler": "callbacks.gradient_accumulation_scheduler",
 }
 
 __all__ = ["Callback", "GradientAccumulation", *_LAZY]

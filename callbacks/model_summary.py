@@ -39,11 +39,3 @@ class ModelSummary(Callback):
         if trainer.is_global_zero:
             print(self.last_summary, flush=True)
 
-
-def with_default_model_summary(callbacks: list[Callback], enable_model_summary: bool) -> list[Callback]:
-    """The Trainer's callback list plus ``ModelSummary()`` when enabled and none was given (as Lightning)."""
-    if not isinstance(enable_model_summary, bool):
-        raise TypeError(f"`enable_model_summary` must be a bool, got {enable_model_summary!r}.")
-    if not enable_model_summary or any(isinstance(cb, ModelSummary) for cb in callbacks):
-        return list(callbacks)
-    return [*callbacks, ModelSummary()]

@@ -1,10 +1,9 @@
-"""LearningRateMonitor: names, cadence per interval, momentum, param groups, no-logger warning."""
+"""LearningRateMonitor: names, cadence per interval, momentum, weight decay, param groups, no-logger refusal."""
 
 from __future__ import annotations
 
 import csv
 import os
-import warnings
 from types import SimpleNamespace
 
 import pytest
@@ -144,18 +143,34 @@ def test_tensor_lr_is_logged_as_float():
     assert type(stats["lr-Adam"]) is float and stats["lr-Adam"] == pytest.approx(0.01)
 
 
-def test_without_loggers_warns_once_and_logs_nothing():
-    callback = LearningRateMonitor()
+def test_without_loggers_is_refused():  # as Lightning: the callback would record nothing
     trainer = make_trainer([torch.optim.SGD(params(), lr=0.1)], loggers=[])
-    with pytest.warns(UserWarning, match="no logger"):
-        fit(callback, trainer, epochs=1, steps_per_epoch=2)
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")
-        fit(callback, trainer, epochs=1, steps_per_epoch=2)
+    with pytest.raises(ValueError, match="no logger"):
+        fit(LearningRateMonitor(), trainer, epochs=1, steps_per_epoch=2)
+
+
+def test_weight_decay_history_and_named_single_group():
+    sgd = torch.optim.SGD([{"params": params(), "name": "body"}], lr=0.1, weight_decay=0.01)
+    adam = torch.optim.Adam(params(), lr=0.2)
+    trainer = make_trainer([sgd, adam])
+    callback = LearningRateMonitor(log_weight_decay=True)
+    fit(callback, trainer, epochs=1, steps_per_epoch=2)
+    assert callback.lrs == {"lr-SGD/body": [0.1, 0.1, 0.1], "lr-Adam": [0.2, 0.2, 0.2]}
+    assert callback.last_weight_decay_values == {"lr-SGD/body-weight_decay": 0.01, "lr-Adam-weight_decay": 0.0}
+    step, logged = trainer.loggers[0].records[-1]
+    assert logged == {"lr-SGD/body": 0.1, "lr-SGD/body-weight_decay": 0.01, "lr-Adam": 0.2,
+                      "lr-Adam-weight_decay": 0.0}
+
+
+def test_momentum_missing_warns():
+    trainer = make_trainer([torch.optim.Adagrad(params(), lr=0.1)])
+    with pytest.warns(RuntimeWarning, match="no momentum"):
+        LearningRateMonitor(log_momentum=True).on_train_start(trainer, None)
 
 
 @pytest.mark.parametrize(
-    ("kwargs", "error"), [({"logging_interval": "batch"}, ValueError), ({"log_momentum": "yes"}, TypeError)]
+    ("kwargs", "error"), [({"logging_interval": "batch"}, ValueError), ({"log_momentum": "yes"}, TypeError),
+                          ({"log_weight_decay": 1}, TypeError)]
 )
 def test_bad_arguments(kwargs, error):
     with pytest.raises(error, match=next(iter(kwargs))):
@@ -204,7 +219,7 @@ def test_fit_logs_learning_rates_to_csv(tmp_path, interval, expected):
     assert {float(r["lr-SGD-momentum"]) for r in rows} == {0.5}
 
 
-def test_fit_without_logger_warns():
+def test_fit_without_logger_is_refused():
     trainer = Trainer(
         max_epochs=1,
         callbacks=[LearningRateMonitor()],
@@ -212,5 +227,5 @@ def test_fit_without_logger_warns():
         enable_checkpointing=False,
         enable_progress_bar=False,
     )
-    with pytest.warns(UserWarning, match="LearningRateMonitor has no logger"):
+    with pytest.raises(ValueError, match="LearningRateMonitor callback with a Trainer that has no logger"):
         trainer.fit(Scheduled("step"), DataLoader(TensorDataset(torch.randn(4, 2)), batch_size=4))

@@ -8,7 +8,6 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from callbacks.model_summary import ModelSummary as ModelSummaryCallback
-from callbacks.model_summary import with_default_model_summary
 from framework import Trainer, TrainModule
 from framework.model_summary import ModelSummary, human_readable_count, summarize
 
@@ -109,16 +108,6 @@ def test_bad_arguments():
         ModelSummaryCallback(max_depth="1")
     with pytest.raises(TypeError, match="header_style"):
         ModelSummaryCallback(header_style="bold")
-    with pytest.raises(TypeError, match="enable_model_summary"):
-        with_default_model_summary([], "yes")
-
-
-def test_default_installation():
-    mine = ModelSummaryCallback(max_depth=-1)
-    assert with_default_model_summary([mine], True) == [mine]
-    assert with_default_model_summary([], False) == []
-    (added,) = with_default_model_summary([], True)
-    assert isinstance(added, ModelSummaryCallback) and added._max_depth == 1
 
 
 class Module(TrainModule):

@@ -37,6 +37,15 @@ def test_resolve_instance_and_refusals():
         resolve_profiler(3)
 
 
+def test_named_profiler_falls_back_to_trainer_root(tmp_path):
+    profiler = resolve_profiler("simple", str(tmp_path))
+    profiler.setup("fit", log_dir=None)
+    assert profiler.dirpath == str(tmp_path)
+    profiler = resolve_profiler("simple", str(tmp_path))
+    profiler.setup("fit", log_dir=str(tmp_path / "logs"))
+    assert profiler.dirpath == str(tmp_path / "logs")
+
+
 def test_pass_through_costs_nothing():
     profiler = PassThroughProfiler()
     assert profiler.profile("a") is profiler.profile("b")  # one shared nullcontext: no allocation per call

@@ -25,8 +25,12 @@ def __getattr__(name: str) -> Any:
     raise AttributeError(f"module 'framework.profiler' has no attribute {name!r}")
 
 
-def resolve_profiler(profiler: Profiler | str | None) -> Profiler:
-    """The Trainer's ``profiler`` argument as a Profiler (a PassThroughProfiler when None)."""
+def resolve_profiler(profiler: Profiler | str | None, dirpath: str | None = None) -> Profiler:
+    """The Trainer's ``profiler`` argument as a Profiler (a PassThroughProfiler when None).
+
+    ``dirpath`` (the Trainer's root dir) is where a profiler named by string writes when ``setup`` gets no
+    log dir; a Profiler instance keeps its own settings.
+    """
     if profiler is None:
         return PassThroughProfiler()
     if isinstance(profiler, Profiler):
@@ -37,7 +41,9 @@ def resolve_profiler(profiler: Profiler | str | None) -> Profiler:
             raise ValueError("Trainer(profiler='xla') is not available in Kiln; use profiler='pytorch' "
                              "(torch.profiler) or torch_xla.debug.profiler directly.")
         if key in _BY_NAME:
-            return __getattr__(_BY_NAME[key])()
+            made = __getattr__(_BY_NAME[key])()
+            made._fallback_dirpath = dirpath
+            return made
         raise ValueError(f"Trainer(profiler={profiler!r}) is not a known profiler; use 'simple', 'advanced', "
                          "'pytorch', None, or a framework.profiler.Profiler instance.")
     raise TypeError(f"`profiler` must be None, a str or a framework.profiler.Profiler, got {profiler!r}.")

@@ -30,6 +30,7 @@ class Profiler(ABC):
             raise TypeError(f"`filename` must be a str or None, got {filename!r}.")
         self.dirpath = None if dirpath is None else os.fspath(dirpath)
         self.filename = filename
+        self._fallback_dirpath: str | None = None  # the Trainer's root dir, for profilers it made from a name
         self._output_file: TextIO | None = None
         self._local_rank: int | None = None
         self._stage: str | None = None
@@ -59,7 +60,7 @@ class Profiler(ABC):
         """Called by the Trainer as a stage starts; ``local_rank`` is None in a single-process run."""
         self._stage = stage
         self._local_rank = local_rank
-        self.dirpath = self.dirpath or log_dir
+        self.dirpath = self.dirpath or log_dir or self._fallback_dirpath
 
     def teardown(self, stage: str | None) -> None:
         """Close the report file."""

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from framework.results_table import format_results_table, print_results
+from framework.results import format_results_table, print_results
 
 BAR = "─" * 60
 
