@@ -167,23 +167,28 @@ def test_hparams_namespace_and_unrepresentable_values(tmp_path):
 
 
 def test_log_run_start_merges_module_and_datamodule(tmp_path):
+    from framework import DataModule
     from framework.loggers import log_run_start
 
-    class Holder:
-        def __init__(self, **hparams):
-            self.hparams = hparams
+    class Module(TrainModule):
+        def __init__(self, lr=0.1, shared=1):
+            super().__init__()
+            self.save_hyperparameters()
+
+    class Data(DataModule):
+        def __init__(self, batch_size=4, shared=1, log=True):
+            super().__init__()
+            self.save_hyperparameters(ignore="log", logger=log)
 
     logger = CSVLogger(tmp_path)
-    log_run_start([logger], Holder(lr=0.1, shared=1), Holder(batch_size=4, shared=1))
+    log_run_start([logger], Module(), Data())
     with open(os.path.join(logger.log_dir, "hparams.yaml")) as f:
         assert yaml.safe_load(f) == {"lr": 0.1, "shared": 1, "batch_size": 4}
     with pytest.raises(RuntimeError, match="shared"):
-        log_run_start([logger], Holder(shared=1), Holder(shared=2))
-    quiet = Holder(lr=0.1)
-    quiet._log_hyperparams = False  # save_hyperparameters(logger=False)
-    other = CSVLogger(tmp_path)
-    log_run_start([other], quiet)
-    assert not os.path.exists(os.path.join(other.log_dir, "hparams.yaml"))
+        log_run_start([logger], Module(shared=1), Data(shared=2))
+    quiet = CSVLogger(tmp_path)  # save_hyperparameters(logger=False) / never called: nothing logged
+    log_run_start([quiet], TrainModule(), Data(log=False))
+    assert not os.path.exists(os.path.join(quiet.log_dir, "hparams.yaml"))
 
 
 def test_tensorboard_reopens_after_finalize(tmp_path):

@@ -52,6 +52,7 @@ def test_pass_through_costs_nothing():
     with profiler.profile("a"):
         pass
     assert profiler.summary() == ""
+    assert not profiler.enabled and SimpleProfiler().enabled
 
 
 def test_simple_profiler_times_actions_and_reports():

@@ -56,40 +56,15 @@ def resolve_loggers(logger: Any, default_root_dir: str | os.PathLike | None) -> 
 
 
 def log_run_start(loggers: list[Logger], module: Any, datamodule: Any = None) -> None:
-    """What Lightning does for loggers as a run starts: log the initial hyperparameters, the graph, save.
-
-    Module and datamodule hyperparameters are merged (each unless its ``_log_hyperparams`` is False, as
-    set by ``save_hyperparameters(logger=False)``); a key both define with different values is an error.
-    """
+    """What Lightning does for loggers as a run starts: log the initial hyperparameters (of the module and
+    datamodule that called ``save_hyperparameters(logger=True)``), the graph, then save."""
     if not loggers:
         return
-    sources = [obj for obj in (module, datamodule) if obj is not None and getattr(obj, "_log_hyperparams", True)]
-    params: dict[str, Any] | None = None
-    for obj in sources:
-        values = dict(getattr(obj, "hparams_initial", None) or getattr(obj, "hparams", None) or {})
-        if params is None:
-            params = values
-            continue
-        clash = sorted(k for k in params.keys() & values.keys() if not _same(params[k], values[k]))
-        if clash:
-            raise RuntimeError(
-                f"The hyperparameters {clash} are present in both the module's and the datamodule's hparams "
-                "with different values; rename them on one side so the logged hyperparameters are unambiguous."
-            )
-        params.update(values)
-    if params is not None:
-        params = {k: v for k, v in params.items() if k != "_class_path"}
+    from framework.hparams import hparams_for_logging
+
+    params = hparams_for_logging(module, datamodule)
     for logger in loggers:
         if params is not None:
             logger.log_hyperparams(params)
         logger.log_graph(module)
         logger.save()
-
-
-def _same(a: Any, b: Any) -> bool:
-    if type(a) is not type(b):
-        return False
-    try:
-        return bool(a == b) if not hasattr(a, "shape") else a is b
-    except (TypeError, ValueError, RuntimeError):
-        return a is b

@@ -20,8 +20,11 @@ class Profiler(ABC):
 
     ``dirpath``/``filename``: when ``filename`` is set, ``describe()`` writes the report to
     ``dirpath/<stage>-<filename>[-<rank>].txt`` (``dirpath`` defaults to the Trainer's log dir);
-    otherwise it prints the report on local rank 0.
+    otherwise it prints the report on local rank 0. ``enabled`` is False only for the no-op default, so a
+    caller can skip building action names (``f"[Callback]{key}.{hook}"``) when nothing records them.
     """
+
+    enabled = True
 
     def __init__(self, dirpath: str | os.PathLike | None = None, filename: str | None = None) -> None:
         if dirpath is not None and not isinstance(dirpath, (str, os.PathLike)):
@@ -109,6 +112,8 @@ class Profiler(ABC):
 
 class PassThroughProfiler(Profiler):
     """Profiling off (the default): every call is a no-op."""
+
+    enabled = False
 
     def start(self, action_name: str) -> None:
         pass
