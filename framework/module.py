@@ -8,7 +8,9 @@ the Trainer and its Strategy do the placement, wrapping and numerics.
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping
+import sys
+import warnings
+from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -84,20 +86,64 @@ class TrainModule(HyperparametersMixin, ModuleUtilities, nn.Module):
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None: ...
 
     # ---- logging ---------------------------------------------------------------------------------
-    def log(self, name: str, value: Any, *, on_step: bool | None = None, on_epoch: bool | None = None,
-            prog_bar: bool = False, sync_dist: bool = False, reduce_fx: str = "mean",
-            batch_size: int | None = None) -> None:
-        """Record a metric. Training default: a step value; validation/test default: the epoch mean."""
+    def log(self, name: str, value: Any, prog_bar: bool = False, logger: bool | None = None,
+            on_step: bool | None = None, on_epoch: bool | None = None, reduce_fx: str | Callable = "mean",
+            enable_graph: bool = False, sync_dist: bool = False, sync_dist_group: Any | None = None,
+            add_dataloader_idx: bool = True, batch_size: int | None = None, metric_attribute: str | None = None,
+            rank_zero_only: bool = False) -> None:
+        """Record a metric, as Lightning's ``LightningModule.log`` (same arguments, defaults and meaning).
+
+        The hook decides the defaults: a step value in training hooks, the epoch mean (weighted by the
+        batch size, inferred from the batch unless ``batch_size`` is given) in validation/test hooks and
+        in epoch hooks; with both ``on_step`` and ``on_epoch`` the keys get ``_step``/``_epoch`` suffixes.
+        """
+        if isinstance(value, Mapping):
+            nested = " (nested dictionaries cannot be logged)" if any(isinstance(v, Mapping) for v in value.values()) \
+                else ""
+            raise ValueError(f"self.log({name!r}, value=<{type(value).__name__}>){nested}: log one value per name, "
+                             "or use self.log_dict for a dict.")
         trainer = self._trainer
         if trainer is None:
-            raise RuntimeError(f"self.log({name!r}, ...) was called outside a Trainer run; attach the module by "
-                               "calling trainer.fit/validate/test first.")
-        trainer._metrics.log(name, value, on_step, on_epoch, prog_bar, sync_dist, reduce_fx, batch_size)
+            warnings.warn(f"self.log({name!r}, ...) was called on a module not attached to a Trainer; the value is "
+                          "dropped. Run it through trainer.fit/validate/test to record it.", stacklevel=2)
+            return
+        if metric_attribute is None and not isinstance(value, (torch.Tensor, float, int)) and _is_metric(value):
+            metric_attribute = self._metric_attribute(name, value)
+        if logger and not trainer.loggers:
+            warnings.warn(f"self.log({name!r}, ..., logger=True) was called but the Trainer has no logger; pass "
+                          "Trainer(logger=...) to record it.", stacklevel=2)
+        device = None if isinstance(value, torch.Tensor) else trainer.strategy.root_device
+        trainer._metrics.log(name, value, prog_bar, logger, on_step, on_epoch, reduce_fx, enable_graph, sync_dist,
+                             sync_dist_group, add_dataloader_idx, batch_size, metric_attribute, rank_zero_only, device)
 
-    def log_dict(self, values: Mapping[str, Any], **kwargs: Any) -> None:
-        """``self.log`` for every item of ``values`` with the same options."""
-        for name, value in values.items():
-            self.log(name, value, **kwargs)
+    def log_dict(self, dictionary: Mapping[str, Any], prog_bar: bool = False, logger: bool | None = None,
+                 on_step: bool | None = None, on_epoch: bool | None = None, reduce_fx: str | Callable = "mean",
+                 enable_graph: bool = False, sync_dist: bool = False, sync_dist_group: Any | None = None,
+                 add_dataloader_idx: bool = True, batch_size: int | None = None, rank_zero_only: bool = False) -> None:
+        """``self.log`` for every item of ``dictionary`` (a dict or a torchmetrics.MetricCollection)."""
+        if _is_metric_collection(dictionary):
+            copy_state = not getattr(dictionary, "_enable_compute_groups", False)
+            items = dictionary.items(keep_base=False, copy_state=copy_state)
+        else:
+            items = dictionary.items()
+        for name, value in items:
+            self.log(name, value, prog_bar=prog_bar, logger=logger, on_step=on_step, on_epoch=on_epoch,
+                     reduce_fx=reduce_fx, enable_graph=enable_graph, sync_dist=sync_dist,
+                     sync_dist_group=sync_dist_group, add_dataloader_idx=add_dataloader_idx, batch_size=batch_size,
+                     rank_zero_only=rank_zero_only)
+
+    def _metric_attribute(self, name: str, metric: Any) -> str:
+        """The attribute holding a logged torchmetrics.Metric (needed to restore its state on resume)."""
+        found = self.__dict__.get("_kiln_metric_attributes")
+        if found is None or id(metric) not in found:
+            found = {id(m): attr for attr, m in self.named_modules() if m is not self and _is_metric(m)}
+            object.__setattr__(self, "_kiln_metric_attributes", found)
+        if id(metric) not in found:
+            known = sorted(found.values())
+            raise ValueError(f"self.log({name!r}, <{type(metric).__name__}>): the metric is not an attribute of "
+                             f"{type(self).__name__}, so its state could not be checkpointed. Assign it to an "
+                             f"attribute in __init__, or pass metric_attribute=<name>{f' (one of {known})' if known else ''}.")
+        return found[id(metric)]
 
     # ---- trainer-backed properties -------------------------------------------------------------------
     @property
@@ -187,3 +233,13 @@ def _backward_with_args(strategy: Any, loss: torch.Tensor, args: tuple, kwargs: 
                         "no extra arguments to pass on to Tensor.backward; call self.manual_backward(loss) "
                         "without them.")
     strategy.backward(loss, *args, **kwargs)
+
+
+def _is_metric(value: Any) -> bool:
+    tm = sys.modules.get("torchmetrics")  # importing torchmetrics costs >1 s: only look when it is loaded
+    return tm is not None and isinstance(value, tm.Metric)
+
+
+def _is_metric_collection(value: Any) -> bool:
+    tm = sys.modules.get("torchmetrics")
+    return tm is not None and isinstance(value, tm.MetricCollection)
