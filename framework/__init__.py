@@ -22,6 +22,8 @@ _EXPORTS = {
     "rank_zero_debug": "framework.rank_zero",
 }
 
+_PACKAGES = ("callbacks", "strategies")
+
 __all__ = ["TrainModule", "DataModule", "Trainer", "seed_everything", "DistributedState", "AttributeDict",
            "rank_zero_only", "rank_zero_info", "rank_zero_warn", "rank_zero_debug"]
 
@@ -36,6 +38,10 @@ if TYPE_CHECKING:
 
 
 def __getattr__(name: str) -> Any:
+    if name in _PACKAGES:  # ``from framework import callbacks``: the renamed ``from lightning.pytorch import callbacks``
+        value = importlib.import_module(name)
+        globals()[name] = value
+        return value
     module = _EXPORTS.get(name)
     if module is None:
         raise AttributeError(f"module 'framework' has no attribute {name!r}")
@@ -45,4 +51,4 @@ def __getattr__(name: str) -> Any:
 
 
 def __dir__() -> list[str]:
-    return sorted({*globals(), *_EXPORTS})
+    return sorted({*globals(), *_EXPORTS, *_PACKAGES})
