@@ -245,3 +245,44 @@ def test_step_signature_helpers_follow_lightnings_rule(name, takes_idx, takes_dl
     assert step_takes_batch_idx(bound) is takes_idx
     assert step_takes_dataloader_idx(bound) is takes_dl
     assert step_takes_batch_idx(getattr(Steps, name)) is takes_idx  # the plain function too
+
+
+# ---- two real gloo processes -------------------------------------------------------------------------------
+
+class _GatherProbe(TrainModule):
+    def __init__(self) -> None:
+        super().__init__()
+        self.layer = torch.nn.Linear(4, 1)
+
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        from framework import rank_zero_only
+
+        rank = self.global_rank
+        plain = self.all_gather({"r": torch.tensor([float(rank)]), "n": rank + 10})
+        out = self.layer(batch[0]).mean()
+        gathered = self.all_gather(out.reshape(1), sync_grads=True)  # differentiable: every rank's output
+        self.print(f"print-from-rank-{rank}")
+        ran = rank_zero_only(lambda: True, default=False)()
+        print(f"RESULT rank={rank} r={plain['r'].flatten().tolist()} n={plain['n'].tolist()} "
+              f"grad={gathered.requires_grad} shape={tuple(gathered.shape)} rank_zero_ran={ran}", flush=True)
+        return gathered.sum()
+
+    def configure_optimizers(self) -> Any:
+        return torch.optim.SGD(self.parameters(), lr=0.1)
+
+
+def _gather_job() -> None:
+    trainer = Trainer(strategy="ddp", devices=2, accelerator="cpu", max_steps=1, logger=False,
+                      enable_checkpointing=False, enable_progress_bar=False)
+    trainer.fit(_GatherProbe(), loader(16))
+
+
+def test_all_gather_print_and_rank_zero_only_on_two_gloo_ranks():
+    from framework.testing import run_distributed
+
+    results = run_distributed(_gather_job, nproc=2, timeout=240, stream=False)
+    lines = [next(line for line in r.stdout.splitlines() if line.startswith("RESULT")) for r in results]
+    assert lines == [f"RESULT rank={rank} r=[0.0, 1.0] n=[10, 11] grad=True shape=(2, 1) rank_zero_ran={rank == 0}"
+                     for rank in range(2)]
+    assert "print-from-rank-0" in results[0].stdout
+    assert "print-from-rank-1" not in results[1].stdout
