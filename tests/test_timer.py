@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import os
 import time
 from datetime import timedelta
 
 import pytest
+import torch
 from conftest import TinyModule
 
 from callbacks.timer import Timer, parse_duration
+from framework.testing import require_distributed, run_distributed
 
 
 class Slow(TinyModule):
@@ -88,3 +91,28 @@ def test_resumed_budget_already_spent_stops_at_fit_start(make_trainer, make_load
     trainer.fit(TinyModule(), make_loader())
     assert trainer.global_step == 0
     assert timer.time_elapsed() >= 10.0
+
+
+def _two_rank_timer_job() -> None:
+    from dist_common import Regression, loader
+
+    from framework import Trainer
+
+    class SlowOnRank0(Regression):
+        def training_step(self, batch, batch_idx):
+            if self.trainer.global_rank == 0:
+                time.sleep(0.03)  # only rank 0 runs out of time by its own clock
+            return super().training_step(batch, batch_idx)
+
+    trainer = Trainer(devices=2, strategy="ddp", max_epochs=1, logger=False, enable_progress_bar=False,
+                      enable_checkpointing=False, callbacks=[Timer(duration=timedelta(seconds=0.2), verbose=False)])
+    trainer.fit(SlowOnRank0(), loader(400, 2))
+    steps = trainer.strategy.all_gather(torch.tensor([trainer.global_step]))
+    assert steps[0].item() == steps[1].item() < 100, steps  # rank 0's decision reached rank 1 at the same step
+
+
+@require_distributed
+@pytest.mark.distributed
+def test_ranks_stop_at_the_same_step():
+    run_distributed(_two_rank_timer_job, nproc=2, timeout=180, stream=False,
+                    env={"PYTHONPATH": os.path.join(os.path.dirname(__file__), "distributed")})
