@@ -14,6 +14,7 @@ _LAZY = {
     "EarlyStopping": "callbacks.early_stopping",
     "LearningRateMonitor": "callbacks.lr_monitor",
     "ProgressBar": "callbacks.progress",
+    "TQDMProgressBar": "callbacks.progress",
     "ModelSummary": "callbacks.model_summary",
     "Timer": "callbacks.timer",
     "ThroughputMonitor": "callbacks.throughput_monitor",

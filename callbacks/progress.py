@@ -47,6 +47,7 @@ class ProgressBar(Callback):
         self.refresh_rate = refresh_rate
         self.leave = leave
         self.min_interval = float(min_interval)
+        self.process_position = 0
         self._train: _Bar | None = None
         self._eval: _Bar | None = None
 
@@ -59,7 +60,7 @@ class ProgressBar(Callback):
         bar = tqdm(
             desc=desc,
             total=total,
-            position=position,
+            position=position + self.process_position,
             leave=leave,
             file=sys.stderr,
             dynamic_ncols=True,
@@ -200,3 +201,14 @@ def _format(value: Any) -> str:
         return f"{float(value):.4g}"  # a host sync, but only when the bar redraws
     except (TypeError, ValueError, RuntimeError):
         return str(value)
+
+
+class TQDMProgressBar(ProgressBar):
+    """Lightning's name and arguments: ``process_position`` shifts the bars down that many lines (for
+    several trainers in one terminal)."""
+
+    def __init__(self, refresh_rate: int = 1, process_position: int = 0, leave: bool = False) -> None:
+        super().__init__(refresh_rate=refresh_rate, leave=leave)
+        if isinstance(process_position, bool) or not isinstance(process_position, int) or process_position < 0:
+            raise ValueError(f"`process_position` must be an int >= 0, got {process_position!r}.")
+        self.process_position = process_position

@@ -228,3 +228,17 @@ def test_test_stage_bar(capsys):
 def test_fit_without_progress_bar_is_quiet(capsys):
     make_real_trainer(enable_progress_bar=False).fit(Tiny(), loader(), loader())
     assert capsys.readouterr().err == ""
+
+
+def test_tqdm_progress_bar_is_lightnings_name(capsys):
+    from callbacks.progress import TQDMProgressBar
+
+    bar = TQDMProgressBar(refresh_rate=2, process_position=1, leave=True)
+    assert isinstance(bar, ProgressBar) and (bar.refresh_rate, bar.leave) == (2, True)
+    fit(bar, make_trainer())
+    assert "Epoch 0" in capsys.readouterr().err
+    opened = TQDMProgressBar(process_position=2)._open("y", 1, position=1, leave=False)
+    assert opened.tqdm.pos in (3, -3)  # tqdm stores its row, negated while the bar is open
+    opened.tqdm.close()
+    with pytest.raises(ValueError, match="process_position"):
+        TQDMProgressBar(process_position=-1)
