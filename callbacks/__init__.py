@@ -27,8 +27,16 @@ _LAZY = {
 
 __all__ = ["Callback", "GradientAccumulation", *_LAZY]
 
+# Lightning callbacks whose job Kiln does another way: importing one says which.
+_KILN_WAY = {
+    "RichModelSummary": "Kiln prints the summary as plain text: use callbacks.ModelSummary(max_depth=...)",
+    "RichProgressBar": "Kiln's bar is tqdm: use callbacks.TQDMProgressBar(...) (or ProgressBar)",
+}
+
 
 def __getattr__(name: str) -> Any:
     if name in _LAZY:
         return getattr(importlib.import_module(_LAZY[name]), name)
+    if name in _KILN_WAY:
+        raise ImportError(f"callbacks.{name} (Lightning) is not part of Kiln; {_KILN_WAY[name]}.")
     raise AttributeError(f"module 'callbacks' has no attribute {name!r}")

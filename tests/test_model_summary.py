@@ -136,3 +136,12 @@ def test_callback_prints_at_fit_start(tmp_path, capsys):
     assert "0 | body | Linear | 40     | train | [2, 4]   | [2, 8]" in out
     assert "1 | head | Linear | 9      | train | [2, 8]   | [2, 1]" in out
     assert "49        Total params" in out
+
+
+@pytest.mark.parametrize(("name", "kiln_way"), [("RichModelSummary", "ModelSummary"),
+                                                ("RichProgressBar", "TQDMProgressBar")])
+def test_lightning_rich_callbacks_name_the_kiln_way(name, kiln_way):
+    import callbacks
+
+    with pytest.raises(ImportError, match=kiln_way):
+        getattr(callbacks, name)
