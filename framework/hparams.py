@@ -43,7 +43,8 @@ class AttributeDict(dict):
         if not self:
             return ""
         width = max(len(str(k)) for k in self) + 3
-        return "\n".join(f"{repr(str(k)).replace(chr(39), chr(34)) + ':':{width}} {v}" for k, v in self.items())
+        rows = sorted((str(k), v) for k, v in self.items())  # sorted by name, as Lightning prints them
+        return "\n".join(f"{chr(34) + k + chr(34) + ':':{width}} {v}" for k, v in rows)
 
     def __deepcopy__(self, memo: dict[int, Any]) -> AttributeDict:
         return type(self)(copy.deepcopy(dict(self), memo))
@@ -87,6 +88,9 @@ class HyperparametersMixin:
             names = [k for k, v in init_args.items() if v is hp or _safe_equal(v, hp)]
             self._hparams_name = names[0] if names else None
         else:
+            both = [a for a in args if a in ignored]
+            if both:
+                raise ValueError(f"save_hyperparameters: {both} named and also in ignore=; drop one of the two.")
             missing = [a for a in args if a not in init_args]
             if missing:
                 raise ValueError(f"save_hyperparameters({', '.join(map(repr, args))}): {missing} "

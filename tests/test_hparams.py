@@ -113,12 +113,12 @@ def test_empty_container_records_nothing_and_hparams_default_empty():
 
 
 @pytest.mark.parametrize("args, message", [(("nope",), "not an argument"), ((3,), "single int"),
-                                           (([1, 2],), "got a list")])
+                                           (([1, 2],), "got a list"), (("a", "b"), "also in ignore=")])
 def test_bad_arguments_are_clear_errors(args, message):
     class Bad(TrainModule):
-        def __init__(self, a: int = 1) -> None:
+        def __init__(self, a: int = 1, b: int = 2) -> None:
             super().__init__()
-            self.save_hyperparameters(*args)
+            self.save_hyperparameters(*args, ignore=["b"])
 
     with pytest.raises(ValueError, match=message):
         Bad()
@@ -146,8 +146,8 @@ def test_datamodule_has_the_same_mixin():
 
 
 def test_attribute_dict_repr_and_missing_attribute():
-    hp = AttributeDict(lr=0.1, name="abc")
-    assert repr(hp).splitlines() == ['"lr":   0.1', '"name": abc']
+    hp = AttributeDict(name="abc", lr=0.1)
+    assert repr(hp).splitlines() == ['"lr":   0.1', '"name": abc']  # sorted, as Lightning prints them
     with pytest.raises(AttributeError, match="nope"):
         hp.nope  # noqa: B018
 
