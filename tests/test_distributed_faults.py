@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch.distributed as dist
 
-from framework.rank_failures import RankFailureReport, is_peer_failure
+from callbacks.rank_failures import RankFailureReport, is_peer_failure
 from framework.testing import DistributedJobError, require_distributed, run_distributed
 
 SCRIPT = Path(__file__).parent / "scripts" / "fault_run.py"

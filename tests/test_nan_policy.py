@@ -15,7 +15,7 @@ import torch
 
 from callbacks import ModelCheckpoint
 from framework.checkpoint import find_last, read_state
-from framework.nan_policy import NonFiniteLossError
+from callbacks.nan_policy import NonFiniteLossError
 from framework.testing import require_distributed, run_distributed
 
 BAD_BATCH = 2
@@ -144,6 +144,82 @@ def test_stop_without_checkpointing_says_nothing_was_saved(make_trainer, tiny_mo
     assert info.value.checkpoint is None
 
 
+def tanh_module(base: type, lr: float = 0.05):
+    """``base`` behind ``tanh``, with one ``inf`` input feature at batch ``BAD_BATCH`` of epoch 0: the loss stays
+    finite (tanh(inf) = 1) but the weight gradient is 0 * inf = NaN."""
+
+    class Module(base):
+        def training_step(self, batch, batch_idx):
+            x, y = batch
+            bad = self.trainer.current_epoch == 0 and batch_idx == BAD_BATCH
+            if bad:
+                x = x.clone()
+                x[0, 0] = math.inf
+            z = (x * self.layer.weight).sum(-1, keepdim=True) + self.layer.bias  # elementwise: inf * w = ±inf
+            loss = torch.nn.functional.mse_loss(torch.tanh(z), y)
+            assert torch.isfinite(loss) or not bad
+            return loss
+
+        def configure_optimizers(self):
+            return torch.optim.SGD(self.parameters(), lr=lr)
+
+    torch.manual_seed(0)
+    return Module()
+
+
+def test_nan_gradients_under_a_finite_loss_poison_the_weights_by_default(make_trainer, tiny_module_cls, make_loader):
+    module = tanh_module(tiny_module_cls)
+    train(make_trainer, module, make_loader)
+    assert torch.isnan(module.layer.weight).any()
+
+
+def test_skip_catches_nan_gradients_under_a_finite_loss(make_trainer, tiny_module_cls, make_loader):
+    skipped = tanh_module(tiny_module_cls)
+    trainer = train(make_trainer, skipped, make_loader, nan_policy="skip")
+    assert trainer.skipped_steps == 1 and trainer.global_step == 12
+    assert all(torch.isfinite(p).all() for p in skipped.parameters())
+
+    class Reference(type(skipped)):
+        def training_step(self, batch, batch_idx):
+            if self.trainer.current_epoch == 0 and batch_idx == BAD_BATCH:
+                return None
+            return super().training_step(batch, batch_idx)
+
+    torch.manual_seed(0)
+    reference = Reference()
+    train(make_trainer, reference, make_loader)
+    assert all(torch.equal(a, b) for a, b in zip(skipped.parameters(), reference.parameters()))
+
+
+def test_stop_fires_at_the_step_with_nan_gradients_and_saves_finite_weights(make_trainer, tiny_module_cls,
+                                                                           make_loader, tmp_path):
+    module = tanh_module(tiny_module_cls)
+    trainer = make_trainer(max_epochs=2, nan_policy="stop", enable_checkpointing=True,
+                           callbacks=[ModelCheckpoint(every_n_epochs=None)])
+    with pytest.raises(NonFiniteLossError, match=rf"gradients were not finite .* global_step={BAD_BATCH} ") as info:
+        trainer.fit(module, make_loader(num_samples=24))
+    saved = read_state(info.value.checkpoint, "model")
+    assert all(torch.isfinite(v).all() for v in saved.values())
+    assert all(torch.equal(saved[k], v) for k, v in module.state_dict().items())
+
+
+def test_weights_that_went_nan_anyway_stop_training_and_are_never_saved(make_trainer, tiny_module_cls, make_loader,
+                                                                       tmp_path):
+    """lr=NaN turns finite gradients into NaN weights: "skip" must not train on (skipping every later step), and
+    no checkpoint may hold them."""
+    module = tanh_module(tiny_module_cls, lr=math.nan)
+    trainer = make_trainer(max_epochs=2, nan_policy="skip", enable_checkpointing=True,
+                           callbacks=[ModelCheckpoint(every_n_train_steps=1, every_n_epochs=None)])
+    with pytest.raises(NonFiniteLossError, match="refusing to save a checkpoint at global_step=1: the weights are"):
+        trainer.fit(module, make_loader(num_samples=24))
+    assert find_last(str(tmp_path / "checkpoints")) is None
+
+    module = tanh_module(tiny_module_cls, lr=math.nan)
+    with pytest.raises(NonFiniteLossError, match="weights are already NaN/inf at global_step=1") as info:
+        train(make_trainer, module, make_loader, nan_policy="skip")
+    assert info.value.checkpoint is None
+
+
 def test_bad_policies_and_manual_optimization_are_refused(make_trainer, tiny_module_cls, make_loader):
     with pytest.raises(ValueError, match="nan_policy='drop' is not valid"):
         make_trainer(nan_policy="drop")
@@ -164,22 +240,30 @@ def _one_rank_nan_job() -> None:
     from framework import Trainer
 
     class NanOnRank1(Regression):
-        def training_step(self, batch, batch_idx):
-            loss = super().training_step(batch, batch_idx)
-            return loss * math.nan if self.trainer.global_rank == 1 and batch_idx == 1 else loss
+        where = "loss"
 
-    module = NanOnRank1()
-    trainer = Trainer(devices=2, strategy="ddp", max_epochs=1, logger=False, enable_progress_bar=False,
-                      enable_checkpointing=False, nan_policy="skip")
-    trainer.fit(module, loader(16, 2))
-    flat = torch.cat([p.detach().flatten() for p in module.parameters()])
-    gathered = trainer.strategy.all_gather(flat)
-    assert torch.isfinite(flat).all() and torch.equal(gathered[0], gathered[1])
-    assert (trainer.global_step, trainer.skipped_steps) == (4, 1), (trainer.global_step, trainer.skipped_steps)
+        def training_step(self, batch, batch_idx):
+            bad = self.trainer.global_rank == 1 and batch_idx == 1
+            if bad and self.where == "grads":  # finite loss, NaN gradient: 0 * inf
+                return super().training_step(batch, batch_idx) + torch.tanh(self.net[0].weight.sum() * math.inf)
+            loss = super().training_step(batch, batch_idx)
+            return loss * math.nan if bad else loss
+
+    for where in ("loss", "grads"):
+        module = NanOnRank1()
+        module.where = where
+        trainer = Trainer(devices=2, strategy="ddp", max_epochs=1, logger=False, enable_progress_bar=False,
+                          enable_checkpointing=False, nan_policy="skip")
+        trainer.fit(module, loader(16, 2))
+        flat = torch.cat([p.detach().flatten() for p in module.parameters()])
+        gathered = trainer.strategy.all_gather(flat)
+        assert torch.isfinite(flat).all() and torch.equal(gathered[0], gathered[1]), where
+        assert (trainer.global_step, trainer.skipped_steps) == (4, 1), (where, trainer.global_step,
+                                                                        trainer.skipped_steps)
 
 
 @require_distributed
 @pytest.mark.distributed
-def test_a_nan_on_one_rank_skips_the_step_on_every_rank():
+def test_a_nan_loss_or_gradient_on_one_rank_skips_the_step_on_every_rank():
     run_distributed(_one_rank_nan_job, nproc=2, timeout=120, stream=False,
                     env={"PYTHONPATH": os.path.join(os.path.dirname(__file__), "distributed")})

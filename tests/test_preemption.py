@@ -19,7 +19,7 @@ import torch
 
 from callbacks import Callback, ModelCheckpoint
 from framework.checkpoint import find_last, read_state, verify_checkpoint
-from framework.preemption import PREEMPTED_EXIT_CODE, PreemptionHandler, TrainingPreempted
+from callbacks.preemption import PREEMPTED_EXIT_CODE, PreemptionHandler, TrainingPreempted
 from framework.testing import require_distributed, run_distributed
 
 
@@ -245,7 +245,7 @@ def test_handler_arguments_are_checked(kwargs, match):
 
 
 def test_the_automatic_check_interval_aims_at_half_a_second(monkeypatch):
-    import framework.preemption as preemption
+    import callbacks.preemption as preemption
 
     handler, now = PreemptionHandler(), [100.0]
     monkeypatch.setattr(preemption.time, "monotonic", lambda: now[0])

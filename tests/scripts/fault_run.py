@@ -158,7 +158,7 @@ def main(argv: list[str] | None = None) -> None:
     callbacks = [Faults(args.fault, args.fault_rank, args.fault_step),
                  ModelCheckpoint(every_n_train_steps=args.every_n_steps, total_limit=args.total_limit)]
     if args.preempt_every:
-        from framework.preemption import PreemptionHandler
+        from callbacks.preemption import PreemptionHandler
 
         callbacks.append(PreemptionHandler(check_every_n_steps=args.preempt_every))
     trainer = Trainer(default_root_dir=args.root, max_epochs=args.max_epochs, devices=args.devices,
