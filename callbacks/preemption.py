@@ -1,4 +1,5 @@
-"""Preemption: on SIGTERM/SIGUSR1, finish the optimizer step, save a checkpoint, exit with code 75.
+"""Preemption and Ctrl-C: on SIGTERM/SIGUSR1 (exit 75) or SIGINT (exit 130), finish the optimizer step, save a
+checkpoint, exit.
 
 Schedulers (SLURM, Kubernetes, spot VMs) send SIGTERM — SLURM the signal chosen with ``--signal``, often
 SIGUSR1 — some time before they kill a job. The signal handler only records the signal; the Trainer acts at
@@ -14,6 +15,10 @@ with training instead of adding a round trip to a step. By default checks are ab
 (each rank proposes the number of steps that takes; the smallest proposal wins, so all ranks agree), which keeps
 their cost out of the step time; a job stops within about two intervals of the signal. On one process the
 check is an attribute read after every optimizer step.
+
+Ctrl-C (SIGINT) takes the same path and exits with code 130 (:class:`TrainingInterrupted`) and a one-line
+message saying how to resume; a second Ctrl-C aborts at once (``KeyboardInterrupt`` at the next Python line;
+a third one, should the process be stuck in native code, kills it).
 """
 
 from __future__ import annotations
@@ -35,11 +40,13 @@ if TYPE_CHECKING:
 
 #: Exit status of a preempted run (sysexits' EX_TEMPFAIL: "temporary failure, retry later").
 PREEMPTED_EXIT_CODE = 75
+#: Exit status of a run stopped by Ctrl-C (the shell's 128 + SIGINT).
+INTERRUPTED_EXIT_CODE = 130
 ON_PREEMPT = ("auto", "checkpoint", "exit", None)
 CHECK_INTERVAL_S = 0.5  # multi-process: the time between two checks that the automatic interval aims at
 _MAX_INTERVAL = 10_000
 DEFAULT_SIGNALS: tuple[int, ...] = tuple(
-    s for s in (getattr(signal, "SIGTERM", None), getattr(signal, "SIGUSR1", None)) if s is not None)
+    s for s in (getattr(signal, "SIGTERM", None), getattr(signal, "SIGUSR1", None), signal.SIGINT) if s is not None)
 
 
 class TrainingPreempted(SystemExit):
@@ -48,19 +55,32 @@ class TrainingPreempted(SystemExit):
     ``checkpoint`` is the path saved (None for ``on_preempt="exit"``), ``global_step`` the step it holds.
     """
 
+    exit_code = PREEMPTED_EXIT_CODE
+
     def __init__(self, signal_name: str, global_step: int, checkpoint: str | None) -> None:
-        super().__init__(PREEMPTED_EXIT_CODE)
+        super().__init__(self.exit_code)
         self.signal_name = signal_name
         self.global_step = global_step
         self.checkpoint = checkpoint
 
-    def __str__(self) -> str:
-        from framework.checkpoint_storage import redact
+    def _saved(self) -> str:
+        from framework.checkpoint import redact
 
-        saved = (f"saved checkpoint {redact(self.checkpoint)}; resume with ckpt_path='last'"
-                 if self.checkpoint else "no checkpoint saved (on_preempt='exit')")
-        return (f"{self.signal_name} received: stopped after global step {self.global_step}, {saved}; exiting "
-                f"with code {PREEMPTED_EXIT_CODE}.")
+        return (f"saved checkpoint {redact(self.checkpoint)}; resume with trainer.fit(..., ckpt_path='last')"
+                if self.checkpoint else "no checkpoint saved (on_preempt='exit', or checkpointing is off)")
+
+    def __str__(self) -> str:
+        return (f"{self.signal_name} received: stopped after global step {self.global_step}, {self._saved()}; "
+                f"exiting with code {self.exit_code}.")
+
+
+class TrainingInterrupted(TrainingPreempted):
+    """Raised by ``trainer.fit`` after Ctrl-C (SIGINT); uncaught, the process exits with code 130."""
+
+    exit_code = INTERRUPTED_EXIT_CODE
+
+    def __str__(self) -> str:
+        return f"Ctrl-C: stopped after global step {self.global_step}, {self._saved()}; exiting with code 130."
 
 
 class PreemptionHandler(Callback):
@@ -87,10 +107,24 @@ class PreemptionHandler(Callback):
         self._vote: _Vote | _SyncVote | None = None
         self._next_check = 0  # automatic interval: the global step of the next check
         self._last_check = (0, 0.0)  # (global step, time) of the previous check
+        self._announce = True  # this rank prints what a Ctrl-C does (rank 0)
+        self._interrupts = 0  # Ctrl-Cs since the handlers were installed
 
     # ---- signal handlers ----------------------------------------------------------------------------
     def _on_signal(self, signum: int, frame: FrameType | None) -> None:
-        self.received = signal.Signals(signum)
+        sig = signal.Signals(signum)
+        if sig == signal.SIGINT:
+            self._interrupts += 1
+            if self._interrupts > 1:  # the second Ctrl-C: abort; a third one kills outright
+                signal.signal(signal.SIGINT, signal.SIG_DFL)
+                _say("[kiln] second Ctrl-C: aborting now.", self._announce)
+                raise KeyboardInterrupt
+            saving = " and saving a checkpoint" if self.action == "checkpoint" else ""
+            _say(f"[kiln] Ctrl-C: stopping after the current step{saving}; press Ctrl-C again to abort at once.",
+                 self._announce)
+        # The largest signal number wins, on this rank as in the ranks' vote: SIGTERM (preempted) over SIGINT.
+        if self.received is None or sig > self.received:
+            self.received = sig
 
     def install(self) -> bool:
         """Record ``signals`` instead of dying on them (main thread only); False when it cannot."""
@@ -98,7 +132,7 @@ class PreemptionHandler(Callback):
             return True
         if threading.current_thread() is not threading.main_thread():
             return False
-        self.received = None
+        self.received, self._interrupts = None, 0
         for sig in self.signals:
             self._previous[sig] = signal.signal(sig, self._on_signal)
         _shield_forked_children(self.signals)
@@ -124,6 +158,7 @@ class PreemptionHandler(Callback):
                              "checkpointing, or use on_preempt='exit' or None.")
         self._vote = _Vote.create(trainer.strategy) if trainer.world_size > 1 else None
         self._next_check, self._last_check = 0, (trainer.global_step, time.monotonic())
+        self._announce = trainer.is_global_zero
         if not self.install():
             import warnings
 
@@ -182,11 +217,18 @@ class PreemptionHandler(Callback):
         if self.action == "checkpoint":
             path = trainer.checkpoint_callback.save_now(trainer)
         self.received = None  # acted on: nothing to re-deliver
-        exc = TrainingPreempted(signal_name, trainer.global_step, path)
+        stopped = TrainingInterrupted if signal_name == "SIGINT" else TrainingPreempted
+        exc = stopped(signal_name, trainer.global_step, path)
         if trainer.is_global_zero:
             sys.stderr.write(f"[kiln] {exc}\n")
             sys.stderr.flush()
         raise exc
+
+
+def _say(line: str, announce: bool) -> None:
+    """One line on stderr from a signal handler (a raw write: the interrupted code may be inside print)."""
+    if announce:
+        os.write(2, f"\n{line}\n".encode())
 
 
 _shielded: tuple[int, ...] = ()  # blocked in processes forked while a handler is installed
@@ -285,8 +327,10 @@ def preemption_callbacks(callbacks: list[Callback], on_preempt: Any) -> list[Cal
                              "configure preemption in one place.")
         return callbacks
     has_checkpoint = any(type(cb).__name__ == "ModelCheckpoint" for cb in callbacks)
+    if on_preempt == "auto" and not has_checkpoint:  # Ctrl-C still stops cleanly; SIGTERM keeps its default
+        return [*callbacks, PreemptionHandler("exit", signals=(signal.SIGINT,))]
     if on_preempt == "auto":
-        on_preempt = "checkpoint" if has_checkpoint else None
+        on_preempt = "checkpoint"
     if on_preempt is None:
         return callbacks
     if on_preempt == "checkpoint" and not has_checkpoint:

@@ -1,6 +1,6 @@
-"""Fault injection: training jobs killed (SIGKILL) and preempted (SIGTERM) at random moments, on one process
-and on two DDP ranks, each restarted with ``ckpt_path="last"``, must end bit-identical to a job that was never
-interrupted; a kill at any point of a checkpoint save must leave the previous checkpoint loadable; a rank that
+"""Fault injection: training jobs killed (SIGKILL), preempted (SIGTERM) and interrupted (SIGINT, Ctrl-C) at random
+moments, on one process and on two DDP ranks, each restarted with ``ckpt_path="last"``, must end bit-identical to a
+job that was never interrupted; a kill at any point of a checkpoint save must leave the previous checkpoint loadable; a rank that
 crashes must end the whole job promptly.
 
 Jobs are ``tests/scripts/fault_run.py`` run as plain scripts (two ranks through Kiln's own relaunch, so the
@@ -155,7 +155,7 @@ def single_reference(tmp_path_factory) -> Path:
 
 def interrupt(job: Job, kind: str, target: str, delay: float) -> tuple[int, str]:
     """Send ``kind`` to ``target`` (a rank or "group") and wait for the job to end; returns (code, what happened)."""
-    sig = signal.SIGKILL if kind == "SIGKILL" else signal.SIGTERM
+    sig = signal.Signals[kind]
     with job.changed:
         pids = dict(job.pids)
     time.sleep(delay)
@@ -180,7 +180,7 @@ def test_random_kills_and_preemptions_then_resume_last_is_bit_exact(tmp_path, de
     total = EPOCHS * SAMPLES // (BATCH * devices)
     reference = Job(tmp_path / "reference", devices)  # runs alongside the interrupted one
     root, dirpath = tmp_path / "interrupted", tmp_path / "interrupted" / "checkpoints"
-    kinds = ["SIGKILL", "SIGTERM"] * (interruptions // 2) + [rng.choice(["SIGKILL", "SIGTERM"])] * (interruptions % 2)
+    kinds = ["SIGKILL", "SIGTERM", "SIGINT"] + [rng.choice(["SIGKILL", "SIGTERM", "SIGINT"])] * (interruptions - 3)
     rng.shuffle(kinds)
     log: list[str] = [f"KILN_FAULT_SEED={seed}"]
     step, landed = 0, 0
@@ -196,14 +196,16 @@ def test_random_kills_and_preemptions_then_resume_last_is_bit_exact(tmp_path, de
         log.append(f"{what} (asked for step {target_step}, last seen {job.step}; kept {visible(dirpath)})")
         about = "; ".join(log)
         if job.step >= total:  # under load the output is read late: training had ended when the signal came
-            assert returncode in (0, 75, -signal.SIGTERM, -signal.SIGKILL), f"{about}:\n{job.output[-4000:]}"
+            assert returncode in (0, 75, 130, -signal.SIGTERM, -signal.SIGKILL, -signal.SIGINT), \
+                f"{about}:\n{job.output[-4000:]}"
             log[-1] += " - after training ended"
             break
         landed += 1
-        if kind == "SIGTERM":
-            # the job stops by itself at a step boundary, with a checkpoint of that step, and exits 75
-            assert returncode == 75, f"{about}:\n{job.output[-4000:]}"
-            stopped = re.search(r"SIGTERM received: stopped after global step (\d+)", job.output)
+        if kind != "SIGKILL":
+            # the job stops by itself at a step boundary, with a checkpoint of that step, and exits 75 (Ctrl-C: 130)
+            assert returncode == (75 if kind == "SIGTERM" else 130), f"{about}:\n{job.output[-4000:]}"
+            said = "SIGTERM received" if kind == "SIGTERM" else "Ctrl-C"
+            stopped = re.search(rf"{said}: stopped after global step (\d+)", job.output)
             assert stopped, f"{about}:\n{job.output[-4000:]}"
             assert read_manifest(find_last(str(dirpath))).global_step == int(stopped[1]) >= target_step, about
         else:

@@ -19,7 +19,8 @@ import torch
 
 from callbacks import Callback, ModelCheckpoint
 from framework.checkpoint import find_last, read_state, verify_checkpoint
-from callbacks.preemption import PREEMPTED_EXIT_CODE, PreemptionHandler, TrainingPreempted
+from callbacks.preemption import (INTERRUPTED_EXIT_CODE, PREEMPTED_EXIT_CODE, PreemptionHandler, TrainingInterrupted,
+                                  TrainingPreempted)
 from framework.testing import require_distributed, run_distributed
 
 
@@ -79,7 +80,8 @@ def test_signal_checkpoints_at_the_step_boundary_and_exits_75(make_trainer, tiny
     assert f"{signal.Signals(sig).name} received: stopped after global step 3" in message and "code 75" in message
 
 
-def test_resuming_last_after_preemption_equals_the_uninterrupted_run(make_trainer, tiny_module_cls, make_loader):
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_resuming_last_after_preemption_equals_the_uninterrupted_run(make_trainer, tiny_module_cls, make_loader, sig):
     def loader():
         return make_loader(num_samples=24, batch_size=4, shuffle=True)
 
@@ -88,7 +90,7 @@ def test_resuming_last_after_preemption_equals_the_uninterrupted_run(make_traine
     make_trainer(max_epochs=3).fit(reference, loader())
 
     torch.manual_seed(0)
-    trainer, exc = fit(make_trainer, tiny_module_cls(), loader(), [SendSignal(8)], max_epochs=3)
+    trainer, exc = fit(make_trainer, tiny_module_cls(), loader(), [SendSignal(8, sig)], max_epochs=3)
     assert exc is not None and exc.global_step == 8  # mid-epoch (6 batches per epoch)
     resumed = tiny_module_cls()
     trainer, exc = fit(make_trainer, resumed, loader(), [], ckpt_path="last", max_epochs=3)
@@ -159,7 +161,11 @@ def test_without_handling_signals_are_left_alone(make_trainer, tiny_module_cls, 
     trainer = make_trainer(callbacks=[Look()], **kwargs)
     trainer.fit(tiny_module_cls(), make_loader())
     assert seen and all(handler is signal.SIG_DFL for handler in seen)
-    assert not any(isinstance(cb, PreemptionHandler) for cb in trainer.callbacks)
+    handlers = [cb for cb in trainer.callbacks if isinstance(cb, PreemptionHandler)]
+    if kwargs["on_preempt"] is None:
+        assert not handlers
+    else:  # without checkpointing, "auto" still turns Ctrl-C into a clean stop (and leaves SIGTERM alone)
+        assert [(h.action, h.signals) for h in handlers] == [("exit", (signal.SIGINT,))]
 
 
 def test_only_the_chosen_signals_are_handled(make_trainer, tiny_module_cls, make_loader):
@@ -257,6 +263,75 @@ def test_the_automatic_check_interval_aims_at_half_a_second(monkeypatch):
     assert handler._proposed_interval(201) == 1  # no step since the last check
 
 
+# ---- Ctrl-C (SIGINT) ------------------------------------------------------------------------------------------
+
+
+class Hooks(Callback):
+    """Records on_exception and teardown calls."""
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[str, object]] = []
+
+    def on_exception(self, trainer, module, exception):
+        self.calls.append(("on_exception", exception))
+
+    def teardown(self, trainer, module, stage):
+        self.calls.append(("teardown", stage))
+
+
+def test_ctrl_c_finishes_the_step_checkpoints_and_exits_130(make_trainer, tiny_module_cls, make_loader, tmp_path,
+                                                            capfd):
+    before, hooks = signal.getsignal(signal.SIGINT), Hooks()
+    trainer, exc = fit(make_trainer, tiny_module_cls(), make_loader(), [SendSignal(3, signal.SIGINT), hooks],
+                       max_epochs=3)
+    assert isinstance(exc, TrainingInterrupted) and exc.code == INTERRUPTED_EXIT_CODE == 130
+    assert exc.global_step == trainer.global_step == 3 and exc.checkpoint == find_last(str(tmp_path / "checkpoints"))
+    assert read_state(exc.checkpoint, "trainer")["loop"]["global_step"] == 3
+    assert hooks.calls == [("on_exception", exc)]
+    assert signal.getsignal(signal.SIGINT) is before
+    err = capfd.readouterr().err
+    assert "Ctrl-C: stopping after the current step and saving a checkpoint; press Ctrl-C again" in err
+    final = [line for line in err.splitlines() if "stopped after global step 3" in line]
+    assert len(final) == 1 and "ckpt_path='last'" in final[0] and "code 130" in final[0], err
+
+
+def test_ctrl_c_without_checkpointing_still_stops_cleanly(make_trainer, tiny_module_cls, make_loader, capfd):
+    trainer = make_trainer(callbacks=[SendSignal(2, signal.SIGINT)], max_epochs=3)  # checkpointing off
+    with pytest.raises(TrainingInterrupted) as info:
+        trainer.fit(tiny_module_cls(), make_loader())
+    assert info.value.code == 130 and info.value.checkpoint is None and trainer.global_step == 2
+    assert "no checkpoint saved" in str(info.value) and "stopping after the current step;" in capfd.readouterr().err
+
+
+def test_a_second_ctrl_c_aborts_at_once(make_trainer, tiny_module_cls, make_loader, tmp_path):
+    class TwoPresses(Callback):
+        def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx):
+            if trainer.global_step == 2:
+                assert handler_installed(signal.SIGINT)
+                signal.raise_signal(signal.SIGINT)
+                signal.raise_signal(signal.SIGINT)  # KeyboardInterrupt here, before the step boundary acts
+                raise AssertionError("the second Ctrl-C did not abort")
+
+    before, hooks = signal.getsignal(signal.SIGINT), Hooks()
+    trainer = make_trainer(enable_checkpointing=True, callbacks=[TwoPresses(), hooks], max_epochs=3)
+    with pytest.raises(KeyboardInterrupt):
+        trainer.fit(tiny_module_cls(), make_loader())
+    assert trainer.global_step == 2 and [name for name, _ in hooks.calls] == ["on_exception"]
+    assert find_last(str(tmp_path / "checkpoints")) is None  # nothing saved on the way out
+    assert signal.getsignal(signal.SIGINT) is before
+
+
+def test_sigterm_wins_over_ctrl_c(make_trainer, tiny_module_cls, make_loader):
+    class Both(Callback):
+        def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx):
+            if trainer.global_step == 2:
+                signal.raise_signal(signal.SIGINT)
+                signal.raise_signal(signal.SIGTERM)
+
+    trainer, exc = fit(make_trainer, tiny_module_cls(), make_loader(), [Both()], max_epochs=3)
+    assert type(exc) is TrainingPreempted and exc.code == 75 and exc.signal_name == "SIGTERM"
+
+
 @pytest.mark.timeout(180)
 def test_a_signal_to_the_whole_process_group_spares_the_dataloader_workers(tmp_path):
     """SLURM signals every process of a job. torch makes DataLoader workers die on SIGTERM, which would fail the
@@ -291,7 +366,7 @@ def test_a_signal_to_the_whole_process_group_spares_the_dataloader_workers(tmp_p
 def test_the_launcher_knows_the_exit_code():
     from framework import launch
 
-    assert launch._PREEMPTED == PREEMPTED_EXIT_CODE
+    assert (launch._PREEMPTED, launch._INTERRUPTED) == (PREEMPTED_EXIT_CODE, INTERRUPTED_EXIT_CODE)
 
 
 # ---- two ranks: the signal reaches one of them ----------------------------------------------------------------
