@@ -26,7 +26,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 
 _LAUNCHER_PID = "KILN_LAUNCHER_PID"
-_PREEMPTED = 75  # framework.preemption.PREEMPTED_EXIT_CODE (not imported: this module stays torch-free)
+_PREEMPTED = 75  # callbacks.preemption.PREEMPTED_EXIT_CODE (not imported: this module stays torch-free)
+_INTERRUPTED = 130  # callbacks.preemption.INTERRUPTED_EXIT_CODE: a rank stopped cleanly after Ctrl-C
 _POLL_S = 0.2
 _KILL_GRACE_S = 3.0
 
@@ -194,7 +195,7 @@ def _watch_children() -> None:
                 code = child.poll()
                 # A preempted rank exits once all ranks agreed to stop and its checkpoint is committed: rank 0
                 # exits the same way on its own (and with that code, from _wait_for_children).
-                if code not in (None, 0, _PREEMPTED):
+                if code not in (None, 0, _PREEMPTED, _INTERRUPTED):
                     _stderr(f"[kiln] rank {rank} exited with code {code}; stopping the other ranks.")
                     _terminate_children()
                     sys.stdout.flush()
