@@ -126,8 +126,12 @@ class ParallelStrategy(Strategy):
             else:
                 os.environ.setdefault("MASTER_ADDR", self.cluster.master_addr)
                 os.environ.setdefault("MASTER_PORT", str(self.cluster.master_port))
-            dist.init_process_group(self.backend, init_method="env://", rank=self.cluster.global_rank,
-                                    world_size=self.cluster.world_size, timeout=self.timeout)
+            from framework.elastic import process_group_store  # torchrun restarts: a fresh key namespace per round
+
+            store = process_group_store(self.cluster.global_rank, self.cluster.world_size, self.timeout)
+            dist.init_process_group(self.backend, init_method=None if store is not None else "env://", store=store,
+                                    rank=self.cluster.global_rank, world_size=self.cluster.world_size,
+                                    timeout=self.timeout)
             atexit.register(_destroy_process_group)
         elif dist.get_world_size() != self.cluster.world_size:
             raise RuntimeError(f"A process group of {dist.get_world_size()} processes already exists, but this "
