@@ -314,3 +314,23 @@ def test_soak_collector_memory_does_not_grow_with_steps():
     collector.epoch_end_reached()
     out = collector.reduce_epoch()
     assert float(out["metric_7_epoch"]) == 7.0
+
+
+def test_reset_metrics_forgets_everything_but_restored_training_state():
+    collector = MetricCollector()
+    collector.start_stage("train")
+    collector.current_fx = "training_step"
+    collector.log("x", 2.0, on_epoch=True)
+    assert "x" in collector.callback_metrics()
+    state = collector.state_dict()
+    collector.reset_metrics()
+    assert collector.callback_metrics() == {} and collector.step_values == {}
+
+    resumed = MetricCollector()
+    resumed.load_state_dict(state)
+    resumed.reset_metrics()  # a run that restores before its reset keeps what it restored
+    resumed.start_stage("train")
+    resumed.current_fx = "training_step"
+    resumed.log("x", 4.0, on_epoch=True)
+    resumed.epoch_end_reached()
+    assert float(resumed.reduce_epoch()["x_epoch"]) == 3.0

@@ -230,6 +230,17 @@ class MetricCollector:
              self.dataloader_idx) = self._saved
             self._saved = None
 
+    def reset_metrics(self) -> None:
+        """A new trainer.fit/validate/test begins: forget every value (Lightning clears callback, progress-bar
+        and logged metrics there). State restored by ``load_state_dict`` for this run is kept."""
+        for stage, entries in self._stages.items():
+            if not (stage == _TRAIN and self._keep_restored):
+                self._reset(entries)
+        if not self._keep_restored:
+            self._callback.clear()
+            self._pbar.clear()
+        self._stepping, self._batch, self._batch_size = False, None, None
+
     def has_pending(self) -> bool:
         """Whether an epoch-level value was logged that ``reduce_epoch`` has not computed yet."""
         return any(e.on_epoch and not e.reported for e in self._valid())

@@ -1,0 +1,118 @@
+"""The same model logging the same values on the same data reports the same numbers on Kiln and Lightning.
+
+tests/scripts/log_parity.py runs one small model that logs in every way ``self.log`` offers (step/epoch
+forks, sum/max/min, log_dict, prog_bar, logger=False, numbers, bools, torchmetrics, two validation
+loaders, epoch-hook logging) under either framework. Each run is a fresh process. Lightning comes from
+``$KILN_LIGHTNING_PYTHON`` or /work/venvs/lightning/bin/python (pytorch_lightning 2.5); without it the
+tests are skipped.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from torch.utils.data import DataLoader, TensorDataset
+
+from framework import Trainer, TrainModule
+
+SCRIPT = Path(__file__).parent / "scripts" / "log_parity.py"
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _lightning_python() -> str | None:
+    for candidate in (os.environ.get("KILN_LIGHTNING_PYTHON"), "/work/venvs/lightning/bin/python"):
+        if candidate and Path(candidate).exists():
+            probe = subprocess.run([candidate, "-c", "import pytorch_lightning"], capture_output=True, timeout=120)
+            if probe.returncode == 0:
+                return candidate
+    return None
+
+
+LIGHTNING = _lightning_python()
+pytestmark = pytest.mark.skipif(LIGHTNING is None, reason="needs a python with pytorch_lightning 2.x "
+                                "(set KILN_LIGHTNING_PYTHON)")
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory) -> dict[tuple[str, bool], dict]:
+    """Both frameworks' reports (explicit and inferred batch sizes), from two processes run side by side."""
+    out = tmp_path_factory.mktemp("parity")
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    procs = {}
+    for framework, python in (("kiln", sys.executable), ("lightning", LIGHTNING)):
+        path = out / f"{framework}.json"
+        procs[framework] = (subprocess.Popen([python, str(SCRIPT), framework, str(path)], cwd=out, env=env,
+                                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True), path)
+    results = {}
+    for framework, (proc, path) in procs.items():
+        output, _ = proc.communicate(timeout=600)
+        assert proc.returncode == 0, f"{framework} failed:\n{output[-3000:]}"
+        report = json.loads(path.read_text())
+        results[(framework, True)], results[(framework, False)] = report["explicit"], report["inferred"]
+    return results
+
+
+def _split_validate_after_fit(result: dict) -> tuple[dict, dict]:
+    """The snapshot taken by trainer.validate() after fit, apart from the rest."""
+    rest = {**result, "validation": result["validation"][:-1]}
+    return rest, result["validation"][-1]
+
+
+def test_explicit_batch_sizes_report_lightnings_numbers_bit_for_bit(runs):
+    kiln, after_fit_kiln = _split_validate_after_fit(runs[("kiln", True)])
+    lightning, after_fit_lightning = _split_validate_after_fit(runs[("lightning", True)])
+    assert kiln == lightning
+    assert after_fit_lightning.items() <= after_fit_kiln.items()
+
+
+def _loop_wiring() -> dict[str, bool]:
+    """Which collector calls the current loop makes (the lead wires them into the new loop)."""
+    seen = {}
+
+    class Probe(TrainModule):
+        def __init__(self):
+            super().__init__()
+            self.w = torch.nn.Parameter(torch.zeros(()))
+
+        def training_step(self, batch, batch_idx):
+            seen["batch"] = self.trainer._metrics._batch is not None
+            self.log("fit_value", 1.0)
+            return (self.w * batch[0]).sum()
+
+        def validation_step(self, batch, batch_idx):
+            self.log("v", 1.0)
+
+        def configure_optimizers(self):
+            return torch.optim.SGD(self.parameters(), lr=0.0)
+
+    loader = DataLoader(TensorDataset(torch.zeros(2)), batch_size=2)
+    trainer = Trainer(max_epochs=1, logger=False, enable_checkpointing=False, enable_progress_bar=False)
+    module = Probe()
+    trainer.fit(module, loader)
+    trainer.validate(module, loader)
+    return {"batches": seen["batch"], "reset": "fit_value" not in trainer.callback_metrics}
+
+
+WIRING = _loop_wiring() if LIGHTNING is not None else {}
+
+
+@pytest.mark.xfail(not WIRING.get("batches"), strict=True,
+                   reason="the loop does not call MetricCollector.on_batch_start(batch) yet (lead: loop rewrite)")
+def test_inferred_batch_sizes_report_lightnings_numbers_bit_for_bit(runs):
+    kiln, _ = _split_validate_after_fit(runs[("kiln", False)])
+    lightning, _ = _split_validate_after_fit(runs[("lightning", False)])
+    assert kiln == lightning
+
+
+@pytest.mark.xfail(not WIRING.get("reset"), strict=True,
+                   reason="Trainer._run does not call MetricCollector.reset_metrics() yet (lead: loop rewrite)")
+def test_each_trainer_run_starts_with_empty_callback_metrics(runs):
+    _, kiln = _split_validate_after_fit(runs[("kiln", True)])
+    _, lightning = _split_validate_after_fit(runs[("lightning", True)])
+    assert kiln == lightning
