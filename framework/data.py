@@ -197,8 +197,8 @@ def set_dataloader_epoch(dataloader: DataLoader, epoch: int) -> None:
             target.set_epoch(epoch)
 
 
-def _resolve_limit(length: int | None, limit: int | float | None,
-                   name: str = "limit_batches") -> tuple[int | None, int | None]:
+def resolve_limit(length: int | None, limit: int | float | None,
+                  name: str = "limit_batches") -> tuple[int | None, int | None]:
     """(num_batches, stop): the known epoch length after the limit, and the cap on batches."""
     if limit is None:
         return length, length
@@ -250,7 +250,7 @@ class DataFeed:
         if not isinstance(dataloader, DataLoader):
             raise TypeError(f"dataloader={type(dataloader).__name__} is not a torch.utils.data.DataLoader.")
         self.dataloader = dataloader
-        self.num_batches, self._stop = _resolve_limit(_loader_length(dataloader), limit_batches, limit_name)
+        self.num_batches, self._stop = resolve_limit(_loader_length(dataloader), limit_batches, limit_name)
         self.epoch = 0
         self.batches_consumed = 0
         dataset = dataloader.dataset

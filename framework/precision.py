@@ -84,7 +84,7 @@ class DoublePrecision(Precision):
         return module.to(dtype=self.dtype)
 
     def convert_input(self, batch: Any) -> Any:
-        return _cast_floats(batch, self.dtype)
+        return cast_floats(batch, self.dtype)
 
     def forward_context(self) -> AbstractContextManager:
         return _default_dtype(self.dtype)
@@ -217,15 +217,16 @@ def _rebuild_scaler(old: torch.amp.GradScaler, cls: type, device_type: str,
     return new
 
 
-def _cast_floats(batch: Any, dtype: torch.dtype) -> Any:
+def cast_floats(batch: Any, dtype: torch.dtype) -> Any:
+    """Cast the floating-point tensors of a batch (nested mappings/sequences/namedtuples) to ``dtype``."""
     if isinstance(batch, torch.Tensor):
         return batch.to(dtype) if batch.is_floating_point() else batch
     if isinstance(batch, dict):
-        return {k: _cast_floats(v, dtype) for k, v in batch.items()}
+        return {k: cast_floats(v, dtype) for k, v in batch.items()}
     if isinstance(batch, tuple) and hasattr(batch, "_fields"):
-        return type(batch)(*(_cast_floats(v, dtype) for v in batch))
+        return type(batch)(*(cast_floats(v, dtype) for v in batch))
     if isinstance(batch, (list, tuple)):
-        return type(batch)(_cast_floats(v, dtype) for v in batch)
+        return type(batch)(cast_floats(v, dtype) for v in batch)
     return batch
 
 

@@ -249,7 +249,8 @@ class Trainer:
         if stage == "fit" and not self.optimizers:  # also after an evaluation-only run on this module
             optimizers, configs = parse_optimizers(module.configure_optimizers())
             check_optimizer_params(module, optimizers)  # before a strategy wraps them (DeepSpeed)
-            self.optimizers = self.strategy.setup_optimizers(optimizers)
+            self.optimizers = self.strategy.setup_optimizers(optimizers, gradient_clip_val=self.gradient_clip_val,
+                                                             gradient_clip_algorithm=self.gradient_clip_algorithm)
             self.lr_scheduler_configs = configs
             self._manual_optimizers = [ManualOptimizer(o, self) for o in self.optimizers]
         self._metrics.reduce = self.strategy.all_reduce if self.strategy.world_size > 1 else None
@@ -275,7 +276,7 @@ class Trainer:
             self._stage_feeds[name] = [
                 DataFeed(self.strategy.process_dataloader(
                     dl, stage=name, seed=self._data_seed, use_distributed_sampler=self.use_distributed_sampler,
-                    even_batches=self.even_batches), limit,
+                    even_batches=self.even_batches, limit_batches=limit), limit,
                     "limit_{}_batches".format({"fit": "train", "validate": "val"}.get(name, name)))
                 for dl in given]
         if stage == "fit":

@@ -43,6 +43,7 @@ class Strategy:
         self.precision: Precision = Precision()
         self.module: TrainModule | None = None
         self.model: nn.Module | None = None  # what forward passes go through (wrapper or module itself)
+        self.optimizers: list[torch.optim.Optimizer] = []
         self._root_device = torch.device("cpu")
 
     # ---- topology ---------------------------------------------------------------------------
@@ -84,15 +85,23 @@ class Strategy:
 
     # ---- model and optimizers ------------------------------------------------------------------
     def setup_module(self, module: TrainModule) -> None:
-        """Place, convert and wrap the module; sets ``self.module`` and ``self.model``."""
+        """Prepare the module once for every strategy (refuse a dispatched model, convert it to the
+        precision's dtype), then let ``wrap_module`` place and wrap it. Sets ``self.module``/``self.model``."""
         check_not_dispatched(module, self.name)
         module = self.precision.convert_module(module)
-        module.to(self.root_device)
         self.module = module
-        self.model = module
+        self.model = self.wrap_module(module)
 
-    def setup_optimizers(self, optimizers: list[torch.optim.Optimizer]) -> list[torch.optim.Optimizer]:
-        """Give the strategy a chance to wrap optimizers (DeepSpeed builds its engine here)."""
+    def wrap_module(self, module: TrainModule) -> nn.Module:
+        """The per-strategy hook: place ``module`` and return what forward passes go through
+        (the module itself here; a DDP/FSDP wrapper, an engine, ... in subclasses)."""
+        return module.to(self.root_device)
+
+    def setup_optimizers(self, optimizers: list[torch.optim.Optimizer], *, gradient_clip_val: float | None = None,
+                         gradient_clip_algorithm: str = "norm") -> list[torch.optim.Optimizer]:
+        """Give the strategy a chance to wrap optimizers (DeepSpeed builds its engine here, and takes the
+        Trainer's clipping settings into it; other strategies clip in ``clip_gradients``)."""
+        self.optimizers = optimizers
         return optimizers
 
     def step_function(self, name: str) -> Callable[..., Any]:
@@ -139,8 +148,10 @@ class Strategy:
         optimizer.zero_grad(set_to_none=True)
 
     def scale_gradients(self, optimizers: list[torch.optim.Optimizer], factor: float | torch.Tensor) -> None:
-        """Multiply accumulated gradients (used for short tail windows of unknown length and num_items)."""
-        grads = [p.grad for opt in optimizers for g in opt.param_groups for p in g["params"] if p.grad is not None]
+        """Multiply the accumulated gradients of ``optimizers``' parameters by ``factor`` (short tail windows
+        of unknown length, ``num_items``, uneven data). The one place gradients are rescaled."""
+        grads = [_local(p.grad) for opt in optimizers for g in opt.param_groups for p in g["params"]
+                 if p.grad is not None]
         if grads:
             torch._foreach_mul_(grads, factor)
 
@@ -161,7 +172,12 @@ class Strategy:
     def barrier(self, name: str | None = None) -> None: ...
 
     def reduce_boolean_decision(self, decision: bool, all: bool = True) -> bool:
-        return decision
+        """Whether ``decision`` holds on every rank (``all=True``) or on any rank (``all=False``)."""
+        if self.world_size == 1:
+            return bool(decision)
+        votes = self.all_reduce(torch.tensor(int(bool(decision)), device=self.root_device), "sum")
+        votes = int(votes.item())
+        return votes == self.world_size if all else votes > 0
 
     # ---- checkpoint state ---------------------------------------------------------------------------------
     def module_state_dict(self) -> dict[str, Any]:
@@ -186,15 +202,37 @@ class Strategy:
         With ``writer`` (an AsyncCheckpointWriter) only the snapshot blocks; files are written and the
         manifest committed in the background. ``on_committed`` runs once the checkpoint is complete.
         """
+        token = self._new_token()
+        states = self._checkpoint_states(trainer_state, rank_state, optimizers)
+        self._write_checkpoint(path, token, states, metadata, safe_serialization, writer, on_committed)
+
+    def _new_token(self) -> str:
         from framework import checkpoint as io
 
-        token = self.broadcast(io.new_token() if self.is_global_zero else None)
-        states: dict[str, Any] = {}
+        return self.broadcast(io.new_token() if self.is_global_zero else None)
+
+    def _checkpoint_states(self, trainer_state: dict[str, Any], rank_state: dict[str, Any],
+                           optimizers: list[torch.optim.Optimizer] | None) -> dict[str, Any]:
+        """The states of the replicated layout: every rank its own, rank 0 the full model and the trainer
+        state (with each optimizer's full state unless ``optimizers`` is None: an engine saves them itself).
+
+        Every rank calls ``_full_model_and_optimizers`` (gathering is collective for sharded layouts)."""
+        from framework import checkpoint as io
+
+        model, optimizer_states = self._full_model_and_optimizers(optimizers or [])
+        states: dict[str, Any] = {io.rank_state_name(self.global_rank): rank_state}
         if self.is_global_zero:
-            states[io.MODEL] = self.module_state_dict()
-            states[io.TRAINER] = {**trainer_state, "optimizers": [self.optimizer_state_dict(o) for o in optimizers]}
-        states[io.rank_state_name(self.global_rank)] = rank_state
-        self._write_checkpoint(path, token, states, metadata, safe_serialization, writer, on_committed)
+            states[io.MODEL] = model
+            states[io.TRAINER] = trainer_state if optimizers is None else {**trainer_state,
+                                                                           "optimizers": optimizer_states}
+        return states
+
+    def _full_model_and_optimizers(self, optimizers: list[torch.optim.Optimizer]
+                                   ) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+        """Full model and optimizer states, needed on rank 0 only (other ranks may return empty ones)."""
+        if not self.is_global_zero:
+            return {}, []
+        return self.module_state_dict(), [self.optimizer_state_dict(o) for o in optimizers]
 
     def _write_checkpoint(self, path: str, token: str, states: dict[str, Any], metadata: dict[str, Any],
                           safe_serialization: bool, writer: Any, on_committed: Callable[[], None] | None,
@@ -285,8 +323,11 @@ class Strategy:
         return io.read_state(path, name, manifest)
 
     def process_dataloader(self, dataloader: Any, *, stage: str, seed: int, use_distributed_sampler: bool,
-                           even_batches: bool) -> Any:
-        """Shard a dataloader across ranks and make its order resumable (framework.data does the work)."""
+                           even_batches: bool, limit_batches: int | float | None = None) -> Any:
+        """Shard a dataloader across ranks and make its order resumable (framework.data does the work).
+
+        ``limit_batches`` is the Trainer's ``limit_<stage>_batches`` (strategies that keep uneven ranks in
+        lockstep need the number of batches each rank will actually run)."""
         from framework.data import prepare_dataloader
 
         # Evaluation is never padded: duplicated samples would distort sync_dist metrics. Strategies whose
@@ -334,6 +375,11 @@ def move_to_device(batch: Any, device: torch.device) -> Any:
     if callable(to):
         return to(device)
     return batch
+
+
+def _local(tensor: torch.Tensor) -> torch.Tensor:
+    """This rank's shard of a DTensor (FSDP gradients), the tensor itself otherwise."""
+    return tensor.to_local() if hasattr(tensor, "to_local") else tensor
 
 
 def check_not_dispatched(module: nn.Module, strategy_name: str) -> None:

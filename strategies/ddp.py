@@ -14,13 +14,16 @@ from __future__ import annotations
 from collections.abc import Callable
 from contextlib import AbstractContextManager
 from datetime import timedelta
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
 
 from strategies.base import _NULL
 from strategies.parallel import ParallelStrategy, _StepDispatcher
+
+if TYPE_CHECKING:
+    from framework.module import TrainModule
 
 
 class DDPStrategy(ParallelStrategy):
@@ -42,11 +45,12 @@ class DDPStrategy(ParallelStrategy):
         self.static_graph = static_graph
         self.ddp_kwargs = ddp_kwargs
 
-    def _wrap(self, dispatcher: _StepDispatcher) -> nn.Module:
+    def wrap_module(self, module: TrainModule) -> nn.Module:
         from torch.nn.parallel import DistributedDataParallel
 
+        module.to(self.root_device)
         device_ids = [self.root_device.index] if self.root_device.type == "cuda" else None
-        return DistributedDataParallel(dispatcher, device_ids=device_ids,
+        return DistributedDataParallel(_StepDispatcher(module), device_ids=device_ids,
                                        find_unused_parameters=self.find_unused_parameters,
                                        static_graph=self.static_graph, **self.ddp_kwargs)
 

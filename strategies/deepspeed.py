@@ -29,8 +29,8 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from framework.precision import Precision, _cast_floats
-from strategies.base import _NULL, check_not_dispatched
+from framework.precision import DoublePrecision, HalfPrecision, MixedPrecision, Precision, cast_floats
+from strategies.base import _NULL
 from strategies.parallel import ParallelStrategy, _StepDispatcher
 
 if TYPE_CHECKING:
@@ -41,6 +41,7 @@ INSTALL_HINT = "pip install kiln[deepspeed]  (or: pip install deepspeed)"
 _PRECISION_DTYPES = {"16-mixed": torch.float16, "16-true": torch.float16, "bf16-mixed": torch.bfloat16,
                      "bf16-true": torch.bfloat16, "32-true": None, "32": None}
 # Keys that Kiln's own arguments decide; a config dict naming them is refused with the Trainer argument to use.
+_BUILTIN_PRECISIONS = (Precision, DoublePrecision, HalfPrecision, MixedPrecision)
 _KILN_OWNED = {"optimizer": "return the optimizer from configure_optimizers()",
                "scheduler": "return the LR scheduler from configure_optimizers()"}
 
@@ -85,10 +86,18 @@ class DeepSpeedPrecision(Precision):
         return {}
 
     def convert_module(self, module: torch.nn.Module) -> torch.nn.Module:
+        """Refuse fp16 where DeepSpeed's accelerator lacks it; cast the module for ``*-true``."""
+        if self.dtype == torch.float16:
+            from deepspeed.accelerator import get_accelerator
+
+            if not get_accelerator().is_fp16_supported():
+                raise ValueError(f"precision={self.name!r}: DeepSpeed's {get_accelerator().device_name()} "
+                                 "accelerator does not support fp16 on this machine. Use precision='bf16-mixed' "
+                                 "(or a GPU for fp16).")
         return module.to(dtype=self.dtype) if self.converts_input else module
 
     def convert_input(self, batch: Any) -> Any:
-        return _cast_floats(batch, self.dtype) if self.converts_input else batch
+        return cast_floats(batch, self.dtype) if self.converts_input else batch
 
     def forward_context(self) -> AbstractContextManager:
         if self.dtype is None or self.converts_input:
@@ -158,7 +167,8 @@ class DeepSpeedStrategy(ParallelStrategy):
         """The Trainer's precision plugin as DeepSpeed runs it (fp16/bf16 handled by the engine)."""
         if isinstance(precision, DeepSpeedPrecision):
             return precision
-        if type(precision).__module__ != "framework.precision":
+        # Exact types: a subclass of a built-in plugin changes numerics that the engine would not run.
+        if type(precision) not in _BUILTIN_PRECISIONS:
             raise ValueError(f"precision={precision!r} is a custom plugin; strategy='deepspeed' runs mixed "
                              "precision inside its engine and supports the strings '32-true', '16-mixed', "
                              "'bf16-mixed', '16-true' and 'bf16-true'.")
@@ -166,26 +176,26 @@ class DeepSpeedStrategy(ParallelStrategy):
         return self.precision
 
     # ---- model and engine ----------------------------------------------------------------------
-    def setup_module(self, module: TrainModule) -> None:
+    def wrap_module(self, module: TrainModule) -> torch.nn.Module:
         """Place the module; the engine is built with the optimizer (``setup_optimizers``) or, for
         evaluation under ZeRO-3, on the first evaluation step."""
-        check_not_dispatched(module, self.name)
-        self._check_precision_supported()
-        module = self.precision.convert_module(module)
-        module.to(self.root_device)
-        self.module = self.model = module
         self.engine = None
+        return module.to(self.root_device)
 
-    def setup_optimizers(self, optimizers: list[torch.optim.Optimizer]) -> list[torch.optim.Optimizer]:
-        """Build the DeepSpeed engine around the module and the (single) optimizer."""
+    def setup_optimizers(self, optimizers: list[torch.optim.Optimizer], *, gradient_clip_val: float | None = None,
+                         gradient_clip_algorithm: str = "norm") -> list[torch.optim.Optimizer]:
+        """Build the DeepSpeed engine around the module and the (single) optimizer; the Trainer's clipping
+        settings become the engine's ``gradient_clipping`` (DeepSpeed clips inside ``engine.step()``)."""
         if len(optimizers) != 1:
             raise ValueError(
                 f"configure_optimizers() returned {len(optimizers)} optimizers, but DeepSpeed wraps one model and "
                 "one optimizer into a single engine, so strategy='deepspeed' supports exactly one optimizer. For "
                 "several models with their own optimizers (e.g. a GAN's generator and discriminator) use "
                 "strategy='ddp' or 'fsdp', or return one optimizer with a parameter group per sub-model.")
-        self.engine = self._initialize(self._training_config(), optimizers[0])
+        self.engine = self._initialize(self._training_config(gradient_clip_val, gradient_clip_algorithm),
+                                       optimizers[0])
         self.model = self.precision.engine = self.engine
+        self.optimizers = optimizers
         return optimizers
 
     def _initialize(self, config: dict[str, Any], optimizer: torch.optim.Optimizer | None) -> Any:
@@ -198,8 +208,8 @@ class DeepSpeedStrategy(ParallelStrategy):
         engine.checkpoint_engine = SafeCheckpointEngine(engine.checkpoint_engine)
         return engine
 
-    def _training_config(self) -> dict[str, Any]:
-        trainer = getattr(self.module, "_trainer", None)
+    def _training_config(self, clip: float | None = None, algorithm: str = "norm") -> dict[str, Any]:
+        """The engine config for training with the Trainer's ``gradient_clip_val``/``_algorithm``."""
         config = self._base_config()
         config.setdefault("zero_allow_untested_optimizer", True)  # the user's torch optimizer is the point
         config.setdefault("zero_force_ds_cpu_optimizer", False)
@@ -207,10 +217,8 @@ class DeepSpeedStrategy(ParallelStrategy):
         if gas != 1:
             raise ValueError(f"config['gradient_accumulation_steps']={gas!r}: Kiln decides accumulation windows. "
                              f"Remove it from the DeepSpeed config and pass Trainer(accumulate_grad_batches={gas}).")
-        clip = getattr(trainer, "gradient_clip_val", None)
         config.setdefault("gradient_clipping", 0.0)  # DeepSpeed's own default (1.0) would clip silently
         if clip:
-            algorithm = getattr(trainer, "gradient_clip_algorithm", "norm")
             if algorithm != "norm":
                 raise ValueError(f"gradient_clip_algorithm={algorithm!r} is not supported by strategy='deepspeed': "
                                  "DeepSpeed clips by the global gradient norm only. Use gradient_clip_algorithm='norm'.")
@@ -238,16 +246,6 @@ class DeepSpeedStrategy(ParallelStrategy):
         _merge_precision(config, self.precision)
         return config
 
-    def _check_precision_supported(self) -> None:
-        dtype = getattr(self.precision, "dtype", None)
-        if dtype == torch.float16:
-            from deepspeed.accelerator import get_accelerator
-
-            if not get_accelerator().is_fp16_supported():
-                raise ValueError(f"precision={self.precision.name!r}: DeepSpeed's {get_accelerator().device_name()} "
-                                 "accelerator does not support fp16 on this machine. Use precision='bf16-mixed' "
-                                 "(or a GPU for fp16).")
-
     def step_function(self, name: str) -> Callable[..., Any]:
         """Steps run through the engine's forward; under ZeRO-3 evaluation builds an inference engine first."""
         if self.engine is None and self.stage == 3:
@@ -262,10 +260,6 @@ class DeepSpeedStrategy(ParallelStrategy):
         self.engine.set_gradient_accumulation_boundary(not skip_sync)
         return _NULL
 
-    def scale_gradients_of(self, params: list[torch.nn.Parameter], factor: float | torch.Tensor) -> None:
-        """Uneven data: rescale the window's gradients at the step (ZeRO holds them, not ``p.grad``)."""
-        self._grad_factor = (self._grad_factor or 1.0) * float(factor)
-
     def clip_gradients(self, optimizer: torch.optim.Optimizer, clip_val: float, algorithm: str) -> torch.Tensor | None:
         """Clipping happens inside ``engine.step()`` (config ``gradient_clipping``); returns None."""
         configured = self.engine.gradient_clipping()
@@ -276,7 +270,8 @@ class DeepSpeedStrategy(ParallelStrategy):
         return None
 
     def scale_gradients(self, optimizers: list[torch.optim.Optimizer], factor: float | torch.Tensor) -> None:
-        """Scale the window's gradients at the next step (applied through the ZeRO optimizer's loss scale)."""
+        """Scale the window's gradients at the next step (ZeRO holds them, not ``p.grad``: applied through
+        the ZeRO optimizer's loss scale)."""
         self._grad_factor = (self._grad_factor or 1.0) * float(factor)
 
     def optimizer_step(self, optimizer: torch.optim.Optimizer) -> bool:
@@ -311,6 +306,11 @@ class DeepSpeedStrategy(ParallelStrategy):
         from strategies.deepspeed_checkpoint import load_full_state_dict
 
         load_full_state_dict(self, state_dict, strict)
+
+    def _full_model_and_optimizers(self, optimizers: list[torch.optim.Optimizer]
+                                   ) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+        """Every rank asks (gathering is collective under ZeRO-3); the engine saves the optimizer state."""
+        return self.module_state_dict(), []
 
     def save_checkpoint(self, path: str, *, trainer_state: dict[str, Any], rank_state: dict[str, Any],
                         metadata: dict[str, Any], optimizers: list[torch.optim.Optimizer],

@@ -91,15 +91,9 @@ def save_checkpoint(strategy: DeepSpeedStrategy, path: str, *, trainer_state: di
                     rank_state: dict[str, Any], metadata: dict[str, Any], safe_serialization: bool,
                     on_committed: Callable[[], None] | None) -> None:
     """Collective: every rank writes its engine files, rank 0 the weights and Kiln's trainer state."""
-    from framework import checkpoint as io
-
     engine = strategy.engine
-    token = strategy.broadcast(io.new_token() if strategy.is_global_zero else None)
-    weights = strategy.module_state_dict()
-    states: dict[str, Any] = {io.rank_state_name(strategy.global_rank): rank_state}
-    if strategy.is_global_zero:
-        states[io.MODEL] = weights
-        states[io.TRAINER] = trainer_state
+    token = strategy._new_token()
+    states = strategy._checkpoint_states(trainer_state, rank_state, None)
     has_engine_state = engine is not None and engine.optimizer is not None
 
     def write_engine_files(staging: Any) -> list:

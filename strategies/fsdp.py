@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
-from strategies.base import _NULL, check_not_dispatched
+from strategies.base import _NULL
 from strategies.parallel import ParallelStrategy, _StepDispatcher
 
 if TYPE_CHECKING:
@@ -76,12 +76,12 @@ class FSDPStrategy(ParallelStrategy):
         self._sync_disabled = False
 
     # ---- model ---------------------------------------------------------------------------------
-    def setup_module(self, module: TrainModule) -> None:
+    def wrap_module(self, module: TrainModule) -> nn.Module:
+        """Shard the module's groups and a dispatcher root around it; meta parameters are materialised
+        per shard (the module is not moved as a whole first: that would allocate every full parameter)."""
         from torch.distributed.device_mesh import init_device_mesh
         from torch.distributed.fsdp import fully_shard
 
-        check_not_dispatched(module, self.name)
-        module = self.precision.convert_module(module)
         self.precision.setup_sharded()
         self.device_mesh = init_device_mesh(self.root_device.type, (self.world_size,))
         kwargs = self._shard_kwargs()
@@ -93,9 +93,8 @@ class FSDPStrategy(ParallelStrategy):
                 fully_shard(target, **kwargs)
         fully_shard(dispatcher, **kwargs)
         _materialize_meta(dispatcher, torch.device("cpu") if self.cpu_offload else self.root_device)
-        self.module = module
-        self.model = dispatcher
         self._sync_disabled = False
+        return dispatcher
 
     def _shard_kwargs(self) -> dict[str, Any]:
         from torch.distributed.fsdp import CPUOffloadPolicy, OffloadPolicy
@@ -145,14 +144,6 @@ class FSDPStrategy(ParallelStrategy):
             torch.nn.utils.clip_grad_value_(params, clip_val)
         return norm
 
-    def scale_gradients(self, optimizers: list[torch.optim.Optimizer], factor: float | torch.Tensor) -> None:
-        self.scale_gradients_of([p for opt in optimizers for g in opt.param_groups for p in g["params"]], factor)
-
-    def scale_gradients_of(self, params: list[nn.Parameter], factor: float | torch.Tensor) -> None:
-        grads = [_local(p.grad) for p in params if p.grad is not None]
-        if grads:
-            torch._foreach_mul_(grads, factor)
-
     # ---- state dicts -----------------------------------------------------------------------------
     def _options(self, full: bool = True, strict: bool = True) -> Any:
         from torch.distributed.checkpoint.state_dict import StateDictOptions
@@ -191,18 +182,15 @@ class FSDPStrategy(ParallelStrategy):
         """Collective save. ``"sharded"``: each rank writes its shards of model and optimizer state through
         ``torch.distributed.checkpoint`` (layout ``"dcp"``; written synchronously, DCP is collective).
         ``"full"``: the state is gathered to rank 0, which writes the replicated layout."""
+        if self.state_dict_type == "full":
+            super().save_checkpoint(path, trainer_state=trainer_state, rank_state=rank_state, metadata=metadata,
+                                    optimizers=optimizers, safe_serialization=safe_serialization, writer=writer,
+                                    on_committed=on_committed)
+            return
         from framework import checkpoint as io
 
-        token = self.broadcast(io.new_token() if self.is_global_zero else None)
+        token = self._new_token()
         states: dict[str, Any] = {io.rank_state_name(self.global_rank): rank_state}
-        if self.state_dict_type == "full":
-            model = self._get_model_state(full=True, rank0_only=True)
-            saved_optimizers = [self._get_optimizer_state(o, full=True, rank0_only=True) for o in optimizers]
-            if self.is_global_zero:
-                states[io.MODEL] = model
-                states[io.TRAINER] = {**trainer_state, "optimizers": saved_optimizers}
-            self._write_checkpoint(path, token, states, metadata, safe_serialization, writer, on_committed)
-            return
         if self.is_global_zero:
             states[io.TRAINER] = trainer_state
         sharded = {"model": self._get_model_state(full=False),
@@ -256,6 +244,12 @@ class FSDPStrategy(ParallelStrategy):
             set_optimizer_state_dict(self.module, optimizer, state, options=self._options(full=False))
         return io.read_state(path, io.TRAINER, manifest), self._read_rank_state(path, manifest)
 
+    def _full_model_and_optimizers(self, optimizers: list[torch.optim.Optimizer]
+                                   ) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+        """Gathered to rank 0 on the CPU (collective); other ranks get empty states."""
+        return (self._get_model_state(full=True, rank0_only=True),
+                [self._get_optimizer_state(o, full=True, rank0_only=True) for o in optimizers])
+
     def _get_model_state(self, full: bool, rank0_only: bool = False) -> dict[str, Any]:
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
@@ -300,10 +294,6 @@ def _saved_count_check(path: str, manifest: Any, expected: int) -> Iterator[None
             raise ValueError(f"The checkpoint {path} does not hold {expected} optimizer state(s) matching "
                              "configure_optimizers(); resume with the same optimizer setup.") from exc
         raise
-
-
-def _local(tensor: torch.Tensor) -> torch.Tensor:
-    return tensor.to_local() if hasattr(tensor, "to_local") else tensor
 
 
 def _policy_matcher(policy: Any) -> Callable[[nn.Module], bool] | None:

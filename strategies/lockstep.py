@@ -48,9 +48,9 @@ class EvalPlan:
     @staticmethod
     def create(lengths: list[int], rank: int, limit: int | float | None) -> EvalPlan | None:
         """The plan for ``rank``; None when some rank would run no batch at all (pad instead)."""
-        from framework.data import _resolve_limit  # the loop's own limit rule, so the counts agree
+        from framework.data import resolve_limit  # the loop's own limit rule, so the counts agree
 
-        stops = [_resolve_limit(n, limit)[1] for n in lengths]
+        stops = [resolve_limit(n, limit)[1] for n in lengths]
         if min(stops) == 0 and max(stops) > 0:
             return None
         return EvalPlan(last=stops[rank] - 1, extra=max(stops) - stops[rank])

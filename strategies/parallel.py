@@ -48,7 +48,7 @@ class _StepDispatcher(nn.Module):
 
 
 class ParallelStrategy(Strategy):
-    """Base of the process-group strategies; subclasses implement ``_wrap`` and ``no_sync``."""
+    """Base of the process-group strategies; subclasses implement ``wrap_module`` and ``no_sync``."""
 
     name = "parallel"
 
@@ -143,13 +143,10 @@ class ParallelStrategy(Strategy):
         self._eval_plans = {}
 
     # ---- model -------------------------------------------------------------------------------
-    def setup_module(self, module: TrainModule) -> None:
-        super().setup_module(module)  # refuses dispatched models, converts precision, places
-        self.model = self._wrap(_StepDispatcher(module))
-
-    def _wrap(self, dispatcher: _StepDispatcher) -> nn.Module:
-        """Wrap the step dispatcher (DDP(...), fully_shard(...)); every subclass defines its own."""
-        raise TypeError(f"{type(self).__name__} must define _wrap(dispatcher) to be used as a ParallelStrategy.")
+    def wrap_module(self, module: TrainModule) -> nn.Module:
+        """Wrap a ``_StepDispatcher(module)`` (DDP(...), fully_shard(...)); every subclass defines its own,
+        since running steps on the bare module would skip gradient synchronisation."""
+        raise TypeError(f"{type(self).__name__} must define wrap_module(module) to be used as a ParallelStrategy.")
 
     def step_function(self, name: str) -> Callable[..., Any]:
         if name == "training_step":
@@ -175,20 +172,14 @@ class ParallelStrategy(Strategy):
         if self._uneven is not None and not self._skip_sync:
             factor = self._uneven.gradient_factor()
             if factor != 1.0:
-                params = [p for p in self.module.parameters() if p.grad is not None]
-                self.scale_gradients_of(params, factor)
+                self.scale_gradients(self.optimizers, factor)
 
     def _after_backward(self) -> None:
         """Hook for strategies that synchronise gradients themselves after a backward."""
 
-    def scale_gradients_of(self, params: list[nn.Parameter], factor: float | torch.Tensor) -> None:
-        grads = [p.grad for p in params if p.grad is not None]
-        if grads:
-            torch._foreach_mul_(grads, factor)
-
     # ---- data ------------------------------------------------------------------------------------
     def process_dataloader(self, dataloader: Any, *, stage: str, seed: int, use_distributed_sampler: bool,
-                           even_batches: bool) -> Any:
+                           even_batches: bool, limit_batches: int | float | None = None) -> Any:
         """Shard the loader; evaluation is never padded, and uneven ranks are kept in lockstep."""
         if stage == "fit":
             loader = super().process_dataloader(dataloader, stage=stage, seed=seed, even_batches=even_batches,
@@ -204,8 +195,7 @@ class ParallelStrategy(Strategy):
         plan = None
         lengths = self._lengths(loader) if self.world_size > 1 else None
         if lengths is not None and len(set(lengths)) > 1:
-            limit = getattr(getattr(self.module, "_trainer", None), "limits", {}).get(stage)
-            plan = lockstep.EvalPlan.create(lengths, self.global_rank, limit)
+            plan = lockstep.EvalPlan.create(lengths, self.global_rank, limit_batches)
             if plan is None:  # a rank would get no batch at all: pad (repeat samples) rather than hang
                 from framework.data import prepare_dataloader
 
@@ -286,12 +276,6 @@ class ParallelStrategy(Strategy):
                 dist.barrier(device_ids=[self.root_device.index])
             else:
                 dist.barrier()
-
-    def reduce_boolean_decision(self, decision: bool, all: bool = True) -> bool:
-        if self.world_size == 1:
-            return bool(decision)
-        votes = self.all_reduce(torch.tensor(int(bool(decision)), device=self.root_device), "sum")
-        return bool(votes == self.world_size) if all else bool(votes > 0)
 
     def teardown(self) -> None:
         """Keep the wrapper and the process group for later stages (validate/test/save after fit).

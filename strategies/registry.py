@@ -9,9 +9,10 @@ from __future__ import annotations
 import difflib
 import importlib
 import os
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from strategies.base import Strategy
+if TYPE_CHECKING:  # the Trainer imports this module: importing strategies.base here would close a cycle
+    from strategies.base import Strategy
 
 _REGISTRY: dict[str, tuple[str, dict[str, Any]]] = {}
 
@@ -80,6 +81,8 @@ def resolve_strategy(strategy: str | Strategy, *, accelerator: str = "auto", dev
                      num_nodes: int = 1) -> Strategy:
     """Build the Strategy for the Trainer's arguments (an instance is used as given, after its
     ``configure_topology`` hook, if any, took the arguments it was not constructed with)."""
+    from strategies.base import Strategy
+
     accelerator = resolve_accelerator(accelerator)
     if isinstance(strategy, Strategy):
         configure = getattr(strategy, "configure_topology", None)  # fills what the instance was not given

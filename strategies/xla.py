@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch.utils.data import DataLoader, IterableDataset
 
-from strategies.base import Strategy, check_not_dispatched, move_to_device
+from strategies.base import Strategy, move_to_device
 
 if TYPE_CHECKING:
     from framework.module import TrainModule
@@ -120,12 +120,10 @@ class XLAStrategy(Strategy):
         super().setup_environment()
 
     # ---- model and steps ----------------------------------------------------------------------------
-    def setup_module(self, module: TrainModule) -> None:
-        check_not_dispatched(module, self.name)
-        module = self.precision.convert_module(module)
+    def wrap_module(self, module: TrainModule) -> torch.nn.Module:
+        """Move the module to the XLA device keeping tied weights tied; steps run on it directly."""
         move_keeping_ties(module, self.root_device)
-        self.module = module
-        self.model = module
+        return module
 
     def step_function(self, name: str) -> Callable[..., Any]:
         step = getattr(self.module, name)
@@ -146,10 +144,10 @@ class XLAStrategy(Strategy):
         return False  # the loaders from process_dataloader yield batches already on the device
 
     def process_dataloader(self, dataloader: Any, *, stage: str, seed: int, use_distributed_sampler: bool,
-                           even_batches: bool) -> Any:
+                           even_batches: bool, limit_batches: int | float | None = None) -> Any:
         prepared = super().process_dataloader(dataloader, stage=stage, seed=seed,
                                               use_distributed_sampler=use_distributed_sampler,
-                                              even_batches=even_batches)
+                                              even_batches=even_batches, limit_batches=limit_batches)
         background = self.parallel_loader and not _has_own_position(prepared)
         loader = _XLADeviceLoader.wrap(prepared, self.root_device, background, self.parallel_loader_kwargs)
         self._loaders.add(loader)
@@ -215,13 +213,6 @@ class XLAStrategy(Strategy):
             import torch_xla.core.xla_model as xm
 
             xm.rendezvous(name or "kiln.barrier")
-
-    def reduce_boolean_decision(self, decision: bool, all: bool = True) -> bool:
-        if self.world_size == 1:
-            return decision
-        votes = self.all_reduce(torch.tensor(int(bool(decision)), device=self.root_device), "sum")
-        votes = int(votes.item())
-        return votes == self.world_size if all else votes > 0
 
     # ---- checkpoint state: written from CPU copies -------------------------------------------------------
     def module_state_dict(self) -> dict[str, Any]:

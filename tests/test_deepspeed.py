@@ -247,11 +247,9 @@ def _config(strategy_kwargs: dict[str, Any] | None = None, **trainer_kwargs: Any
     """The engine config the strategy would build for a Trainer with ``trainer_kwargs`` (no engine built)."""
     strategy = DeepSpeedStrategy(accelerator="cpu", **(strategy_kwargs or {}))
     trainer = Trainer(strategy=strategy, accelerator="cpu", logger=False, max_epochs=1, **trainer_kwargs)
-    module = Regression()
-    object.__setattr__(module, "_trainer", trainer)
-    strategy.module = module
+    strategy.module = Regression()
     strategy.connect_precision(trainer.precision_plugin)
-    return strategy._training_config()
+    return strategy._training_config(trainer.gradient_clip_val, trainer.gradient_clip_algorithm)
 
 
 @require_deepspeed
@@ -292,6 +290,12 @@ def test_unsupported_precisions_and_optimizer_counts_are_refused() -> None:
     strategy = DeepSpeedStrategy(accelerator="cpu")
     with pytest.raises(ValueError, match="'64-true' is not supported by strategy='deepspeed'"):
         strategy.connect_precision(resolve_precision("64-true"))
+
+    class CustomMixed(type(resolve_precision("bf16-mixed"))):  # a subclass changes numerics the engine would skip
+        pass
+
+    with pytest.raises(ValueError, match="is a custom plugin"):
+        strategy.connect_precision(CustomMixed(torch.bfloat16))
     net = make_net()
     optimizers = [torch.optim.SGD(net[0].parameters(), lr=0.1), torch.optim.SGD(net[2].parameters(), lr=0.1)]
     with pytest.raises(ValueError, match="exactly one optimizer"):
