@@ -3,10 +3,13 @@ print, all_gather, freeze, export and the step-signature helpers."""
 
 from __future__ import annotations
 
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from torch.utils.data import DataLoader, TensorDataset
 
 from framework import Trainer, TrainModule
@@ -286,3 +289,24 @@ def test_all_gather_print_and_rank_zero_only_on_two_gloo_ranks():
                      for rank in range(2)]
     assert "print-from-rank-0" in results[0].stdout
     assert "print-from-rank-1" not in results[1].stdout
+
+
+# ---- toggling as a property ---------------------------------------------------------------------------------
+
+
+@settings(max_examples=40, deadline=None)
+@given(flags=st.lists(st.booleans(), min_size=4, max_size=4),
+       groups=st.lists(st.lists(st.integers(0, 3), min_size=1, max_size=3, unique=True), min_size=2, max_size=3),
+       target=st.integers(0, 2))
+def test_toggle_then_untoggle_restores_every_flag(flags, groups, target):
+    target %= len(groups)
+    params = [torch.nn.Parameter(torch.zeros(1), requires_grad=f) for f in flags]
+    optimizers = [torch.optim.SGD([params[i] for i in group], lr=0.1) for group in groups]
+    module = TrainModule()
+    module.trainer = SimpleNamespace(optimizers=optimizers)  # only the optimizer list is read
+    module.toggle_optimizer(optimizers[target])
+    for i, param in enumerate(params):
+        in_target, in_any = i in groups[target], any(i in g for g in groups)
+        assert param.requires_grad == (flags[i] if in_target or not in_any else False)
+    module.untoggle_optimizer(optimizers[target])
+    assert [p.requires_grad for p in params] == flags
