@@ -122,14 +122,17 @@ class DataModule(HyperparametersMixin):
                       batch_size: int = 1, num_workers: int = 0, **datamodule_kwargs: Any) -> DataModule:
         """A datamodule serving the given datasets (a dataset, or a list/dict of them) through DataLoaders;
         the training ones shuffle. ``batch_size``/``num_workers`` also go to ``__init__`` when it takes them."""
+        import torch
         from torch.utils.data import DataLoader, IterableDataset
+
+        pin = torch.cuda.is_available()  # Lightning pins always; without CUDA pinning only warns
 
         def loaders(datasets: Any, shuffle: bool) -> Any:
             if isinstance(datasets, Mapping):
                 return {k: loaders(v, shuffle) for k, v in datasets.items()}
             if isinstance(datasets, (list, tuple)):
                 return type(datasets)(loaders(d, shuffle) for d in datasets)
-            return DataLoader(datasets, batch_size=batch_size, num_workers=num_workers,
+            return DataLoader(datasets, batch_size=batch_size, num_workers=num_workers, pin_memory=pin,
                               shuffle=shuffle and not isinstance(datasets, IterableDataset))
 
         params = inspect.signature(cls.__init__).parameters
