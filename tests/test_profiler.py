@@ -165,3 +165,17 @@ def test_custom_profiler_subclass():
         with profiler.profile("x"):
             raise RuntimeError  # stop runs even when the block fails
     assert profiler.events == [("start", "x"), ("stop", "x")]
+
+
+@pytest.mark.parametrize("name", ["simple", "advanced", "pytorch"])
+def test_report_survives_teardown_until_described(name, tmp_path, capsys):
+    profiler = resolve_profiler(name, str(tmp_path))
+    profiler.setup("fit")
+    with profiler.profile("run_training_batch"):
+        torch.nn.Linear(2, 2)(torch.randn(1, 2))
+    profiler.teardown("fit")  # the Trainer may tear down before describing
+    profiler.describe()
+    out = capsys.readouterr().out
+    assert "FIT Profiler Report" in out and "run_training_batch" in out
+    profiler.describe()  # described once: the next stage starts afresh
+    assert capsys.readouterr().out == ""

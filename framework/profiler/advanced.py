@@ -49,6 +49,5 @@ class AdvancedProfiler(Profiler):
             reports[action] = stream.getvalue()
         return self._stats_to_str(reports) if reports else ""
 
-    def teardown(self, stage: str | None) -> None:
-        super().teardown(stage)
+    def reset(self) -> None:
         self.profiled_actions = {}

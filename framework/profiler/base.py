@@ -72,7 +72,8 @@ class Profiler(ABC):
             self._output_file = None
 
     def describe(self) -> None:
-        """Write (or print) the report; the Trainer calls it as a stage ends."""
+        """Write (or print) the report, then start afresh; the Trainer calls it as a stage ends (before or
+        after ``teardown``: the recorded data survive ``teardown`` until described)."""
         report = self.summary()
         if report:
             path = self.report_path()
@@ -82,7 +83,12 @@ class Profiler(ABC):
                     f.write(report)
             elif self.local_rank == 0:
                 print(report, flush=True)
+        self.reset()
         self.teardown(self._stage)
+
+    def reset(self) -> None:
+        """Forget what was recorded (after ``describe``); subclasses with records override it."""
+        return None
 
     def report_path(self, action_name: str | None = None, extension: str = ".txt") -> str | None:
         """Where ``describe`` writes: ``dirpath/[stage-]filename[-rank][-action]<extension>``, or None."""

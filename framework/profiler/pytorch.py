@@ -128,6 +128,8 @@ class PyTorchProfiler(Profiler):
         return self._stats_to_str({"records": table})
 
     def teardown(self, stage: str | None) -> None:
-        self._stop_profiler()
-        self._events = None
+        self._stop_profiler()  # the trace is written; the table waits for describe()
         super().teardown(stage)
+
+    def reset(self) -> None:
+        self._events = None

@@ -58,3 +58,8 @@ class SimpleProfiler(Profiler):
             for name, mean, _, total in sorted(stats, key=lambda s: s[1], reverse=True):
                 out += row(name, f"{mean:.5}", f"{total:.5}")
         return out + line + sep
+
+    def reset(self) -> None:
+        self.current_actions = {}
+        self.recorded_durations = defaultdict(list)
+        self.start_time = time.perf_counter()
