@@ -363,6 +363,81 @@ def test_a_signal_to_the_whole_process_group_spares_the_dataloader_workers(tmp_p
         assert find_last(str(tmp_path / "checkpoints")) is not None
 
 
+ELASTIC_RUN = os.path.join(os.path.dirname(__file__), "scripts", "elastic_run.py")
+
+
+def _start(command: list[str]):
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR",
+                                                            "MASTER_PORT", "KILN_LAUNCHER_PID")}
+    return subprocess.Popen([sys.executable, *command], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True, env={**env, "PYTHONUNBUFFERED": "1", "PYTHONWARNINGS": "ignore",
+                                                         "OMP_NUM_THREADS": "1"})
+
+
+def _read_until(process, text: str) -> list[str]:
+    lines = []
+    for line in process.stdout:
+        lines.append(line)
+        if line.startswith(text):
+            return lines
+    raise AssertionError(f"{text!r} never came:\n{''.join(lines)[-4000:]}")
+
+
+def _finish(process, lines: list[str], timeout: float = 150) -> str:
+    try:
+        return "".join(lines) + process.communicate(timeout=timeout)[0]
+    finally:
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGKILL)
+
+
+@require_distributed
+@pytest.mark.distributed
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("launcher", ["kiln", "torchrun"])
+def test_ctrl_c_stops_every_rank_at_the_same_step_with_one_checkpoint(tmp_path, launcher):
+    """A terminal's Ctrl-C: under Kiln's launcher it reaches every rank (one process group); under torchrun it
+    reaches torchrun, which forwards it to its workers (they run in sessions of their own)."""
+    script = [ELASTIC_RUN, "--root", str(tmp_path), "--out", str(tmp_path / "out"), "--progress", "--slow", "0.02",
+              "--max-epochs", "50"]
+    if launcher == "kiln":
+        process = _start([*script, "--devices", "2"])
+    else:
+        process = _start(["-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", *script])
+    lines = _read_until(process, "rank 0 step 3")
+    if launcher == "kiln":
+        os.killpg(process.pid, signal.SIGINT)
+    else:
+        os.kill(process.pid, signal.SIGINT)
+    output = _finish(process, lines)
+    assert sorted(re.findall(r"rank (\d) exits with (\d+)", output)) == [("0", "130"), ("1", "130")], output[-4000:]
+    if launcher == "kiln":
+        assert process.returncode == 130, output[-4000:]
+    stopped = re.findall(r"\[kiln\] Ctrl-C: stopped after global step (\d+), saved checkpoint (\S+); resume with "
+                         r"trainer.fit\(\.\.\., ckpt_path='last'\); exiting with code 130\.", output)
+    assert len(stopped) == 1 and output.count("press Ctrl-C again to abort at once") == 1, output[-4000:]
+    step, path = int(stopped[0][0]), stopped[0][1]
+    assert path == find_last(str(tmp_path / "checkpoints")) and verify_checkpoint(path).global_step == step >= 3
+    assert "done" not in output
+
+
+@pytest.mark.timeout(300)
+def test_a_second_ctrl_c_aborts_a_real_process_at_once(tmp_path):
+    process = _start([ELASTIC_RUN, "--root", str(tmp_path), "--out", str(tmp_path / "out"), "--devices", "1",
+                      "--strategy", "auto", "--progress", "--slow", "60"])  # a minute per step
+    lines = _read_until(process, "rank 0 step 1")
+    os.killpg(process.pid, signal.SIGINT)
+    lines += _read_until(process, "[kiln] Ctrl-C: stopping after the current step")
+    sent = time.monotonic()
+    os.killpg(process.pid, signal.SIGINT)
+    output = _finish(process, lines, timeout=60)
+    assert time.monotonic() - sent < 30 and process.returncode == -signal.SIGINT, output[-4000:]
+    assert "[kiln] second Ctrl-C: aborting now." in output and "stopped after global step" not in output
+
+
 def test_the_launcher_knows_the_exit_code():
     from framework import launch
 

@@ -1,7 +1,8 @@
 """A checkpointing DDP/FSDP run for torchrun, with faults that fire once each across restarts.
 
-Run by tests/test_elastic.py (and the torchrun Ctrl-C test in tests/test_preemption.py) as
-``torchrun --nproc-per-node=2 --max-restarts=2 tests/scripts/elastic_run.py --root DIR --out final.safetensors``.
+Run by tests/test_elastic.py as ``torchrun --nproc-per-node=2 --max-restarts=2 tests/scripts/elastic_run.py
+--root DIR --out final.safetensors``, and by the real-process Ctrl-C tests in tests/test_preemption.py (also as a
+plain script: Kiln's launcher starts rank 1).
 The model, data and dropout come from ``resumable_run.py``. Nothing here names a checkpoint: a restarted attempt
 resumes through ``Trainer(resume="auto")``.
 
@@ -53,8 +54,9 @@ class Faults(Callback):
 
     def on_fit_start(self, trainer: Trainer, module: TrainModule) -> None:
         env = os.environ
-        print(f"TOPOLOGY rank={trainer.global_rank} local_rank={trainer.local_rank} node_rank={env['GROUP_RANK']} "
-              f"world={trainer.world_size} restart={env['TORCHELASTIC_RESTART_COUNT']}", flush=True)
+        print(f"TOPOLOGY rank={trainer.global_rank} local_rank={trainer.local_rank} node_rank="
+              f"{env.get('GROUP_RANK', '-')} world={trainer.world_size} restart="
+              f"{env.get('TORCHELASTIC_RESTART_COUNT', '-')}", flush=True)
 
     def on_train_batch_start(self, trainer: Trainer, module: TrainModule, batch: Any, batch_idx: int) -> None:
         for i, (kind, rank, step) in enumerate(self.faults):
@@ -85,7 +87,7 @@ def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--root", required=True)
     p.add_argument("--out", required=True)
-    p.add_argument("--strategy", default="ddp", choices=("ddp", "fsdp"))
+    p.add_argument("--strategy", default="ddp", choices=("ddp", "fsdp", "auto"))
     p.add_argument("--devices", type=int, default=2)
     p.add_argument("--num-nodes", type=int, default=1)
     p.add_argument("--max-epochs", type=int, default=2)
