@@ -25,7 +25,7 @@ _EXPORTS = {
 _PACKAGES = ("callbacks", "strategies")
 
 __all__ = ["TrainModule", "DataModule", "Trainer", "seed_everything", "DistributedState", "AttributeDict",
-           "rank_zero_only", "rank_zero_info", "rank_zero_warn", "rank_zero_debug"]
+           "rank_zero_only", "rank_zero_info", "rank_zero_warn", "rank_zero_debug", "cli_lightning_logo"]
 
 if TYPE_CHECKING:
     from framework.datamodule import DataModule
@@ -35,6 +35,11 @@ if TYPE_CHECKING:
     from framework.seed import seed_everything
     from framework.state import DistributedState
     from framework.trainer import Trainer
+
+
+def cli_lightning_logo() -> None:
+    """Print Kiln's banner (Lightning's scripts call this at start; the renamed call keeps working)."""
+    print("\n  Kiln  -  a PyTorch training framework\n")
 
 
 def __getattr__(name: str) -> Any:

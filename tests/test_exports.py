@@ -42,9 +42,16 @@ def test_unknown_name_is_an_ordinary_attribute_error():
         framework.nope  # noqa: B018
 
 
-def test_lightning_utilities_paths():
+def test_lightning_import_paths(capsys):
+    from framework import DataModule, TrainModule, cli_lightning_logo
+    from framework.core import DataModule as CoreDataModule
+    from framework.core import TrainModule as CoreTrainModule
     from framework.utilities import AttributeDict, move_data_to_device, rank_zero_only
     from framework.utilities.imports import _TORCHVISION_AVAILABLE
+
+    assert (CoreTrainModule, CoreDataModule) == (TrainModule, DataModule)
+    cli_lightning_logo()
+    assert "Kiln" in capsys.readouterr().out
 
     assert rank_zero_only.rank == 0 and AttributeDict(a=1).a == 1 and callable(move_data_to_device)
     assert isinstance(_TORCHVISION_AVAILABLE, bool)
