@@ -23,6 +23,8 @@ from pathlib import Path
 import pytest
 import torch
 import torch.distributed as dist
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from framework import elastic
 from framework.launch import find_free_port
@@ -195,16 +197,18 @@ def _agree(port: int, world: int, delays: list[float]) -> list[tuple[str, int]]:
     return results
 
 
-@pytest.mark.parametrize("delays", [[0.0, 0.0, 0.0], [0.4, 0.0, 0.1], [0.0, 0.4, 0.2]],
-                         ids=["together", "rank-0-late", "others-late"])
-def test_every_round_agrees_on_a_fresh_id_although_old_keys_remain(delays):
+@settings(max_examples=8, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(world=st.integers(2, 4), data=st.data())
+def test_every_round_agrees_on_a_fresh_id_although_old_keys_remain(world, data):
+    """Whoever comes first — rank 0 or the others, in any order — the ranks of each round agree on one id never
+    used before, and count the rounds, while every earlier round's asks, answers and acks are still stored."""
     server = dist.TCPStore("127.0.0.1", 0, 1, is_master=True, wait_for_workers=False)
     seen_ids = set()
-    for number in (1, 2, 3):  # the previous rounds' asks, answers and acks are all still in the store
-        results = _agree(server.port, 3, delays)
+    for number in (1, 2, 3):
+        delays = data.draw(st.lists(st.sampled_from([0.0, 0.05, 0.3]), min_size=world, max_size=world))
+        results = _agree(server.port, world, delays)
         assert all(isinstance(r, tuple) for r in results), results
-        ids = {r for r in results}
-        assert len(ids) == 1 and results[0][1] == number, results
+        assert len(set(results)) == 1 and results[0][1] == number, (delays, results)
         assert results[0][0] not in seen_ids
         seen_ids.add(results[0][0])
 
