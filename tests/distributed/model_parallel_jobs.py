@@ -2,8 +2,8 @@
 
 One job covers several checks so that the suite starts four processes once: equivalence with a
 one-process run on the global batch (SGD with clipping, AdamW), data sharding over data_parallel only,
-metric reduction, a 2 x 2 checkpoint resumed bit-exactly on 2 x 2 and loaded on 4 x 1, the refusal
-of TP without configure_model, and the README's Parallelism example.
+metric reduction, activation checkpointing, bf16-mixed, a 2 x 2 checkpoint resumed bit-exactly on 2 x 2
+and loaded on 4 x 1, the refusal of TP without configure_model, and the README's Parallelism example.
 """
 
 from __future__ import annotations
@@ -33,8 +33,10 @@ class Block(nn.Module):
         self.norm = nn.LayerNorm(DIM)
         self.w1 = nn.Linear(DIM, HIDDEN)
         self.w2 = nn.Linear(HIDDEN, DIM)
+        self.calls = 0  # forward runs: twice per step under activation checkpointing (the recomputation)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.calls += 1
         return x + self.w2(torch.tanh(self.w1(self.norm(x))))
 
 
@@ -72,6 +74,10 @@ class TPModel(TrainModule):
         self.seen.append(ids.tolist())
         loss = nn.functional.mse_loss(self(x), y)
         self.log("train_loss", loss, sync_dist=True)
+        mesh = self.device_mesh
+        if mesh is not None and mesh.mesh_dim_names == ("data_parallel", "tensor_parallel"):  # samples seen, once each
+            self.log("samples", float(len(x)), reduce_fx="sum", on_step=False, on_epoch=True, sync_dist=True,
+                     sync_dist_group=mesh["data_parallel"].get_group())
         return loss
 
     def configure_optimizers(self) -> Any:
@@ -117,18 +123,21 @@ def global_batches(t: Any, module: TPModel) -> list[list[int]]:
 
 
 def equivalence(root: str) -> None:
-    """SGD (clipped, Kiln's default FSDP) and AdamW (user's fully_shard) on 2 x 2 == one process."""
+    """SGD (clipped, activation checkpointing, Kiln's default FSDP) and AdamW (user's fully_shard) on 2 x 2
+    == one process; bf16-mixed through FSDP2's MixedPrecisionPolicy."""
     from torch.distributed.tensor import DTensor
 
     module = TPModel("sgd")
-    t = trainer(strategy=mesh(), devices=4, max_steps=6, gradient_clip_val=0.05)
+    t = trainer(strategy=mesh(activation_checkpointing_policy={Block}), devices=4, max_steps=6, gradient_clip_val=0.05)
     t.fit(module, loader())
+    assert [b.calls for b in module.blocks] == [12, 12]  # 6 forwards + 6 recomputations in backward
     w1 = module.blocks[0].w1.weight
     assert isinstance(w1, DTensor) and w1.device_mesh.mesh_dim_names == ("data_parallel", "tensor_parallel")
     assert module.blocks[0].w1.weight.to_local().numel() == HIDDEN * DIM // 4  # 1/4 of the weight per rank
     assert float(t.grad_norm) > 0.05  # clipping acted, on a norm over both meshes
     assert_close(t.strategy.module_state_dict(), reference("sgd", global_batches(t, module), clip=0.05))
-    # a logged value reduced over data_parallel: sums count each batch once, not tensor_parallel_size times
+    # reduced over data_parallel, sums count each batch once, not tensor_parallel_size times
+    assert float(t.callback_metrics["samples"]) == 6 * 2 * 2, t.callback_metrics  # steps x batch x data_parallel
     one = torch.tensor(1.0)
     assert float(t.strategy.reduce_metric(one, "sum")) == 2 and float(t.strategy.all_reduce(one, "sum")) == 4
 
@@ -136,6 +145,13 @@ def equivalence(root: str) -> None:
     t = trainer(strategy=mesh(), devices=4, max_steps=6)
     t.fit(module, loader())
     assert_close(t.strategy.module_state_dict(), reference("adamw", global_batches(t, module)))
+
+    module = TPModel("adamw")
+    t = trainer(strategy=mesh(), devices=4, max_steps=1, precision="bf16-mixed")
+    policy = t.strategy.mixed_precision_policy()
+    assert policy.param_dtype == torch.bfloat16 and policy.reduce_dtype == torch.float32
+    t.fit(module, loader())
+    assert all(p.dtype == torch.float32 for p in module.parameters())  # sharded masters stay fp32
 
 
 class SaveAt(Callback):
