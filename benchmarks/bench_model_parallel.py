@@ -58,7 +58,11 @@ def build(width: int, blocks: int, tensor_parallel: bool) -> Any:
 
         def configure_model(self) -> None:
             if tensor_parallel:
-                from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
+                from torch.distributed.tensor.parallel import (
+                    ColwiseParallel,
+                    RowwiseParallel,
+                    parallelize_module,
+                )
 
                 for block in self.blocks:
                     parallelize_module(block, self.device_mesh["tensor_parallel"],
