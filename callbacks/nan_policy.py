@@ -9,8 +9,8 @@
 - ``"stop"``: the step is skipped as for ``"skip"``, a checkpoint of that state is saved through the active
   ``ModelCheckpoint``, and :class:`NonFiniteLossError` is raised naming the step.
 
-Cost: one device op per micro-batch (``isfinite`` of the loss folded into a flag), one fused max-abs pass over
-the gradients per optimizer step, and one host read of the flag per optimizer step; on several processes the
+Cost: one device op per micro-batch (``isfinite`` of the loss folded into a flag), one fused pass over the
+gradients per optimizer step (GradScaler's non-finite check), and one host read of the flag per optimizer step; on several processes the
 flag is all-reduced first so that every rank skips (or stops at) the same step — DDP averages gradients, so one
 rank's NaN poisons every rank's update. With an fp16 scaler (``16-mixed``) non-finite *gradients* are the
 scaler's business (it skips the step and lowers its scale; overflows are routine there), so the guard looks at
@@ -133,14 +133,31 @@ def _local(tensor: torch.Tensor) -> torch.Tensor:
     return tensor.to_local() if hasattr(tensor, "to_local") else tensor
 
 
-def _all_finite(tensors: list[torch.Tensor]) -> torch.Tensor | None:
-    """One device flag: every element of ``tensors`` is finite (max-abs per tensor: NaN/inf propagate, finite
-    values cannot overflow the way a sum of squares can)."""
-    tensors = [t for t in tensors if t.numel()]
-    if not tensors:
+def _gradients_all_finite(grads: list[torch.Tensor]) -> torch.Tensor | None:
+    """One device flag: every gradient element is finite. GradScaler's fused check (one pass per device and
+    dtype, multiplying by exactly 1.0 in place): no overflow can be mistaken for a NaN, as a sum of squares could."""
+    groups: dict[tuple[torch.device, torch.dtype], list[torch.Tensor]] = {}
+    for g in grads:
+        if g.numel() and g.is_floating_point():
+            groups.setdefault((g.device, g.dtype), []).append(g)
+    if not groups:
         return None
-    maxima = torch._foreach_norm(tensors, float("inf"))
-    return torch.isfinite(torch.stack([m.to(maxima[0].device, torch.float32) for m in maxima])).all()
+    found = []
+    for (device, _), group in groups.items():
+        flag = torch.zeros((), device=device)
+        torch._amp_foreach_non_finite_check_and_unscale_(group, flag, torch.ones((), device=device))
+        found.append(flag.to(grads[0].device))
+    return (found[0] if len(found) == 1 else torch.stack(found).amax()) == 0
+
+
+def _all_finite(tensors: list[torch.Tensor]) -> torch.Tensor | None:
+    """One device flag: every element of ``tensors`` is finite (sums accumulated in float32 or wider: NaN/inf
+    propagate; read-only, for the rare weight checks)."""
+    sums = [t.sum(dtype=torch.float64 if t.dtype == torch.float64 else torch.float32).reshape(1)
+            for t in tensors if t.numel() and t.is_floating_point()]
+    if not sums:
+        return None
+    return torch.isfinite(torch.cat([s.to(sums[0].device) for s in sums])).all()
 
 
 def _gradients_finite(trainer: Trainer) -> torch.Tensor | None:
@@ -149,7 +166,7 @@ def _gradients_finite(trainer: Trainer) -> torch.Tensor | None:
         return None
     grads = [_local(p.grad) for opt in trainer.optimizers for group in opt.param_groups for p in group["params"]
              if p.grad is not None]
-    return _all_finite(grads)
+    return _gradients_all_finite(grads)
 
 
 def weights_finite(trainer: Trainer) -> bool:
