@@ -10,9 +10,12 @@ Contenders run interleaved, rotating the order each round; the table shows media
 per-round ratios to the raw loop. The final weights of every contender are compared with the raw
 loop's, so that a fast but wrong loop cannot win; the script exits 1 if Kiln's differ.
 
-    python benchmarks/bench_overhead.py [--model mlp|transformer|all] [--steps 600] [--repeats 7] [--json]
+    python benchmarks/bench_overhead.py [--model mlp|transformer|logging|all] [--steps 600] [--repeats 7] [--json]
 
-Target (DESIGN.md §6): Kiln / raw ≤ 1.10 on the tiny MLP.
+Target (DESIGN.md §6): Kiln / raw ≤ 1.10 on the tiny MLP. The third model, ``logging``, is the tiny MLP
+logging N = 0, 10, 50 extra values per step (``self.log(name, loss, on_step=True, on_epoch=True)``):
+Kiln's step time with 50 values must stay ≤ 1.5 × its step time with none (issue #18); the per-call cost
+is (step time with N − step time with 0) / N.
 """
 
 from __future__ import annotations
@@ -37,8 +40,10 @@ from torch.utils.data import DataLoader, Dataset
 
 TARGET_RATIO = 1.10
 LR, MOMENTUM = 0.01, 0.9
-BATCH_SHAPES = {"mlp": (32, 32), "transformer": (16, 8, 64)}  # (batch, features) / (batch, seq, d_model)
-DEFAULT_STEPS = {"mlp": 600, "transformer": 200}
+BATCH_SHAPES = {"mlp": (32, 32), "transformer": (16, 8, 64), "logging": (32, 32)}  # (batch, features) / (batch, seq, d_model)
+DEFAULT_STEPS = {"mlp": 600, "transformer": 200, "logging": 600}
+LOG_COUNTS = (0, 10, 50)
+LOG_TARGET = 1.5  # Kiln step time with 50 logged values / with none
 
 
 @dataclass(frozen=True)
@@ -47,6 +52,7 @@ class Config:
     steps: int  # timed steps
     warmup: int  # steps before the clock starts
     log_every_n_steps: int
+    extra_logs: int = 0  # values logged per step besides the loss (the "logging" model)
 
     @property
     def total_steps(self) -> int:
@@ -73,7 +79,7 @@ class Classifier(nn.Module):
 
 def make_model(kind: str) -> Classifier:
     torch.manual_seed(0)  # identical initial weights for every contender
-    return Classifier(kind)
+    return Classifier("mlp" if kind == "logging" else kind)
 
 
 class PreBatched(Dataset):
@@ -151,6 +157,8 @@ def run_raw(cfg: Config, data: PreBatched, root: str) -> Run:
 def run_kiln(cfg: Config, data: PreBatched, root: str) -> Run:
     from framework import DistributedState, Trainer, TrainModule
 
+    extra = [f"value_{i}" for i in range(cfg.extra_logs)]
+
     class KilnModule(TrainModule):
         def __init__(self) -> None:
             super().__init__()
@@ -162,6 +170,8 @@ def run_kiln(cfg: Config, data: PreBatched, root: str) -> Run:
             x, y = batch
             loss = F.cross_entropy(self.net(x), y)
             self.log("loss", loss)
+            for name in extra:
+                self.log(name, loss, on_step=True, on_epoch=True)
             return loss
 
         def configure_optimizers(self):
@@ -178,6 +188,8 @@ def run_kiln(cfg: Config, data: PreBatched, root: str) -> Run:
 def run_lightning(cfg: Config, data: PreBatched, root: str) -> Run:
     import pytorch_lightning as pl
 
+    extra = [f"value_{i}" for i in range(cfg.extra_logs)]
+
     class LitModule(pl.LightningModule):
         def __init__(self) -> None:
             super().__init__()
@@ -189,6 +201,8 @@ def run_lightning(cfg: Config, data: PreBatched, root: str) -> Run:
             x, y = batch
             loss = F.cross_entropy(self.net(x), y)
             self.log("loss", loss)
+            for name in extra:
+                self.log(name, loss, on_step=True, on_epoch=True)
             return loss
 
         def configure_optimizers(self):
@@ -279,13 +293,58 @@ def bench_model(cfg: Config, names: list[str], repeats: int, quiet: bool) -> dic
             "max_weight_diff": max_diff,
             "weights_match": max_diff <= 1e-5,
             "runs_us": [1e6 * t for t in per_step],
+            "runs_cpu_us": [1e6 * t for t in cpu_per_step],
         }
     return results
 
 
+def logging_summary(by_count: dict[int, dict[str, dict]]) -> dict[str, dict]:
+    """Per framework: step time per N, its ratio to N = 0 (paired rounds) and the per-call cost of self.log."""
+    summary: dict[str, dict] = {}
+    for name in ("kiln", "lightning"):
+        if name not in by_count[LOG_COUNTS[0]]:
+            continue
+        rows = {}
+        for n in LOG_COUNTS:
+            row = {}
+            for clock, key in (("", "runs_us"), ("cpu_", "runs_cpu_us")):
+                base, runs = by_count[LOG_COUNTS[0]][name][key], by_count[n][name][key]
+                row.update({f"{clock}us_per_step": median(runs), f"{clock}ratio_to_none": paired_ratio(runs, base),
+                            f"{clock}us_per_call": (median(runs) - median(base)) / n if n else None})
+            rows[n] = row
+        summary[name] = rows
+    return summary
+
+
+def logging_table(summary: dict[str, dict], configs_steps: int) -> str:
+    rows = []
+    for n in LOG_COUNTS:
+        row: list = [n]
+        for name in ("kiln", "lightning"):
+            for clock in ("", "cpu_"):
+                r = summary.get(name, {}).get(n)
+                call = None if r is None else r[f"{clock}us_per_call"]
+                row += ["—", "—", "—"] if r is None else [r[f"{clock}us_per_step"], r[f"{clock}ratio_to_none"],
+                                                           "—" if call is None else call]
+        rows.append(row)
+    headers = ["values logged"]
+    for name in ("Kiln", "Lightning"):
+        for clock in ("", "CPU "):
+            headers += [f"{name} {clock}µs/step", f"{name} {clock}× none", f"{name} {clock}µs/call"]
+    table = format_table(headers, rows)
+    verdict = ""
+    if "kiln" in summary:
+        last = summary["kiln"][LOG_COUNTS[-1]]
+        ratio = last["ratio_to_none"]
+        verdict = (f"\n\nKiln with {LOG_COUNTS[-1]} values / none = {ratio:.3f} wall, {last['cpu_ratio_to_none']:.3f} "
+                   f"CPU (target ≤ {LOG_TARGET} wall: {'met' if ratio <= LOG_TARGET else 'MISSED'})")
+    return (f"### logging (tiny MLP, N extra `self.log(name, loss, on_step=True, on_epoch=True)` per step, "
+            f"{configs_steps} timed steps)\n\n" + table + verdict)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="Per-step overhead: raw loop vs Kiln, Lightning, Accelerate.")
-    parser.add_argument("--model", choices=["mlp", "transformer", "all"], default="all")
+    parser.add_argument("--model", choices=["mlp", "transformer", "logging", "all"], default="all")
     parser.add_argument("--steps", type=int, help=f"timed steps per run (default: {DEFAULT_STEPS})")
     parser.add_argument("--warmup", type=int, default=50, help="steps before the clock starts")
     parser.add_argument("--repeats", type=int, default=7, help="interleaved rounds (median taken)")
@@ -305,16 +364,27 @@ def main(argv: list[str] | None = None) -> int:
     names = [n for n in wanted if CONTENDERS[n][1] is None or is_installed(CONTENDERS[n][1])]
     skipped = [n for n in wanted if n not in names]
 
-    models = ["mlp", "transformer"] if args.model == "all" else [args.model]
-    configs = {m: Config(m, args.steps or DEFAULT_STEPS[m], args.warmup, args.log_every_n_steps) for m in models}
+    models = ["mlp", "transformer", "logging"] if args.model == "all" else [args.model]
+    configs = {m: Config(m, args.steps or DEFAULT_STEPS[m], args.warmup, args.log_every_n_steps)
+               for m in models if m != "logging"}
     results = {m: bench_model(cfg, names, args.repeats, quiet=not args.verbose) for m, cfg in configs.items()}
+    logging_results = None
+    if "logging" in models:
+        log_names = [n for n in names if n in ("raw", "kiln", "lightning")]
+        logging_results = {n: bench_model(Config("logging", args.steps or DEFAULT_STEPS["logging"], args.warmup,
+                                                 args.log_every_n_steps, n), log_names, args.repeats,
+                                          quiet=not args.verbose) for n in LOG_COUNTS}
 
-    kiln_ok = all(r["kiln"]["weights_match"] for r in results.values() if "kiln" in r)
+    kiln_ok = all(r["kiln"]["weights_match"] for r in [*results.values(), *(logging_results or {}).values()]
+                  if "kiln" in r)
     result = {"benchmark": "overhead", "target_ratio": TARGET_RATIO, "threads": 1,
               "batch_shapes": {m: BATCH_SHAPES[m] for m in models},
               "steps": {m: cfg.steps for m, cfg in configs.items()}, "warmup": args.warmup, "repeats": args.repeats,
               "log_every_n_steps": args.log_every_n_steps, "skipped": skipped, "results": results,
               "machine": machine_info()}
+    if logging_results is not None:
+        result["logging"] = {"counts": list(LOG_COUNTS), "target_ratio": LOG_TARGET, "results": logging_results,
+                             "summary": logging_summary(logging_results)}
     tables = []
     for model, res in results.items():
         rows = [(name, r["us_per_step"], r["ratio_to_raw"], r["cpu_us_per_step"], r["cpu_ratio_to_raw"], r["run_s"],
@@ -328,6 +398,8 @@ def main(argv: list[str] | None = None) -> int:
             verdict = "met" if ratio <= TARGET_RATIO else "MISSED"
             tables[-1] += (f"\n\nKiln / raw = {ratio:.3f} wall, {res['kiln']['cpu_ratio_to_raw']:.3f} CPU "
                            f"(target ≤ {TARGET_RATIO} wall: {verdict})")
+    if logging_results is not None:
+        tables.append(logging_table(result["logging"]["summary"], configs_steps=args.steps or DEFAULT_STEPS["logging"]))
     footer = (f"\n\n1 thread, {args.warmup} warm-up steps, median of {args.repeats} interleaved rounds; "
               "× raw = median of per-round ratios; CPU = process CPU time, all threads; run s includes start-up.")
     if skipped:

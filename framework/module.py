@@ -97,22 +97,25 @@ class TrainModule(HyperparametersMixin, ModuleUtilities, nn.Module):
         batch size, inferred from the batch unless ``batch_size`` is given) in validation/test hooks and
         in epoch hooks; with both ``on_step`` and ``on_epoch`` the keys get ``_step``/``_epoch`` suffixes.
         """
-        if isinstance(value, Mapping):
-            nested = " (nested dictionaries cannot be logged)" if any(isinstance(v, Mapping) for v in value.values()) \
-                else ""
-            raise ValueError(f"self.log({name!r}, value=<{type(value).__name__}>){nested}: log one value per name, "
-                             "or use self.log_dict for a dict.")
+        device = None
+        if not isinstance(value, torch.Tensor):  # the hot path logs tensors: keep the other checks off it
+            if isinstance(value, Mapping):
+                nested = " (nested dictionaries cannot be logged)" if any(
+                    isinstance(v, Mapping) for v in value.values()) else ""
+                raise ValueError(f"self.log({name!r}, value=<{type(value).__name__}>){nested}: log one value per "
+                                 "name, or use self.log_dict for a dict.")
+            if metric_attribute is None and _is_metric(value) and self._trainer is not None:
+                metric_attribute = self._metric_attribute(name, value)
         trainer = self._trainer
         if trainer is None:
             warnings.warn(f"self.log({name!r}, ...) was called on a module not attached to a Trainer; the value is "
                           "dropped. Run it through trainer.fit/validate/test to record it.", stacklevel=2)
             return
-        if metric_attribute is None and not isinstance(value, (torch.Tensor, float, int)) and _is_metric(value):
-            metric_attribute = self._metric_attribute(name, value)
         if logger and not trainer.loggers:
             warnings.warn(f"self.log({name!r}, ..., logger=True) was called but the Trainer has no logger; pass "
                           "Trainer(logger=...) to record it.", stacklevel=2)
-        device = None if isinstance(value, torch.Tensor) else trainer.strategy.root_device
+        if not isinstance(value, torch.Tensor):
+            device = trainer.strategy.root_device
         trainer._metrics.log(name, value, prog_bar, logger, on_step, on_epoch, reduce_fx, enable_graph, sync_dist,
                              sync_dist_group, add_dataloader_idx, batch_size, metric_attribute, rank_zero_only, device)
 

@@ -52,7 +52,6 @@ class MetricCollector:
         self._saved: tuple | None = None
         self._keep_restored = False
         self._levels: dict[tuple, tuple[bool, bool, bool]] = {}
-        self._scale: tuple = (1, None, None)  # the last batch size as a 0-dim CPU tensor of the value's dtype
         # What callbacks and the progress bar see: every key's newest value, kept across stages and epochs.
         self._callback: dict[str, torch.Tensor] = {}
         self._pbar: dict[str, torch.Tensor] = {}
@@ -140,13 +139,7 @@ class MetricCollector:
                         batch_size = self._batch_size = infer_batch_size(self._batch)
         else:
             batch_size = 1
-        scale = None
-        if batch_size != 1:
-            scale = self._scale
-            if scale[0] != batch_size or scale[1] is not value.dtype:
-                scale = self._scale = (batch_size, value.dtype, torch.tensor(batch_size, dtype=value.dtype))
-            scale = scale[2]
-        entry.update(value, batch_size, scale, self._step_sync(reduce, sync_dist_group) if step and sync else None)
+        entry.update(value, batch_size, self._step_sync(reduce, sync_dist_group) if step and sync else None)
 
     def _step_sync(self, op: str, group: Any) -> Any:
         return lambda value: self._all_reduce(value.clone(), op, group)

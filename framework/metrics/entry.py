@@ -4,8 +4,9 @@ The accumulator is O(1) in the number of steps: a tensor on the value's device u
 weighted sum for ``mean``, the sum, the max or the min) plus, for ``mean``, the total weight as a
 Python int (batch sizes are host integers, so counting them costs no device work). The epoch value is
 computed only when asked for, then cached until the next update. Arithmetic follows Lightning's
-(``sum + value * batch_size`` in float32 or wider, divided by the summed batch sizes) so that both
-report the same numbers.
+(``sum + value * batch_size`` in float32 or wider, divided by the summed batch sizes), with one
+difference: the multiply-add is fused (one rounding where Lightning rounds twice), which halves the
+tensor operations per call; weighted means can differ from Lightning's in the last bits.
 """
 
 from __future__ import annotations
@@ -47,7 +48,7 @@ class Entry:
 
     __slots__ = ("fx", "name", "dataloader_idx", "options", "on_step", "on_epoch", "reduce", "logger", "prog_bar",
                  "enable_graph", "sync", "group", "is_tensor", "metric", "step", "acc", "weight", "computed",
-                 "has_reset", "reported", "tmp", "log_name", "step_name", "epoch_name", "metric_attribute")
+                 "has_reset", "reported", "log_name", "step_name", "epoch_name", "metric_attribute")
 
     def __init__(self, fx: str, name: str, dataloader_idx: int | None, options: tuple, *, on_step: bool,
                  on_epoch: bool, reduce: str, logger: bool, prog_bar: bool, enable_graph: bool, sync: bool,
@@ -61,7 +62,6 @@ class Entry:
         self.metric: Any = None  # the torchmetrics.Metric logged under this key
         self.step: torch.Tensor | None = None  # latest step value (on_step)
         self.acc: torch.Tensor | None = None  # running reduction (on_epoch tensors)
-        self.tmp: torch.Tensor | None = None  # scratch for value * batch_size, same device/dtype as acc
         self.weight = 0  # summed batch sizes (mean)
         self.computed: torch.Tensor | None = None  # cached epoch value
         self.has_reset = False
@@ -74,9 +74,9 @@ class Entry:
         self.epoch_name = f"{name}_epoch{suffix}" if forked else base
 
     # ---- the hot path ------------------------------------------------------------------------------
-    def update(self, value: torch.Tensor, batch_size: int, scale: torch.Tensor | None,
-               sync_step: Callable[[torch.Tensor], torch.Tensor] | None) -> None:
-        """Record one logged tensor (float32/float64; ``scale``: ``batch_size`` as a 0-dim tensor)."""
+    def update(self, value: torch.Tensor, batch_size: int, sync_step: Callable[[torch.Tensor], torch.Tensor] | None
+               ) -> None:
+        """Record one logged tensor (float32 or float64): the step value and/or the accumulator."""
         if self.on_step:
             self.step = value if sync_step is None else sync_step(value)
         if self.on_epoch:
@@ -84,26 +84,20 @@ class Entry:
             if acc is None or value.dtype is not acc.dtype:
                 acc = self.acc = self._fresh(value, acc)
             try:
-                self._accumulate(acc, value, batch_size, scale)
+                self._accumulate(acc, value, batch_size)
             except RuntimeError:  # the value moved to another device: follow it
                 if value.device == acc.device:
                     raise
                 acc = self.acc = self._fresh(value, acc)
-                self._accumulate(acc, value, batch_size, scale)
+                self._accumulate(acc, value, batch_size)
             self.computed = None
             self.reported = False
         self.has_reset = False
 
-    def _accumulate(self, acc: torch.Tensor, value: torch.Tensor, batch_size: int, scale: torch.Tensor | None
-                    ) -> None:
+    def _accumulate(self, acc: torch.Tensor, value: torch.Tensor, batch_size: int) -> None:
         reduce = self.reduce
         if reduce == "mean":
-            if scale is None:
-                acc.add_(value)
-            else:  # value * batch_size rounded, then added: Lightning's two roundings, so the same bits
-                if self.enable_graph:
-                    value = value.detach()
-                acc.add_(torch.mul(value, scale, out=self.tmp))
+            acc.add_(value, alpha=batch_size)
             self.weight += batch_size
         elif reduce == "sum":
             acc.add_(value)
@@ -115,11 +109,8 @@ class Entry:
     def _fresh(self, value: torch.Tensor, old: torch.Tensor | None) -> torch.Tensor:
         """A new accumulator on ``value``'s device and dtype, carrying over what ``old`` held."""
         if old is None:
-            fresh = torch.full((), _INITIAL[self.reduce], dtype=value.dtype, device=value.device)
-        else:
-            fresh = old.to(device=value.device, dtype=torch.promote_types(old.dtype, value.dtype))
-        self.tmp = torch.empty_like(fresh)
-        return fresh
+            return torch.full((), _INITIAL[self.reduce], dtype=value.dtype, device=value.device)
+        return old.to(device=value.device, dtype=torch.promote_types(old.dtype, value.dtype))
 
     def update_metric(self, metric: Any) -> None:
         """Record a logged torchmetrics.Metric: its state stays in the object; the step value is its forward cache."""
