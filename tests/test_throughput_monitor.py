@@ -9,6 +9,8 @@ import time
 import pytest
 import torch
 from conftest import TinyModule
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from callbacks.throughput_monitor import ThroughputMonitor
 from framework.loggers import CSVLogger
@@ -126,3 +128,20 @@ def test_bad_arguments():
         ThroughputMonitor(batch_size_fn=4)
     with pytest.raises(ValueError, match="window_size"):
         ThroughputMonitor(window_size=1)
+
+
+@settings(max_examples=50, deadline=None)
+@given(dt=st.floats(0.001, 10.0), batch=st.integers(1, 512), items=st.integers(1, 64), window=st.integers(2, 20),
+       extra=st.integers(0, 30), world=st.integers(1, 8))
+def test_steady_rates_are_exact(dt, batch, items, window, extra, world):
+    """With a constant batch time the window's rates are the per-batch ones, whatever the window."""
+    tp = Throughput(available_flops=1e12, world_size=world, window_size=window)
+    for i in range(1, window + extra + 1):
+        tp.update(time=i * dt, batches=i, samples=i * batch, lengths=i * batch * items, flops=1e9)
+    metrics = tp.compute()
+    assert metrics["device/batches_per_sec"] == pytest.approx(1 / dt)
+    assert metrics["device/samples_per_sec"] == pytest.approx(batch / dt)
+    assert metrics["device/items_per_sec"] == pytest.approx(batch * items / dt)
+    assert metrics["device/flops_per_sec"] == pytest.approx(1e9 / dt)
+    assert metrics["device/mfu"] == pytest.approx(1e9 / dt / 1e12)
+    assert ("samples_per_sec" in metrics) is (world > 1)
