@@ -121,6 +121,11 @@ def test_advanced_profiler_reports_functions(tmp_path):
     assert "Profile stats for: run_training_batch" in report
     assert "_work" in report
     assert (tmp_path / "fit-adv-run_training_batch.prof").exists()
+    with profiler.profile("run_fit"):
+        with profiler.profile("run_training_batch"):  # nested: the outer action pauses, no clash
+            _work()
+        _work()
+    assert "_work" in profiler.summary().split("Profile stats for: run_fit")[1]
     with pytest.raises(ValueError, match="line_count_restriction"):
         AdvancedProfiler(line_count_restriction=0)
 

@@ -23,18 +23,26 @@ class AdvancedProfiler(Profiler):
         self.line_count_restriction = line_count_restriction
         self.dump_stats = dump_stats
         self.profiled_actions: dict[str, cProfile.Profile] = {}
+        self._active: list[str] = []
 
     def start(self, action_name: str) -> None:
+        # One cProfile profiler may be active at a time (Python 3.12 refuses a second), so a nested action
+        # pauses the enclosing one: each function call is counted in the innermost action only.
+        if self._active:
+            self.profiled_actions[self._active[-1]].disable()
         profiler = self.profiled_actions.get(action_name)
         if profiler is None:
             profiler = self.profiled_actions[action_name] = cProfile.Profile()
+        self._active.append(action_name)
         profiler.enable()
 
     def stop(self, action_name: str) -> None:
-        profiler = self.profiled_actions.get(action_name)
-        if profiler is None:
+        if action_name not in self._active:
             raise ValueError(f"Attempting to stop recording an action ({action_name}) which was never started.")
-        profiler.disable()
+        self.profiled_actions[action_name].disable()
+        self._active.remove(action_name)
+        if self._active:
+            self.profiled_actions[self._active[-1]].enable()
 
     def summary(self) -> str:
         reports = {}
@@ -50,4 +58,4 @@ class AdvancedProfiler(Profiler):
         return self._stats_to_str(reports) if reports else ""
 
     def reset(self) -> None:
-        self.profiled_actions = {}
+        self.profiled_actions, self._active = {}, []
