@@ -12,6 +12,7 @@ tensor operations per call; weighted means can differ from Lightning's in the la
 from __future__ import annotations
 
 import sys
+import warnings
 from collections.abc import Callable
 from typing import Any
 
@@ -137,6 +138,9 @@ class Entry:
         else:
             if self.acc is None:
                 return None
+            if reducer is not None and not self.sync and not self.options[10]:  # distributed, rank_zero_only off
+                _warn_once(f"self.log({self.name!r}, ...) is an epoch value of this rank only; pass "
+                           "sync_dist=True to reduce it over every rank (Lightning warns the same).")
             total = self.acc.clone()
             sync = reducer is not None and self.sync
             if sync:
@@ -160,3 +164,12 @@ class Entry:
         if self.metric is not None and reset_metric:
             self.metric.reset()
         self.has_reset, self.reported = True, False
+
+
+_warned: set[str] = set()
+
+
+def _warn_once(message: str) -> None:
+    if message not in _warned:
+        _warned.add(message)
+        warnings.warn(message, stacklevel=3)

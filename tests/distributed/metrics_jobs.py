@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 import torch.distributed as dist
 from dist_common import trainer
@@ -38,7 +40,11 @@ def sync_job() -> None:
     t = trainer()
     t.strategy.setup_environment()  # the process group exists before the module makes a subgroup
     module = Logs(dist.new_group([0, 1]))
-    [result] = t.validate(module, DataLoader(TensorDataset(x), batch_size=2))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        [result] = t.validate(module, DataLoader(TensorDataset(x), batch_size=2))
+    unsynced = {str(w.message).split("'")[1] for w in caught if "sync_dist=True to reduce" in str(w.message)}
+    assert unsynced == {"local_mean"}, unsynced  # Lightning's hint, for the one epoch value left per rank
     rank = dist.get_rank()
     mine = x[rank::2]
     assert result["mean"] == float(x.mean()), result  # weighted by every batch's size over both ranks
