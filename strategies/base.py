@@ -24,6 +24,7 @@ if TYPE_CHECKING:
     from framework.module import TrainModule
 
 _NULL = nullcontext()
+STRATEGY_STATE = "strategy"  # checkpoint state holding Strategy.strategy_state()
 
 
 class Strategy:
@@ -225,6 +226,9 @@ class Strategy:
             states[io.MODEL] = model
             states[io.TRAINER] = trainer_state if optimizers is None else {**trainer_state,
                                                                            "optimizers": optimizer_states}
+            own = self.strategy_state()
+            if own:
+                states[STRATEGY_STATE] = own
         return states
 
     def _full_model_and_optimizers(self, optimizers: list[torch.optim.Optimizer]
@@ -304,7 +308,17 @@ class Strategy:
                                  f"configure_optimizers() returned {len(optimizers)}; resume with the same setup.")
             for optimizer, state in zip(optimizers, saved):
                 self.load_optimizer_state_dict(optimizer, state)
-        return shared, self._read_rank_state(path, manifest)
+        own = self._read_rank_state(path, manifest)
+        if optimizers is not None and STRATEGY_STATE in manifest.state_names():
+            self.load_strategy_state(io.read_state(path, STRATEGY_STATE, manifest))
+        return shared, own
+
+    def strategy_state(self) -> dict[str, Any]:
+        """The strategy's own resumable state (saved by rank 0 as the checkpoint's ``strategy`` state)."""
+        return {}
+
+    def load_strategy_state(self, state: dict[str, Any]) -> None:
+        """Restore ``strategy_state()`` when training resumes (every rank gets rank 0's; may be collective)."""
 
     def _read_rank_state(self, path: str, manifest: Any) -> dict[str, Any]:
         from framework import checkpoint as io

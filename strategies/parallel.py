@@ -37,13 +37,16 @@ _EVAL_STAGES = {"validation_step": "validate", "test_step": "test", "predict_ste
 
 
 class _StepDispatcher(nn.Module):
-    """Root module for wrappers: ``forward(name, *args)`` calls ``module.<name>(*args)``."""
+    """Root module for wrappers: ``forward(name, *args)`` calls ``module.<name>(*args)``; a callable instead
+    of a name is called itself (a strategy's own step through the wrapper, e.g. ``strategies.ddp_buckets``)."""
 
     def __init__(self, module: nn.Module) -> None:
         super().__init__()
         self.module = module
 
-    def forward(self, method: str, *args: Any, **kwargs: Any) -> Any:
+    def forward(self, method: str | Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+        if callable(method):
+            return method(*args, **kwargs)
         return getattr(self.module, method)(*args, **kwargs)
 
 

@@ -305,3 +305,14 @@ def test_unsupported_precisions_and_optimizer_counts_are_refused() -> None:
 def test_importing_the_strategy_does_not_import_deepspeed() -> None:
     code = "import sys, framework, callbacks, strategies, strategies.deepspeed; assert 'deepspeed' not in sys.modules"
     subprocess.run([sys.executable, "-c", code], check=True, cwd=Path(__file__).parent.parent, timeout=60)
+
+
+@require_deepspeed
+def test_three_ranks_resume_bit_exact(tmp_path: Path) -> None:
+    """Issue #19's table under ZeRO-2: the engine reduces fixed flat buffers, so a resume at 3 ranks (where the
+    order of a sum matters) is bit-exact without anything like DDP's bucket replay."""
+    import resume_jobs
+
+    cases = [({"deepspeed_stage": 2}, 3)]
+    run_distributed(resume_jobs.resume_job, nproc=3, timeout=600, args=(str(tmp_path), cases, False),
+                    env={"DS_ACCELERATOR": "cpu"})

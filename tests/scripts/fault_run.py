@@ -1,10 +1,10 @@
-"""A checkpointing training run on 1 or 2 processes, with faults injected on request.
+"""A checkpointing training run on 1 to 3 processes, with faults injected on request.
 
 Run as a plain script by tests/test_fault_injection.py and tests/test_distributed_faults.py; with
-``--devices 2`` Kiln's launcher re-runs it for rank 1. The model, data and final-state dump come from
+``--devices N`` Kiln's launcher re-runs it for ranks 1..N-1. The model, data and final-state dump come from
 ``resumable_run.py`` (shuffling, dropout, Adam, per-step and per-epoch LR schedulers).
 
-    python tests/scripts/fault_run.py --root DIR --out final.safetensors [--devices 2] [--ckpt last]
+    python tests/scripts/fault_run.py --root DIR --out final.safetensors [--devices N] [--ckpt last]
         [--fault KIND --fault-rank R --fault-step S]
 
 Every rank prints ``rank R pid P`` at start and ``rank R step N`` after each batch. Faults (on rank R, once
