@@ -346,8 +346,19 @@ class DataFeed:
         return start
 
     # ---- checkpointing -----------------------------------------------------------------------
+    @property
+    def num_replicas(self) -> int | None:
+        """Processes the epoch's order is dealt to (Kiln's sampler); None when the position is per rank only."""
+        sampler = self.dataloader.sampler
+        return sampler.num_replicas if isinstance(sampler, ResumableSampler) else None
+
+    @property
+    def batch_size(self) -> int | None:
+        return getattr(self.dataloader, "batch_size", None)
+
     def state_dict(self) -> dict[str, Any]:
-        """Position (epoch, batches consumed), seeds, and a stateful iterable dataset's own state."""
+        """Position (epoch, batches consumed), seeds, and a stateful iterable dataset's own state; the sharding
+        (``num_replicas``, ``batch_size``) lets ``framework.reshard`` map the position to another world size."""
         prepared = getattr(self.dataloader, _PREPARED_ATTR, None)
         sampler = self.dataloader.sampler
         state: dict[str, Any] = {
@@ -355,6 +366,8 @@ class DataFeed:
             "batches_consumed": self.batches_consumed,
             "seed": None if prepared is None else prepared.seed,
             "sampler_seed": sampler.seed if isinstance(sampler, ResumableSampler) else None,
+            "num_replicas": self.num_replicas,
+            "batch_size": self.batch_size,
         }
         if self._stateful:
             dataset_state = self._dataset_state

@@ -128,7 +128,13 @@ def restore_trainer_checkpoint(t: Trainer, ckpt_path: str, *, training: bool) ->
 
 
 def _restore_training_state(t: Trainer, shared: dict[str, Any], own: dict[str, Any]) -> None:
-    loop = shared["loop"]
+    from framework.reshard import reshard_resume
+
+    # On another number of processes the position and the accumulation are mapped so that the epoch goes on
+    # with exactly the samples not seen yet, at the saved global batch (rank 0's data state is the reference).
+    loop, data = reshard_resume(shared["loop"], own.get("data"), t.strategy.broadcast(own.get("data")),
+                                feed=getattr(t, "_train_feed", None), accumulation=t._accumulation,
+                                saved_accumulation=shared.get("callbacks", {}).get(t._accumulation.state_key))
     t.global_step = int(loop["global_step"])
     t.skipped_steps = int(loop["skipped_steps"])
     if loop["epoch_finished"]:
@@ -148,8 +154,8 @@ def _restore_training_state(t: Trainer, shared: dict[str, Any], own: dict[str, A
         if cb.state_key in states:
             cb.load_state_dict(states[cb.state_key])
     feed = getattr(t, "_train_feed", None)
-    if feed is not None and own.get("data"):
-        feed.load_state_dict(own["data"])
+    if feed is not None and data:
+        feed.load_state_dict(data)
 
 
 def _per_rank(callback: Any) -> bool:

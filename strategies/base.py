@@ -324,16 +324,15 @@ class Strategy:
         from framework import checkpoint as io
 
         name = io.rank_state_name(self.global_rank)
+        if self.world_size != manifest.world_size and self.is_global_zero:
+            warnings.warn(
+                f"The checkpoint was saved with world size {manifest.world_size}, this run has {self.world_size}. "
+                "The epoch continues with exactly the samples not seen yet at the saved global batch when the "
+                "training data is map-style (Kiln's sampler; see framework.reshard); an iterable or custom-batched "
+                "loader continues per rank instead. Per-rank random state (dropout, ...) starts anew where a rank "
+                "has none saved, so the run is not bit-identical to one that kept its world size.", stacklevel=3)
         if name not in manifest.state_names():
-            if self.world_size != manifest.world_size:
-                warnings.warn(f"The checkpoint was saved with world size {manifest.world_size}, this run has "
-                              f"{self.world_size}: per-rank RNG and data positions are not restored for rank "
-                              f"{self.global_rank}.", stacklevel=3)
             return {}
-        if self.world_size != manifest.world_size:
-            warnings.warn(f"The checkpoint was saved with world size {manifest.world_size}, this run has "
-                          f"{self.world_size}: the data order after resuming differs from the original run.",
-                          stacklevel=3)
         return io.read_state(path, name, manifest)
 
     def process_dataloader(self, dataloader: Any, *, stage: str, seed: int, use_distributed_sampler: bool,
