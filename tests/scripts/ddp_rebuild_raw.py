@@ -17,7 +17,6 @@ DDP configuration and the layouts.
 from __future__ import annotations
 
 import copy
-import os
 import sys
 
 import torch
