@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
-from strategies.base import _NULL, _local  # noqa: F401  (_local: strategies.model_parallel imports it from here)
+from strategies.base import _NULL
 from strategies.parallel import ParallelStrategy, _StepDispatcher
 
 if TYPE_CHECKING:

@@ -24,8 +24,8 @@ import torch
 from torch import nn
 
 from strategies.activation_checkpointing import Policy, apply_activation_checkpointing, policy_matcher
-from strategies.base import check_not_dispatched
-from strategies.fsdp import FSDPStrategy, _local, _materialize_meta
+from strategies.base import _local
+from strategies.fsdp import FSDPStrategy, _materialize_meta
 from strategies.parallel import _REDUCE_OPS, _StepDispatcher
 
 if TYPE_CHECKING:
@@ -115,17 +115,16 @@ class ModelParallelStrategy(FSDPStrategy):
             self.device_mesh = init_device_mesh(self.root_device.type, self._mesh_shape, mesh_dim_names=(DP, TP))
 
     # ---- model ---------------------------------------------------------------------------------
-    def setup_module(self, module: TrainModule) -> None:
-        """After ``configure_model`` (TP, maybe FSDP): checkpoint activations, shard what the user did not,
-        shard the dispatcher root over ``data_parallel``, materialise meta parameters."""
+    def wrap_module(self, module: TrainModule) -> nn.Module:
+        """After ``configure_model`` (TP, maybe FSDP) and the base's shared preparation: checkpoint
+        activations, shard what the user did not, shard the dispatcher root over ``data_parallel``,
+        materialise meta parameters; returns the dispatcher."""
         from torch.distributed.fsdp import FSDPModule, fully_shard
 
         if self.device_mesh is None:
             raise RuntimeError("ModelParallelStrategy.setup_module() needs the device mesh: call "
                                "setup_environment() first (the Trainer does).")
-        check_not_dispatched(module, self.name)
         self._check_tensor_parallel(module)
-        module = self.precision.convert_module(module)
         self.precision.setup_sharded()
         _broadcast_plain_tensors(module)
         if self._ac_match is not None:
@@ -137,9 +136,8 @@ class ModelParallelStrategy(FSDPStrategy):
         dispatcher = _StepDispatcher(module)
         fully_shard(dispatcher, **kwargs)
         _materialize_meta(dispatcher, torch.device("cpu") if self.cpu_offload else self.root_device)
-        self.module = module
-        self.model = dispatcher
         self._sync_disabled = False
+        return dispatcher
 
     def _shard_kwargs(self) -> dict[str, Any]:
         return {**super()._shard_kwargs(), "mesh": self.device_mesh[DP]}
