@@ -33,7 +33,11 @@ else:
     from framework import TrainModule as Module
     from framework.loggers import Logger as LoggerBase
 
-    trainer_kwargs = {}
+    import inspect
+
+    # no sanity-check validation in either run (Lightning's is switched off below)
+    trainer_kwargs = {"num_sanity_val_steps": 0} if "num_sanity_val_steps" in inspect.signature(Trainer).parameters \
+        else {}
 
 
 class RecordingLogger(LoggerBase):
