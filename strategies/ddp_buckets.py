@@ -15,7 +15,8 @@ ready in turn from a graph built on the parameters alone (``p.reshape(-1)[0] * 0
 runs — no forward hooks, RNG draws, BatchNorm updates or logs — and gradients are reset to ``None``
 afterwards. DDP then rebuilds into the saved layout before the first real step. The cost is one or two
 all-reduces of zeros at resume; steps are unchanged. ``find_unused_parameters=True`` (without
-``static_graph``) never rebuilds, so there is nothing to record.
+``static_graph``) never rebuilds, so there is nothing to record. The one thing the replay can touch is a
+gradient hook on a parameter (``Tensor.register_hook``): it sees a zero gradient once per replayed backward.
 """
 
 from __future__ import annotations
@@ -34,6 +35,8 @@ class BucketOrder:
     def __init__(self, ddp: nn.Module, *, static_graph: bool, find_unused_parameters: bool) -> None:
         self.ddp = ddp
         self.params = [p for p in ddp.module.parameters() if p.requires_grad]
+        self.sparse = {id(p) for m in ddp.module.modules() if isinstance(m, (nn.Embedding, nn.EmbeddingBag))
+                       and m.sparse for p in m.parameters(recurse=False)}  # DDP expects sparse gradients there
         self.rebuilds = static_graph or not find_unused_parameters  # when DDP rebuilds its buckets
         self.needed = 2 if static_graph else 1  # synchronised backwards whose order decides the rebuild
         self.orders: list[list[int]] = []  # one ready order per synchronised backward, up to ``needed``
@@ -77,7 +80,7 @@ class BucketOrder:
         dispatcher = self.ddp.module
         with torch.enable_grad():
             for order in orders:
-                self.ddp(_ReadyInOrder([self.params[i] for i in order])).backward()
+                self.ddp(_ReadyInOrder([self.params[i] for i in order], self.sparse)).backward()
         for p in dispatcher.parameters():
             p.grad = None
         self.orders = orders
@@ -87,13 +90,18 @@ class BucketOrder:
 class _ReadyInOrder:
     """A step for the dispatcher: a zero scalar whose backward readies each parameter's gradient in turn."""
 
-    def __init__(self, params: list[nn.Parameter]) -> None:
+    def __init__(self, params: list[nn.Parameter], sparse: set[int]) -> None:
         self.params = params
+        self.sparse = sparse
 
     def __call__(self) -> torch.Tensor:
         total = None
         for p in reversed(self.params):  # autograd runs the most recently built branch first
-            term = p.reshape(-1)[0] * 0
+            if id(p) in self.sparse:  # a sparse gradient, as the embedding's own backward gives
+                term = nn.functional.embedding(torch.zeros(1, dtype=torch.long, device=p.device), p, sparse=True)
+                term = term.sum() * 0
+            else:
+                term = p.reshape(-1)[0] * 0
             total = term if total is None else term + total
         return total
 
