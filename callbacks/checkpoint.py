@@ -79,8 +79,8 @@ class ModelCheckpoint(Callback):
         if stage == "fit" and trainer.is_global_zero:
             from framework.checkpoint import cleanup_stale
 
-            # Hidden staging/.old dirs of saves or deletions a crash cut short; no save of this run has begun yet.
-            cleanup_stale(self.dirpath, max_age_s=0)
+            # Leftovers of saves or deletions a crash cut short (never another process's running save).
+            cleanup_stale(self.dirpath)
         if self.async_save and self._writer is None:
             from framework.checkpoint import AsyncCheckpointWriter
 

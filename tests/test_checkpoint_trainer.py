@@ -382,11 +382,11 @@ def test_async_save_failure_surfaces_and_keeps_earlier_checkpoints(tmp_path, mon
     real_write = tensor_files.write_safetensors
     calls = {"n": 0}
 
-    def flaky_write(f, tensors, hasher):
+    def flaky_write(loc, tensors, **kwargs):
         calls["n"] += 1
         if calls["n"] == 3 * 3 + 2:  # the 4th checkpoint
             raise OSError(28, "No space left on device")
-        return real_write(f, tensors, hasher)
+        return real_write(loc, tensors, **kwargs)
 
     monkeypatch.setattr(tensor_files, "write_safetensors", flaky_write)
     with pytest.raises(OSError, match="No space left"):

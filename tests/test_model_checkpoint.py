@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import math
 import os
+import subprocess
+import sys
 from typing import Any
 
 import pytest
@@ -14,6 +16,7 @@ from hypothesis import strategies as st
 
 from callbacks import ModelCheckpoint
 from framework.checkpoint import list_checkpoints, read_manifest, read_state, tensor_files, verify_checkpoint
+from framework.checkpoint.owner import OWNER_PREFIX, owner_record
 
 BATCHES_PER_EPOCH = 5  # make_loader(): 20 samples, batch_size 4
 
@@ -250,12 +253,13 @@ def test_failed_save_deletes_nothing(make_trainer, tiny_module_cls, make_loader,
     real_write = tensor_files.write_safetensors
     calls = {"n": 0}
 
-    def flaky_write(f, tensors, hasher):
+    def flaky_write(loc, tensors, **kwargs):
         calls["n"] += 1
         if calls["n"] == 3 * 3 + fail_on + 1:  # the 1st, 2nd or 3rd state file of the 4th checkpoint
-            f.write(b"partial")
+            with loc.open("wb") as f:
+                f.write(b"partial")
             raise OSError(28, "No space left on device")
-        return real_write(f, tensors, hasher)
+        return real_write(loc, tensors, **kwargs)
 
     monkeypatch.setattr(tensor_files, "write_safetensors", flaky_write)
     module = tiny_module_cls()
@@ -279,9 +283,12 @@ def test_failed_save_deletes_nothing(make_trainer, tiny_module_cls, make_loader,
 def test_fit_start_removes_leftovers_of_saves_cut_short_by_a_crash(make_trainer, tiny_module_cls, make_loader,
                                                                    tmp_path):
     dirpath = tmp_path / "checkpoints"
+    crashed = subprocess.Popen([sys.executable, "-c", "pass"])  # the writer that was cut short: gone
+    crashed.wait()
     for leftover in (".epoch=0-step=2.tmp-0123abcd", ".epoch=0-step=1.old-4567ef"):
         (dirpath / leftover).mkdir(parents=True)
         (dirpath / leftover / "model.safetensors").write_bytes(b"partial")
+    (dirpath / ".epoch=0-step=2.tmp-0123abcd" / f"{OWNER_PREFIX}x").write_bytes(owner_record(crashed.pid))
     (dirpath / ".keep").mkdir()  # not a staging dir: left alone
     fit(make_trainer, tiny_module_cls(), make_loader, ModelCheckpoint(total_limit=1), max_epochs=1)
     assert listing(str(dirpath)) == [".keep", "epoch=0-step=5"]

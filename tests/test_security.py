@@ -248,7 +248,7 @@ def test_memory_url_credentials_never_show(make_trainer, tiny_module_cls, make_l
     # a checkpoint that does not exist, a save that fails, a non-finite loss that stops training
     assert isinstance(capture.run(fit, ckpt_path=f"{root}/checkpoints/nope"), CheckpointError)
     real_write = tensor_files.write_safetensors
-    monkeypatch.setattr(tensor_files, "write_safetensors", lambda *a: (_ for _ in ()).throw(OSError(28, "full")))
+    monkeypatch.setattr(tensor_files, "write_safetensors", lambda *a, **k: (_ for _ in ()).throw(OSError(28, "full")))
     assert isinstance(capture.run(fit), OSError)
     monkeypatch.setattr(tensor_files, "write_safetensors", real_write)
 

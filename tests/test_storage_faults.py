@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import errno
 import os
+import subprocess
+import sys
 import uuid
 import warnings
 from typing import Any
@@ -34,6 +36,7 @@ from framework.checkpoint import (
     write_state,
 )
 from framework.checkpoint import save as checkpoint_save
+from framework.checkpoint.owner import OWNER_PREFIX, owner_record
 from framework.checkpoint.storage import Location
 
 FAILING_SAVE = 4  # saves every step; the 4th one fails (rotation keeps 2)
@@ -54,8 +57,8 @@ class Failure:
 
         monkeypatch.setattr(checkpoint, "begin_checkpoint", begin)
         real_tensors = tensor_files.write_safetensors
-        monkeypatch.setattr(tensor_files, "write_safetensors", lambda f, tensors, hasher: (
-            self.fire(f) if self.armed and where == "state" else real_tensors(f, tensors, hasher)))
+        monkeypatch.setattr(tensor_files, "write_safetensors", lambda loc, tensors, **kwargs: (
+            self.fire(loc) if self.armed and where == "state" else real_tensors(loc, tensors, **kwargs)))
         real_write_file = checkpoint_save.write_file
 
         def write_file(loc: Location, write: Any, fsync: bool = False) -> Any:
@@ -73,9 +76,10 @@ class Failure:
     def armed(self) -> bool:
         return self.saves == FAILING_SAVE and not self.raised
 
-    def fire(self, f: Any = None) -> None:
-        if f is not None:
-            f.write(b"partial")
+    def fire(self, loc: Location | None = None) -> None:
+        if loc is not None:
+            with loc.open("wb") as f:
+                f.write(b"partial")
         self.raised = True
         raise self.error
 
@@ -179,12 +183,18 @@ def test_a_remote_save_cut_short_is_ignored_then_removed_when_fit_starts(make_tr
     fsspec.filesystem("memory").pipe(f"{memory_root}/checkpoints/marked/.kiln-pending", b"")
     make_trainer(enable_checkpointing=True, default_root_dir=f"memory://{memory_root}",
                  callbacks=[every_step(total_limit=None)], max_epochs=1).fit(tiny_module_cls(), make_loader())
-    cut = begin_checkpoint(f"{dirpath}/step=99")  # what a process killed mid-save leaves behind
+    cut = begin_checkpoint(f"{dirpath}/step=99")  # a save in flight (this process is its writer)
     write_state(cut, "model", weights)
 
     with pytest.warns(UserWarning, match=r"skipping damaged or incomplete checkpoint .*step=99"):
         assert find_last(dirpath) == f"{dirpath}/step=5"
-    assert cleanup_stale(dirpath, max_age_s=3600) == []  # young: it could be a save still running
+    assert cleanup_stale(dirpath, max_age_s=0) == []  # its writer runs: never removed, whatever its age
+    fs = fsspec.filesystem("memory")
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    for file in fs.ls(f"{memory_root}/checkpoints/step=99", detail=False):  # now: a save whose process was killed
+        if file.rsplit("/", 1)[-1].startswith(OWNER_PREFIX):
+            fs.pipe(file, owner_record(dead.pid))
     resumed = make_trainer(enable_checkpointing=True, default_root_dir=f"memory://{memory_root}",
                            callbacks=[every_step(total_limit=None)], max_epochs=2)
     resumed.fit(tiny_module_cls(), make_loader(), ckpt_path="last")  # its start removes the cut-short save

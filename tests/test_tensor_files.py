@@ -1,4 +1,4 @@
-"""Tensor files with streaming checksums (framework/checkpoint/tensor_files.py)."""
+"""Tensor files: the safetensors library plus checksums over the bytes (framework/checkpoint/tensor_files.py)."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ import json
 import os
 import pickle
 import sys
+import tempfile
 import zlib
 
 import pytest
@@ -17,6 +18,7 @@ from hypothesis import strategies as st
 
 from framework.checkpoint import tensor_files
 from framework.checkpoint.serialization import flatten_state
+from framework.checkpoint.storage import locate
 from framework.checkpoint.tensor_files import (
     StreamHasher,
     read_pt,
@@ -32,15 +34,36 @@ TENSORS = {
 }
 
 
-def write(tensors, algorithm=None):
-    f, hasher = io.BytesIO(), StreamHasher(algorithm)
-    size = write_safetensors(f, tensors, hasher)
-    assert size == len(f.getvalue())
-    return f.getvalue(), hasher.hexdigest()
+@pytest.fixture(params=["local", "memory"])
+def where(request, tmp_path):
+    """A directory to write tensor files into: a local folder or an fsspec memory:// one."""
+    if request.param == "local":
+        yield locate(str(tmp_path))
+        return
+    root = locate(f"memory://kiln-tensor-files-{os.urandom(4).hex()}")
+    root.makedirs()
+    yield root
+    root.remove_tree()
 
 
-def test_our_files_are_standard_safetensors_with_aligned_tensors():
-    data, _ = write(TENSORS)
+def write(tensors, algorithm=None, where=None):
+    loc = (where or locate(tempfile.mkdtemp())).join("t.safetensors")
+    size, digest = write_safetensors(loc, tensors, algorithm=algorithm)
+    data = loc.read_bytes()
+    assert size == len(data)
+    return data, digest
+
+
+def read(data: bytes, size: int | None = None, hasher=None, where=None):
+    loc = (where or locate(tempfile.mkdtemp())).join("r.safetensors")
+    with loc.open("wb") as f:
+        f.write(data)
+    with loc.open("rb") as f:
+        return read_safetensors(loc, f, len(data) if size is None else size, hasher or StreamHasher())
+
+
+def test_our_files_are_standard_safetensors_with_aligned_tensors(where):
+    data, _ = write(TENSORS, where=where)
     loaded = safetensors.torch.load(data)
     assert set(loaded) == set(TENSORS)
     for k, t in TENSORS.items():
@@ -52,11 +75,19 @@ def test_our_files_are_standard_safetensors_with_aligned_tensors():
             assert spec["data_offsets"][0] % TENSORS[name].element_size() == 0
 
 
-def test_files_written_by_safetensors_package_are_read():
+def test_files_written_by_safetensors_package_are_read(where):
     data = safetensors.torch.save({k: v for k, v in TENSORS.items()})
-    out = read_safetensors(io.BytesIO(data), len(data), StreamHasher())
+    out = read(data, where=where)
     for k, t in TENSORS.items():
         assert torch.equal(out[k], t)
+
+
+def test_views_of_one_storage_and_non_contiguous_tensors_are_written():
+    base = torch.arange(12.0)
+    tensors = {"head": base[:6], "overlap": base[3:9], "tail": base[9:], "t": base.reshape(3, 4).t()}
+    data, _ = write(tensors)
+    for k, t in safetensors.torch.load(data).items():
+        assert torch.equal(t, tensors[k]), k
 
 
 @pytest.mark.parametrize(("algorithm", "one_shot"), [
@@ -64,12 +95,12 @@ def test_files_written_by_safetensors_package_are_read():
     ("crc32", lambda b: f"{zlib.crc32(b):08x}"),
     ("sha256", lambda b: __import__("hashlib").sha256(b).hexdigest()),
 ])
-def test_streaming_checksum_equals_one_shot_hash_of_the_file(algorithm, one_shot):
-    big = {"big": torch.randn(600_000), **TENSORS}  # > 1 MiB: hashed on the helper thread
-    data, digest = write(big, algorithm)
+def test_checksum_equals_one_shot_hash_of_the_file(algorithm, one_shot, where):
+    big = {"big": torch.randn(600_000), **TENSORS}  # > 1 MiB: hashed on the helper thread while reading
+    data, digest = write(big, algorithm, where=where)
     assert digest == f"{algorithm}:{one_shot(data)}"
     reread = StreamHasher(algorithm)
-    read_safetensors(io.BytesIO(data), len(data), reread)
+    read(data, hasher=reread, where=where)
     assert reread.hexdigest() == digest
 
 
@@ -94,24 +125,51 @@ def _header(entries: dict, data_len: int) -> bytes:
     return len(head).to_bytes(8, "little") + head + b"\0" * data_len
 
 
-@pytest.mark.parametrize(("data", "match"), [
-    (b"\x05\0", "truncated"),
-    ((10**9).to_bytes(8, "little") + b"{}", "header length"),
-    (_header({"a": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]}}, 4), "invalid"),
-    (_header({"a": {"dtype": "XX", "shape": [1], "data_offsets": [0, 4]}}, 4), "invalid"),
+MALFORMED = [
+    (b"\x05\0", "header too small"),
+    ((10**9).to_bytes(8, "little") + b"{}", "header too large"),
+    (_header({"a": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]}}, 4), "not fully covered"),
+    (_header({"a": {"dtype": "XX", "shape": [1], "data_offsets": [0, 4]}}, 4), "unknown variant `XX`"),
     (_header({"a": {"dtype": "F32", "shape": [1], "data_offsets": [0, 4]},
-              "b": {"dtype": "F32", "shape": [1], "data_offsets": [2, 6]}}, 8), "overlaps"),
-    (_header([1, 2], 0), "not a JSON object"),
-])
-def test_malformed_safetensors_raise_valueerror(data, match):
+              "b": {"dtype": "F32", "shape": [1], "data_offsets": [2, 6]}}, 8), "invalid offset for tensor `b`"),
+    (_header([1, 2], 0), "invalid type: sequence"),
+    # the attack's shape: no element, but strides that overflow (torch raised a raw RuntimeError)
+    (_header({"a": {"dtype": "F32", "shape": [0, 2**62, 2**62], "data_offsets": [0, 0]}}, 0), "no tensor can have"),
+    (_header({"a": {"dtype": "F32", "shape": [2**62, 2**62], "data_offsets": [0, 16]}}, 16), "overflow"),
+    (_header({"a": {"dtype": "F32", "shape": [-1], "data_offsets": [0, 4]}}, 4), "expected usize"),
+    (_header({"a": {"dtype": "F32", "shape": [1], "data_offsets": [0, 4]}}, 8), "not fully covered"),
+]
+
+
+@pytest.mark.parametrize(("data", "match"), MALFORMED)
+def test_malformed_safetensors_raise_valueerror(data, match, where):
     with pytest.raises(ValueError, match=match):
-        read_safetensors(io.BytesIO(data), len(data), StreamHasher())
+        read(data, where=where)
 
 
-def test_truncated_stream_detected_even_if_size_claims_more():
+@settings(max_examples=60, deadline=None)
+@given(st.dictionaries(st.text("ab", min_size=1, max_size=2), st.fixed_dictionaries({
+    "dtype": st.sampled_from(["F32", "U8", "I64", "BOOL", "XX", 3]),
+    "shape": st.lists(st.one_of(st.integers(-2, 4), st.integers(2**30, 2**64), st.just("x")), max_size=4),
+    "data_offsets": st.lists(st.integers(-1, 40), min_size=0, max_size=3)}), max_size=3),
+    st.integers(0, 40))
+def test_any_header_either_loads_consistently_or_raises_valueerror(entries, data_len):
+    """Fails closed: a header either describes the file exactly (tensors of the declared shapes come back)
+    or raises ValueError; never another exception, never an allocation beyond the file."""
+    data = _header(entries, data_len)
+    try:
+        out = read(data)
+    except ValueError:
+        return
+    for name, t in out.items():
+        assert list(t.shape) == entries[name]["shape"]
+        assert t.numel() * t.element_size() <= data_len
+
+
+def test_truncated_file_detected_even_if_size_claims_more():
     data, _ = write(TENSORS)
-    with pytest.raises(ValueError, match="truncated"):
-        read_safetensors(io.BytesIO(data[:-5]), len(data), StreamHasher())
+    with pytest.raises(ValueError, match="not fully covered|truncated|invalid"):
+        read(data[:-5], size=len(data))
 
 
 def test_unsupported_dtype_for_safetensors_names_the_tensor():

@@ -15,8 +15,7 @@ import torch
 
 import framework.checkpoint.tensor_files as tensor_files
 from framework.checkpoint.format import MODEL, Manifest, checkpoint_error
-from framework.checkpoint.load import NoHash, read_manifest, read_state, verify_checkpoint
-from framework.checkpoint.save import write_file
+from framework.checkpoint.load import read_manifest, read_state, verify_checkpoint
 from framework.checkpoint.storage import locate
 
 __all__ = ["read_model_state", "load_weights", "export_safetensors", "DCP_DIR", "DCP_MODEL_KEY"]
@@ -80,5 +79,5 @@ def export_safetensors(path: str, out_file: str, *, verify: bool = True) -> str:
     if skipped:
         warnings.warn(f"export_safetensors: skipping non-tensor model entries {skipped}", stacklevel=2)
     out = locate(out_file)
-    write_file(out, lambda f, h: tensor_files.write_safetensors(f, tensors, NoHash()), fsync=False)
+    tensor_files.write_safetensors(out, tensors)
     return out_file

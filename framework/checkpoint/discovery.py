@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import re
+import stat
 import time
 import warnings
 
@@ -21,11 +22,12 @@ from framework.checkpoint.format import (
     new_token,
 )
 from framework.checkpoint.load import read_manifest
+from framework.checkpoint.owner import ABANDONED_MARK, OWNER_PREFIX, owner_gone
 from framework.checkpoint.storage import Location, locate, redact
 
 __all__ = ["list_checkpoints", "find_last", "remove_checkpoint", "cleanup_stale"]
 
-_STAGING = re.compile(r"\.(?P<name>.+)\.(tmp|old)-[A-Za-z0-9_-]{1,64}")
+_STAGING = re.compile(r"\.(?P<name>.+)\.(?P<kind>tmp|old|init)-[A-Za-z0-9_-]{1,64}")
 
 
 def _check_sizes(path: str, manifest: Manifest) -> None:
@@ -88,26 +90,69 @@ def remove_checkpoint(path: str, *, force: bool = False) -> None:
     loc.remove_tree()
 
 
-def cleanup_stale(dirpath: str, max_age_s: float = 3600.0) -> list[str]:
-    """Remove what unfinished saves and deletions left under ``dirpath`` longer than ``max_age_s`` ago.
+STALE_AFTER_S = 3600.0
+"""Age after which a staging dir whose writer cannot be checked from this machine counts as abandoned."""
 
-    Locally: staging dirs (``.<name>.tmp-*``/``.old-*``). On object stores: checkpoint dirs that still
-    carry the pending mark of :func:`begin_checkpoint` and have no manifest. Call it when no save is
-    running (e.g. when fit starts, with ``max_age_s=0``).
+
+def cleanup_stale(dirpath: str, max_age_s: float = STALE_AFTER_S) -> list[str]:
+    """Remove what saves and deletions that a crash cut short left under ``dirpath``; never a running save's.
+
+    A staging dir (local ``.<name>.tmp-*``; on object stores a checkpoint dir still carrying the pending
+    mark and no manifest) goes when every process that wrote into it ran on this machine and has ended.
+    Otherwise (a writer on another host or container, or no owner record) it goes only once nothing in it
+    changed for ``max_age_s`` seconds (default :data:`STALE_AFTER_S`, one hour): pass the longest a save
+    can take on shared or remote storage. Hidden ``.<name>.old-*`` dirs (checkpoints whose deletion was
+    decided) always go; two processes deleting one is harmless.
     """
     parent = locate(dirpath)
-    removed = []
+    stale = []
     if parent.is_local:
-        stale = [parent.join(name) for name, mtime in parent.hidden_dirs()
-                 if _STAGING.fullmatch(name) and time.time() - mtime > max_age_s]
+        for name, mtime in parent.hidden_dirs():
+            match = _STAGING.fullmatch(name)
+            if match and (match["kind"] == "old" or _abandoned(parent.join(name), mtime, max_age_s)):
+                stale.append(parent.join(name))
     else:
-        stale = [loc for loc in (parent.join(name) for name in parent.child_dirs())
-                 if loc.join(PENDING_MARK).exists() and not loc.join(MANIFEST).exists()
-                 and (max_age_s <= 0 or _age_s(loc.join(PENDING_MARK)) > max_age_s)]
+        for loc in (parent.join(name) for name in parent.child_dirs()):
+            if loc.join(PENDING_MARK).exists() and not loc.join(MANIFEST).exists() and _abandoned(
+                    loc, time.time() - _age_s(loc.join(PENDING_MARK)), max_age_s):
+                stale.append(loc)
     for loc in stale:
         loc.remove_tree()
-        removed.append(loc.url)
-    return removed
+    return [loc.url for loc in stale]
+
+
+def _abandoned(loc: Location, mtime: float, max_age_s: float) -> bool:
+    if loc.join(ABANDONED_MARK).exists():
+        return True
+    verdicts, newest = [], mtime
+    for data, modified in _owner_records(loc):
+        verdicts.append(owner_gone(data))
+        newest = max(newest, modified)
+    if verdicts and all(v is True for v in verdicts):
+        return True
+    if False in verdicts:
+        return False  # a writer is running
+    return time.time() - newest > max_age_s
+
+
+def _owner_records(loc: Location) -> list[tuple[bytes, float]]:
+    """(content, mtime) of the owner records directly inside ``loc``."""
+    found = []
+    try:
+        if loc.is_local:
+            with os.scandir(loc.path) as it:
+                entries = [(e.name, e.stat(follow_symlinks=False)) for e in it if e.name.startswith(OWNER_PREFIX)]
+            for name, st in entries:
+                if stat.S_ISREG(st.st_mode) and st.st_size < 4096:
+                    found.append((loc.join(name).read_bytes(), st.st_mtime))
+        else:
+            for info in loc.fs.ls(loc.path, detail=True):
+                name = info["name"].rstrip("/").rsplit("/", 1)[-1]
+                if name.startswith(OWNER_PREFIX) and int(info.get("size") or 0) < 4096:
+                    found.append((loc.join(name).read_bytes(), time.time() - _age_s(loc.join(name))))
+    except OSError:
+        pass
+    return found
 
 
 def _age_s(loc: Location) -> float:

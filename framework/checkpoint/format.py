@@ -19,6 +19,7 @@ discovery and removal in :mod:`framework.checkpoint.discovery`.
 from __future__ import annotations
 
 import json
+import math
 import re
 import uuid
 from collections.abc import Mapping
@@ -156,10 +157,17 @@ def parse_manifest(path: str, data: bytes) -> Manifest:
                 raise ValueError(f"entry {e!r} lacks a valid size or checksum")
             tensor_files.split_checksum(e["checksum"])
             files[e["path"]] = FileEntry(path=e["path"], size=e["size"], checksum=e["checksum"])
-        manifest = Manifest(path=path, format_version=doc["format_version"], world_size=int(doc["world_size"]),
-                            strategy=str(doc["strategy"]), layout=str(doc["layout"]), created=float(doc["created"]),
+        world_size, created = doc["world_size"], doc["created"]
+        if type(world_size) is not int or not 1 <= world_size <= 2**31:
+            raise ValueError(f"world_size {world_size!r} is not a positive integer")
+        if type(created) not in (int, float) or not math.isfinite(created):
+            raise ValueError(f"created {created!r} is not a finite timestamp")
+        if not isinstance(doc["metadata"], dict):
+            raise ValueError("metadata is not an object")
+        manifest = Manifest(path=path, format_version=doc["format_version"], world_size=world_size,
+                            strategy=str(doc["strategy"]), layout=str(doc["layout"]), created=float(created),
                             metadata=dict(doc["metadata"]), files=files)
-    except (ValueError, KeyError, TypeError, AttributeError, RecursionError) as exc:
+    except (ValueError, KeyError, TypeError, AttributeError, RecursionError, OverflowError, MemoryError) as exc:
         raise checkpoint_error(path, f"{MANIFEST} is invalid: {type(exc).__name__}: {exc}"[:2000]) from None
     return manifest
 

@@ -36,6 +36,7 @@ from framework.checkpoint.format import (
     new_token,
     safe_relpath,
 )
+from framework.checkpoint.owner import ABANDONED_MARK, OWNER_PREFIX, owner_record
 from framework.checkpoint.serialization import flatten_state, skeleton_to_json
 from framework.checkpoint.storage import Location, locate, redact
 
@@ -59,12 +60,35 @@ def begin_checkpoint(path: str, token: str | None = None) -> Staging:
         raise ValueError(f"path={redact(path)!r} needs a final component that does not start with '.'")
     if loc.is_local:
         staging = loc.sibling(f".{loc.name}.tmp-{token}")
-        staging.makedirs()
+        if not os.path.isdir(staging.path):
+            _create_owned(staging, loc.sibling(f".{loc.name}.init-{new_token()}"))
+        else:  # another rank of this save made it
+            _write_owner(staging)
         return Staging(target=path, dir=staging.url, token=token)
     loc.makedirs()
     loc.join(MANIFEST).remove_file(missing_ok=True)
+    _write_owner(loc)
     write_file(loc.join(PENDING_MARK), lambda f, h: f.write(b""))
     return Staging(target=path, dir=path, token=token)
+
+
+def _write_owner(staging: Location) -> None:
+    """Leave this process's owner record in a staging dir (commit deletes it with the other unlisted files)."""
+    with staging.join(OWNER_PREFIX + new_token()).open("wb") as f:
+        f.write(owner_record())
+
+
+def _create_owned(staging: Location, scratch: Location) -> None:
+    """Create the local staging dir with this process's owner record already inside it: built under a
+    name cleanup never takes for a staging dir, then renamed, so no cleanup can see it without an owner."""
+    os.makedirs(os.path.dirname(scratch.path), exist_ok=True)
+    os.mkdir(scratch.path)
+    _write_owner(scratch)
+    try:
+        os.rename(scratch.path, staging.path)
+    except OSError:  # another rank renamed its own first: join that one
+        scratch.remove_tree()
+        _write_owner(staging)
 
 
 def write_file(loc: Location, write: Any, fsync: bool = False) -> tuple[int, str]:
@@ -100,8 +124,7 @@ def write_state(staging: Staging, name: str, tree: Any, *, safe_serialization: b
         hasher.update(skeleton_bytes)
         return len(skeleton_bytes)
 
-    size, digest = write_file(root.join(f"{name}.safetensors"),
-                               lambda f, h: tensor_files.write_safetensors(f, tensors, h), fsync)
+    size, digest = tensor_files.write_safetensors(root.join(f"{name}.safetensors"), tensors, fsync=fsync)
     json_size, json_digest = write_file(root.join(f"{name}.json"), write_skeleton, fsync)
     return [FileEntry(path=f"{name}.safetensors", size=size, checksum=digest),
             FileEntry(path=f"{name}.json", size=json_size, checksum=json_digest)]
@@ -175,13 +198,24 @@ def commit_checkpoint(staging: Staging, entries: Iterable[Mapping[str, Any]],
             raise ValueError(f"entries contain an invalid or duplicate path {e['path']!r}")
         seen.add(e["path"])
     root = locate(staging.dir)
+    try:
+        _commit(staging, root, entries, seen, metadata, world_size, strategy, layout, fsync)
+    except BaseException:
+        _mark_abandoned(root)  # this save is over: cleanup_stale may remove its leftovers at once
+        raise
+    return staging.target
+
+
+def _commit(staging: Staging, root: Location, entries: list[FileEntry], seen: set[str], metadata: Any,
+            world_size: int, strategy: str, layout: str, fsync: bool) -> None:
     sizes = root.file_sizes()
     for e in entries:
         if sizes.get(e["path"]) != e["size"]:
             found = sizes.get(e["path"], "missing")
             raise checkpoint_error(staging.target, f"file {e['path']} in the staging dir is {found} bytes, but its "
                                                    f"entry says {e['size']} (did every rank finish writing?)")
-    for rel in set(sizes) - seen - {PENDING_MARK}:
+    owners = {rel for rel in sizes if rel.startswith(OWNER_PREFIX)}
+    for rel in set(sizes) - seen - owners - {PENDING_MARK}:
         root.join(rel).remove_file(missing_ok=True)
     doc = {"format": FORMAT, "format_version": FORMAT_VERSION, "created": time.time(),
            "world_size": int(world_size), "strategy": str(strategy), "layout": str(layout),
@@ -189,11 +223,21 @@ def commit_checkpoint(staging: Staging, entries: Iterable[Mapping[str, Any]],
     doc["checksum"] = manifest_checksum(doc, tensor_files.default_algorithm())
     data = json.dumps(doc, indent=1).encode()
     write_file(root.join(MANIFEST), lambda f, h: f.write(data), fsync)
+    for rel in owners:  # the writers' records stay until the save is complete, then never ship
+        root.join(rel).remove_file(missing_ok=True)
     if root.is_local:
         locate(staging.target).replace_with(root, staging.token, fsync=fsync)
     else:
         root.join(PENDING_MARK).remove_file(missing_ok=True)  # after the manifest: complete either way
-    return staging.target
+
+
+def _mark_abandoned(root: Location) -> None:
+    try:
+        if root.exists() and (root.is_local or not root.join(MANIFEST).exists()):  # a remote one may be complete
+            with root.join(ABANDONED_MARK).open("wb") as f:
+                f.write(owner_record())
+    except OSError:
+        pass  # then the owner records (or age) decide
 
 
 def save_checkpoint(path: str, states: Mapping[str, Any], metadata: Mapping[str, Any] | None = None, *,

@@ -10,6 +10,8 @@ from __future__ import annotations
 import os
 import re
 import shutil
+import stat
+import sys
 from dataclasses import dataclass
 from typing import IO, Any
 from urllib.parse import unquote
@@ -144,7 +146,11 @@ class Location:
             if os.path.islink(self.path):  # a link is removed, never what it points to
                 os.unlink(self.path)
                 return
-            shutil.rmtree(self.path, ignore_errors=not os.path.exists(self.path))
+            if os.path.exists(self.path):
+                if sys.version_info >= (3, 12):
+                    shutil.rmtree(self.path, onexc=lambda f, p, exc: _ignore_vanished(f, p, (type(exc), exc, None)))
+                else:
+                    shutil.rmtree(self.path, onerror=_ignore_vanished)
         elif self.fs.exists(self.path):
             self.fs.rm(self.path, recursive=True)
 
@@ -155,7 +161,9 @@ class Location:
             for dirpath, _, files in os.walk(self.path):
                 for name in files:
                     full = os.path.join(dirpath, name)
-                    sizes[os.path.relpath(full, self.path).replace(os.sep, "/")] = os.stat(full).st_size
+                    st = os.stat(full)
+                    if stat.S_ISREG(st.st_mode):  # a FIFO or device is not a file a checkpoint can hold
+                        sizes[os.path.relpath(full, self.path).replace(os.sep, "/")] = st.st_size
             return sizes
         self.fs.invalidate_cache(self.path)
         try:
@@ -208,6 +216,12 @@ class Location:
                 os.fsync(fd)
             finally:
                 os.close(fd)
+
+
+def _ignore_vanished(function: Any, path: str, exc_info: Any) -> None:
+    """rmtree error handler: a file already gone was removed by another process cleaning up too."""
+    if not issubclass(exc_info[0], FileNotFoundError):
+        raise exc_info[1]
 
 
 def locate(url: str | os.PathLike) -> Location:

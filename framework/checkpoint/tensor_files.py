@@ -1,9 +1,9 @@
-"""Tensor files with streaming checksums: safetensors (default) and torch.save (opt-in).
+"""Tensor files with checksums over their bytes: safetensors (default) and torch.save (opt-in).
 
-safetensors files are written and read here directly (same on-disk format as the safetensors
-package) so every byte is checksummed while it streams, without an extra copy; the checksum runs
-on a helper thread and overlaps the I/O. torch.save files are only ever read back with
-``weights_only=True``. Malformed content raises ``ValueError``.
+safetensors files are written and parsed by the ``safetensors`` library (its header parser is fuzzed
+upstream); Kiln adds the checksum of every byte, computed from the page cache after a write and
+tensor by tensor while reading. torch.save files are only ever read back with ``weights_only=True``.
+Malformed content raises ``ValueError``.
 """
 
 from __future__ import annotations
@@ -27,8 +27,7 @@ from framework.checkpoint.serialization import (
     skeleton_to_json,
     unflatten_state,
 )
-
-_MAX_HEADER = 100 * 2**20
+from framework.checkpoint.storage import Location
 
 # ----------------------------------------------------------------------------- checksums
 
@@ -140,52 +139,151 @@ def split_checksum(checksum: str) -> str:
 # ----------------------------------------------------------------------------- safetensors
 
 
-_DTYPES: dict[torch.dtype, str] = {
-    torch.bool: "BOOL", torch.uint8: "U8", torch.int8: "I8", torch.int16: "I16", torch.float16: "F16",
-    torch.bfloat16: "BF16", torch.int32: "I32", torch.float32: "F32", torch.float64: "F64",
-    torch.int64: "I64", torch.complex64: "C64", torch.float8_e4m3fn: "F8_E4M3",
-    torch.float8_e5m2: "F8_E5M2",
-}
-for _name, _code in (("uint16", "U16"), ("uint32", "U32"), ("uint64", "U64"), ("float8_e8m0fnu", "F8_E8M0")):
-    if hasattr(torch, _name):
-        _DTYPES[getattr(torch, _name)] = _code
-_CODES = {code: dtype for dtype, code in _DTYPES.items()}
+def _unsupported(name: str, t: torch.Tensor) -> TypeError:
+    return TypeError(f"tensor {name!r} has dtype {t.dtype}, which safetensors cannot store: "
+                     "use safe_serialization=False or convert it")
 
 
-def _raw_bytes(t: torch.Tensor) -> Any:
-    t = t.detach()
-    if t.device.type != "cpu":
-        t = t.cpu()
-    return t.contiguous().reshape(-1).view(torch.uint8).numpy()
+def _writable(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """CPU, contiguous tensors, none overlapping another's memory (the library refuses both)."""
+    from safetensors.torch import _SIZE
+
+    out: dict[str, torch.Tensor] = {}
+    by_storage: dict[int, list[str]] = {}
+    for name, t in tensors.items():
+        if t.dtype not in _SIZE:
+            raise _unsupported(name, t)
+        t = t.detach()
+        if t.device.type != "cpu":
+            t = t.cpu()
+        out[name] = t.contiguous()
+        if out[name].numel():
+            by_storage.setdefault(out[name].untyped_storage().data_ptr(), []).append(name)
+    for names in by_storage.values():  # distinct views of one storage: copy those that overlap an earlier one
+        end = -1
+        for name in sorted(names, key=lambda n: out[n].data_ptr()):
+            t = out[name]
+            if t.data_ptr() < end:
+                out[name] = t.clone()
+            else:
+                end = t.data_ptr() + t.numel() * t.element_size()
+    return out
 
 
-def write_safetensors(f: IO[bytes], tensors: dict[str, torch.Tensor], hasher: StreamHasher) -> int:
-    """Write ``tensors`` to ``f`` in safetensors format, checksumming as it goes; returns the size.
+def _hash_local(path: str, algorithm: str) -> tuple[int, str]:
+    """Size and checksum of a local file, hashed through a read-only map of the page cache (no copy)."""
+    import mmap
 
-    Tensors are ordered by decreasing element size so that every tensor is aligned to its own
-    element size (the header is padded to 8 bytes), which makes zero-copy reads possible.
+    digest = _hash_factory(algorithm)()
+    with open(path, "rb") as f:
+        size = os.fstat(f.fileno()).st_size
+        if size:
+            with mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as mapped:
+                digest.update(mapped)
+    return size, f"{algorithm}:{digest.hexdigest()}"
+
+
+def write_safetensors(loc: Location, tensors: dict[str, torch.Tensor], *, fsync: bool = False,
+                      algorithm: str | None = None) -> tuple[int, str]:
+    """Write ``tensors`` to ``loc`` with the safetensors library; returns (size, checksum of the file's bytes).
+
+    Locally the library writes the file itself and the checksum is computed afterwards from the page
+    cache (cheaper than streaming it through a Python file object: see benchmarks/RESULTS.md); on
+    object stores the serialized bytes are hashed and uploaded in one PUT.
     """
-    items = sorted(tensors.items(), key=lambda kv: (-kv[1].element_size(), kv[0]))
-    header: dict[str, Any] = {"__metadata__": {"format": "pt"}}
-    offset = 0
-    for name, t in items:
-        if t.dtype not in _DTYPES:
-            raise TypeError(f"tensor {name!r} has dtype {t.dtype}, which safetensors cannot store: "
-                            "use safe_serialization=False or convert it")
-        nbytes = t.numel() * t.element_size()
-        header[name] = {"dtype": _DTYPES[t.dtype], "shape": list(t.shape), "data_offsets": [offset, offset + nbytes]}
-        offset += nbytes
-    head = json.dumps(header, separators=(",", ":")).encode()
-    head += b" " * (-len(head) % 8)
-    prefix = len(head).to_bytes(8, "little") + head
-    f.write(prefix)
-    hasher.update(prefix)
-    for _, t in items:
-        if t.numel():
-            data = _raw_bytes(t)
-            hasher.update(data)  # first: the helper thread hashes these bytes while they are written
+    from safetensors.torch import save, save_file
+
+    algorithm = algorithm or default_algorithm()
+    tensors = _writable(tensors)
+    if not loc.is_local:
+        data = save(tensors)
+        digest = _hash_factory(algorithm)()
+        digest.update(data)
+        with loc.open("wb") as f:
             f.write(data)
-    return len(prefix) + offset
+        return len(data), f"{algorithm}:{digest.hexdigest()}"
+    save_file(tensors, loc.path)
+    if fsync:
+        fd = os.open(loc.path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    return _hash_local(loc.path, algorithm)
+
+
+def _header(read_at: Callable[[int, int], bytes], size: int) -> tuple[bytes, list[str]]:
+    """The file's first ``8 + header`` bytes and its tensor names in data order (header already validated)."""
+    prefix = read_at(0, 8)
+    head = read_at(8, int.from_bytes(prefix, "little"))
+    header = json.loads(head)
+    names = sorted((k for k in header if k != "__metadata__"), key=lambda k: header[k]["data_offsets"][0])
+    for name in names:  # torch computes strides from the shape even when it holds no element
+        shape = header[name]["shape"]
+        if not all(type(d) is int and d >= 0 for d in shape) or math.prod(max(d, 1) for d in shape) >= 2**62:
+            raise ValueError(f"tensor {name!r} has shape {shape}, which no tensor can have")
+    return prefix + head, names
+
+
+def _check_fits_in_memory(nbytes: int) -> None:
+    """Refuse before allocating when the tensors (whose total the header and manifest agree on) exceed RAM."""
+    try:
+        physical = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return
+    if nbytes > physical:
+        raise MemoryError(f"its tensors hold {nbytes} bytes, more than this machine's {physical} bytes of memory")
+
+
+def _bytes_of(t: torch.Tensor) -> Any:
+    return t.reshape(-1).view(torch.uint8).numpy() if t.numel() else b""
+
+
+def read_safetensors(loc: Location, f: IO[bytes], size: int, hasher: Any) -> dict[str, torch.Tensor]:
+    """Read the safetensors file open as ``f`` (``size`` bytes) into fresh CPU tensors, feeding ``hasher``
+    the file's bytes in order.
+
+    The library parses and validates the header first (shapes, overflow, offsets covering exactly the
+    file's data), so nothing is allocated for a header that does not fit the file; errors are ValueError.
+    """
+    from safetensors import SafetensorError, safe_open
+    from safetensors.torch import load
+
+    try:
+        if not loc.is_local:
+            data = f.read(size + 1)
+            if len(data) != size:
+                raise ValueError(f"file is truncated or grew (expected {size} bytes, read {len(data)})")
+            def read_at(at: int, n: int) -> bytes:
+                return data[at:at + n]
+
+            try:
+                out = load(data)  # the library validates the header first
+            except RuntimeError:
+                _header(read_at, size)  # a shape torch cannot build: say which
+                raise
+            _, order = _header(read_at, size)
+            hasher.update(data)
+            return {name: out[name] for name in order}
+        fd = f.fileno()
+        # Open the very file we checked (no second lookup by name that a swapped file could win).
+        path = f"/proc/self/fd/{fd}" if os.path.exists(f"/proc/self/fd/{fd}") else loc.path
+        with safe_open(path, framework="pt", device="cpu", backend="pread") as st:
+            head, order = _header(lambda at, n: os.pread(fd, n, at), size)
+            _check_fits_in_memory(size - len(head))
+            hasher.update(head)
+            out = {}
+            for name in order:
+                out[name] = st.get_tensor(name)
+                hasher.update(_bytes_of(out[name]))
+        return out
+    except SafetensorError as exc:
+        raise ValueError(f"invalid safetensors file: {exc}") from None
+    except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, OverflowError, RuntimeError) as exc:
+        raise ValueError(f"invalid safetensors header: {type(exc).__name__}: {exc}") from None
+
+
+# ----------------------------------------------------------------------------- torch.save (opt-in)
 
 
 def _readinto_exact(f: IO[bytes], view: memoryview) -> None:
@@ -195,65 +293,6 @@ def _readinto_exact(f: IO[bytes], view: memoryview) -> None:
         if not n:
             raise ValueError(f"file is truncated (needed {view.nbytes - got} more bytes)")
         got += n
-
-
-def _skip(f: IO[bytes], nbytes: int, hasher: StreamHasher) -> None:
-    while nbytes > 0:
-        chunk = bytearray(min(nbytes, 16 * 2**20))
-        _readinto_exact(f, memoryview(chunk))
-        hasher.update(chunk)
-        nbytes -= len(chunk)
-
-
-def _parse_header(header: Any, data_len: int) -> list[tuple[str, torch.dtype, list[int], int, int]]:
-    if not isinstance(header, dict):
-        raise ValueError("safetensors header is not a JSON object")
-    entries = []
-    for name, spec in header.items():
-        if name == "__metadata__":
-            continue
-        try:
-            dtype, shape, (begin, end) = _CODES[spec["dtype"]], spec["shape"], spec["data_offsets"]
-            ok = all(type(d) is int and d >= 0 for d in shape) and type(begin) is int and type(end) is int
-        except (KeyError, TypeError, ValueError):
-            ok = False
-        if not ok or not 0 <= begin <= end <= data_len or end - begin != math.prod(shape) * dtype.itemsize:
-            raise ValueError(f"safetensors header entry {name!r} is invalid: {spec!r}")
-        entries.append((name, dtype, shape, begin, end))
-    return sorted(entries, key=lambda e: e[3])
-
-
-def read_safetensors(f: IO[bytes], size: int, hasher: StreamHasher) -> dict[str, torch.Tensor]:
-    """Read a safetensors stream of ``size`` bytes into fresh CPU tensors, feeding ``hasher``."""
-    prefix = f.read(8)
-    if len(prefix) < 8:
-        raise ValueError("file is truncated (no safetensors header)")
-    head_len = int.from_bytes(prefix, "little")
-    if head_len > min(size - 8, _MAX_HEADER):
-        raise ValueError(f"safetensors header length {head_len} does not fit a {size}-byte file")
-    head = bytearray(head_len)
-    _readinto_exact(f, memoryview(head))
-    hasher.update(prefix)
-    hasher.update(head)
-    data_len = size - 8 - head_len
-    out: dict[str, torch.Tensor] = {}
-    pos = 0
-    for name, dtype, shape, begin, end in _parse_header(json.loads(head), data_len):
-        if begin < pos:
-            raise ValueError(f"safetensors tensor {name!r} overlaps the previous one")
-        _skip(f, begin - pos, hasher)
-        t = torch.empty(shape, dtype=dtype)
-        if end > begin:
-            view = memoryview(t.reshape(-1).view(torch.uint8).numpy())
-            _readinto_exact(f, view)
-            hasher.update(view)
-        out[name] = t
-        pos = end
-    _skip(f, data_len - pos, hasher)
-    return out
-
-
-# ----------------------------------------------------------------------------- torch.save (opt-in)
 
 
 class _HashingWriter:
