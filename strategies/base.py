@@ -10,7 +10,7 @@ this interface only, so the loop has no ``isinstance(strategy, ...)`` branches.
 from __future__ import annotations
 
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from contextlib import AbstractContextManager, nullcontext
 from typing import TYPE_CHECKING, Any
 
@@ -205,7 +205,8 @@ class Strategy:
         """
         token = self._new_token()
         states = self._checkpoint_states(trainer_state, rank_state, optimizers)
-        self._write_checkpoint(path, token, states, metadata, safe_serialization, writer, on_committed)
+        self._write_checkpoint(path, token, states, metadata, safe_serialization, writer, on_committed,
+                               optimizers=optimizers)
 
     def _new_token(self) -> str:
         from framework import checkpoint as io
@@ -240,7 +241,8 @@ class Strategy:
 
     def _write_checkpoint(self, path: str, token: str, states: dict[str, Any], metadata: dict[str, Any],
                           safe_serialization: bool, writer: Any, on_committed: Callable[[], None] | None,
-                          layout: str = "full", extra_files: Callable[[Any], list] | None = None) -> None:
+                          layout: str = "full", extra_files: Callable[[Any], list] | None = None,
+                          optimizers: Sequence[torch.optim.Optimizer] = ()) -> None:
         from framework import checkpoint as io
 
         commit_kwargs = {"world_size": self.world_size, "strategy": self.name, "layout": layout}
@@ -276,7 +278,8 @@ class Strategy:
             if on_committed is not None:
                 on_committed()
             return
-        states = writer.snapshot(states)
+        # parameters and optimizer state are copied while the next forward/backward runs; steps wait for it
+        states = writer.snapshot(states, module=self.module, optimizers=optimizers)
         rank, world = self.global_rank, self.world_size
 
         def write_and_commit() -> None:

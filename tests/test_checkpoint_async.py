@@ -126,3 +126,116 @@ def test_failure_surfaces_at_next_submit(tmp_path):
     with pytest.raises(TypeError, match=r"state\['cb'\]"):
         writer.submit(save_checkpoint, str(tmp_path / "good"), {MODEL: {}})
     assert not os.path.exists(tmp_path / "good") and not os.path.exists(tmp_path / "bad")
+
+
+# ---- snapshot overlapping the next step (issue #16) -------------------------------------------------------
+
+
+def bn_state():
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.BatchNorm1d(16), torch.nn.Linear(16, 1))
+    opt = torch.optim.AdamW(model.parameters(), lr=0.1)
+    model(torch.randn(4, 8)).sum().backward()
+    opt.step()
+    return model, opt
+
+
+def clone_tree(tree):
+    if isinstance(tree, torch.Tensor):
+        return tree.detach().clone()
+    if isinstance(tree, dict):
+        return type(tree)((k, clone_tree(v)) for k, v in tree.items())
+    if isinstance(tree, (list, tuple)):
+        return type(tree)(clone_tree(v) for v in tree)
+    return tree
+
+
+def test_deferred_snapshot_equals_the_step_boundary_bit_for_bit(tmp_path, monkeypatch):
+    """The parameter/optimizer copy is held back until the next step has run forward and backward; the BatchNorm
+    statistics that forward changes were copied first, and the step itself waits for the copy."""
+    model, opt = bn_state()
+    boundary = clone_tree(state_of(model, opt))
+    gate, events = threading.Event(), []
+    real_copy = AsyncCheckpointWriter._copy_deferred
+
+    def held_copy(self, deferred):
+        gate.wait(30)
+        events.append("copied")
+        real_copy(self, deferred)
+
+    monkeypatch.setattr(AsyncCheckpointWriter, "_copy_deferred", held_copy)
+    writer = AsyncCheckpointWriter()
+    snap = writer.snapshot(state_of(model, opt), module=model, optimizers=[opt])
+    assert writer.busy  # returned before the big copy
+    writer.submit(save_checkpoint, str(tmp_path / "c"), snap, {"global_step": 1})
+    model(torch.randn(4, 8) * 3).sum().backward()  # next step: BatchNorm statistics change in place
+    threading.Timer(0.3, gate.set).start()
+    opt.step()  # changes every parameter and moment in place: must wait for the copy
+    events.append("stepped")
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(1.0)  # after the step boundary, right away
+    writer.wait()
+    assert events == ["copied", "stepped"]
+    saved_model, saved_trainer = read_state(str(tmp_path / "c"), MODEL), read_state(str(tmp_path / "c"), TRAINER)
+    assert_trees_equal(dict(saved_model), dict(boundary[MODEL]))
+    assert_trees_equal(saved_trainer["opt"], boundary[TRAINER]["opt"])
+    assert not torch.equal(saved_model["1.running_mean"], model[1].running_mean)  # it did change after the save
+
+
+def test_step_hooks_are_removed_and_cost_nothing_after_the_copy():
+    model, opt = bn_state()
+    writer = AsyncCheckpointWriter()
+    writer.snapshot(state_of(model, opt), module=model, optimizers=[opt])
+    writer.wait_for_snapshot()
+    assert len(opt._optimizer_step_pre_hooks) == 1
+    opt.step()  # the hook finds nothing pending
+    writer.wait()
+    assert len(opt._optimizer_step_pre_hooks) == 0
+
+
+def test_first_async_save_blocks_no_longer_than_the_copy_free_part():
+    """Buffers are allocated by the background copy: the first snapshot returns before any parameter is copied."""
+    model = torch.nn.Linear(512, 512)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    writer = AsyncCheckpointWriter()
+    snap = writer.snapshot({"m": model.state_dict()}, module=model, optimizers=[opt])
+    writer.wait_for_snapshot()
+    assert torch.equal(snap["m"]["weight"], model.weight) and snap["m"]["weight"].data_ptr() != model.weight.data_ptr()
+    again = writer.snapshot({"m": model.state_dict()}, module=model, optimizers=[opt])
+    writer.wait_for_snapshot()
+    assert again["m"]["weight"].data_ptr() == snap["m"]["weight"].data_ptr()  # reused
+
+
+def test_trainer_async_checkpoints_hold_the_step_boundary_state(tmp_path):
+    from callbacks import Callback, ModelCheckpoint
+    from framework import Trainer, TrainModule
+
+    class Net(TrainModule):
+        def __init__(self):
+            super().__init__()
+            self.net = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.BatchNorm1d(8), torch.nn.Linear(8, 1))
+
+        def training_step(self, batch, batch_idx):
+            return self.net(batch[0]).pow(2).mean()
+
+        def configure_optimizers(self):
+            return torch.optim.AdamW(self.parameters(), lr=0.1)
+
+    class Record(Callback):
+        def __init__(self):
+            self.states = {}
+
+        def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx):
+            self.states[trainer.global_step] = clone_tree(module.state_dict())
+
+    torch.manual_seed(0)
+    data = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(torch.randn(24, 4)), batch_size=4)
+    record = Record()
+    trainer = Trainer(max_epochs=1, logger=False, enable_progress_bar=False, default_root_dir=str(tmp_path),
+                      callbacks=[record, ModelCheckpoint(every_n_train_steps=1, every_n_epochs=None, async_save=True,
+                                                         filename="step={step}", total_limit=None)])
+    trainer.fit(Net(), data)
+    for step in range(1, 7):
+        saved = read_state(str(tmp_path / "checkpoints" / f"step={step}"), MODEL)
+        assert_trees_equal(dict(saved), dict(record.states[step]))

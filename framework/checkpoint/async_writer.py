@@ -1,17 +1,21 @@
-"""Asynchronous checkpointing: snapshot state on the caller's thread, write it on a background one.
+"""Asynchronous checkpointing: snapshot the state while training goes on, write it on a background thread.
 
-Only :meth:`AsyncCheckpointWriter.snapshot` blocks training: it copies every tensor into CPU
-buffers that are kept and reused across saves (pinned when the source is on an accelerator, so
-device->host copies run asynchronously and finish with one synchronize). Reusing the buffers
-avoids allocating and page-faulting the whole state on every save; the price is one CPU copy of
-the state held while the writer lives (``close()`` frees it).
+:meth:`AsyncCheckpointWriter.snapshot` copies every tensor into CPU buffers owned by the writer (kept
+and reused across saves, pinned when the source is on an accelerator). Given the ``module`` and
+``optimizers`` that own the state, it copies right away only what the next forward pass may change
+(buffers such as BatchNorm statistics, and everything that is not a parameter or optimizer state); the
+parameters and optimizer state, which change only at an optimizer step, are copied on the writer's
+thread while the next forward/backward runs. Every optimizer's ``step`` waits for that copy first
+(a step pre-hook), and :meth:`~AsyncCheckpointWriter.wait_for_snapshot` is the call for anything else
+that changes weights in place. Buffers are allocated by the copy itself, so the first save blocks no
+longer than later ones; the price is one CPU copy of the state held while the writer lives.
 """
 
 from __future__ import annotations
 
 import threading
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import torch
@@ -24,9 +28,10 @@ __all__ = ["AsyncCheckpointWriter"]
 class AsyncCheckpointWriter:
     """One checkpoint write at a time, in the background; errors surface at the next call.
 
-    Usage: ``snap = writer.snapshot(state); writer.submit(save_checkpoint, path, snap, meta)``;
-    ``writer.wait()`` (e.g. at the end of fit) blocks until the write is done and re-raises its
-    exception. ``snapshot`` and ``submit`` first wait for the previous write (its buffers are reused).
+    Usage: ``snap = writer.snapshot(state, module=m, optimizers=opts); writer.submit(save_checkpoint, path,
+    snap, meta)``; the write starts once the snapshot is complete. ``writer.wait()`` (e.g. at the end of
+    fit) blocks until the write is done and re-raises its exception. ``snapshot`` and ``submit`` first wait
+    for the previous write (its buffers are reused).
     """
 
     def __init__(self, *, reuse_buffers: bool = True) -> None:
@@ -35,14 +40,36 @@ class AsyncCheckpointWriter:
         self._used: dict[tuple, torch.Tensor] = {}
         self._thread: threading.Thread | None = None
         self._error: BaseException | None = None
+        self._copier: threading.Thread | None = None
+        self._copy_error: BaseException | None = None
+        self._guards: list[Any] = []
 
     @property
     def busy(self) -> bool:
-        """True while a submitted write is still running."""
-        return self._thread is not None and self._thread.is_alive()
+        """True while a snapshot copy or a submitted write is still running."""
+        return any(t is not None and t.is_alive() for t in (self._copier, self._thread))
+
+    def wait_for_snapshot(self) -> None:
+        """Block until the last snapshot is complete: call it before changing weights or optimizer state in
+        place outside an optimizer step (optimizer steps call it themselves). Cheap when nothing is pending."""
+        copier = self._copier
+        if copier is not None:
+            copier.join()
+            if self._copier is copier:
+                self._copier = None
+        if self._copy_error is not None:
+            error, self._copy_error = self._copy_error, None
+            raise error
+
+    def _remove_guards(self) -> None:
+        for handle in self._guards:  # never from inside a hook: the optimizer is iterating over them
+            handle.remove()
+        self._guards = []
 
     def wait(self) -> None:
-        """Block until the pending write finished; re-raise its exception (once)."""
+        """Block until the pending snapshot and write finished; re-raise the write's exception (once)."""
+        self.wait_for_snapshot()
+        self._remove_guards()
         if self._thread is not None:
             self._thread.join()
             self._thread = None
@@ -51,11 +78,23 @@ class AsyncCheckpointWriter:
             raise error
 
     def submit(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> None:
-        """Run ``fn(*args, **kwargs)`` on a background thread, after the previous write finished."""
-        self.wait()
+        """Run ``fn(*args, **kwargs)`` on a background thread once the previous write finished and the
+        last snapshot is complete (without blocking the caller on that snapshot)."""
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = None
+        if self._error is not None:
+            error, self._error = self._error, None
+            raise error
+        copier = self._copier
 
         def run() -> None:
             try:
+                if copier is not None:
+                    copier.join()
+                    error, self._copy_error = self._copy_error, None
+                    if error is not None:  # the snapshot is incomplete: write nothing
+                        raise error
                 fn(*args, **kwargs)
             except BaseException as exc:  # re-raised on the caller's thread by wait()
                 self._error = exc
@@ -64,28 +103,39 @@ class AsyncCheckpointWriter:
         self._thread = threading.Thread(target=run, name="kiln-checkpoint-writer")
         self._thread.start()
 
-    def snapshot(self, state: Any) -> Any:
+    def snapshot(self, state: Any, *, module: torch.nn.Module | None = None,
+                 optimizers: Iterable[torch.optim.Optimizer] = ()) -> Any:
         """A copy of ``state`` whose tensors live in CPU buffers owned by this writer.
 
-        Containers are copied too (an optimizer's state_dict shares its inner dicts with the
-        live optimizer); tied tensors stay tied. Blocks until all device->host copies are done.
+        Containers are copied now (an optimizer's state_dict shares its inner dicts with the live
+        optimizer); tied tensors stay tied. Without ``module``/``optimizers`` every tensor is copied before
+        this returns. With them, parameters of ``module`` and tensors in the optimizers' state are copied
+        in the background; until that copy completes the snapshot's tensors must not be read (``submit``
+        and :meth:`wait_for_snapshot` wait for it) and the optimizers' ``step`` waits for it.
         """
-        if self.reuse_buffers:
-            self.wait()  # the previous write may still be reading the buffers
-        else:
+        self.wait()  # the previous write may still be reading the buffers
+        if not self.reuse_buffers:
             self._buffers = {}
+        optimizers = list(optimizers)
+        deferrable = _identities(module, optimizers)
         copies: dict[tuple, torch.Tensor] = {}
         devices: set[torch.device] = set()
-        self._used: dict[tuple, torch.Tensor] = {}
+        deferred: list[tuple[torch.Tensor, torch.Tensor | None, tuple]] = []
+        self._used = {}
         with torch.no_grad():
-            result = self._copy(state, (), copies, devices)
-        self._buffers, self._used = self._used, {}  # drop buffers of keys that disappeared
-        for device in devices:
-            torch.accelerator.synchronize(device) if hasattr(torch, "accelerator") else torch.cuda.synchronize(device)
+            result = self._copy(state, (), copies, devices, deferrable, deferred)
+        _synchronize(devices)
+        if deferred:
+            self._guards = [o.register_step_pre_hook(lambda *_: self.wait_for_snapshot()) for o in optimizers]
+            self._copier = threading.Thread(target=self._copy_deferred, args=(deferred,),
+                                            name="kiln-checkpoint-snapshot", daemon=True)
+            self._copier.start()
+        else:
+            self._buffers, self._used = self._used, {}  # drop buffers of keys that disappeared
         return result
 
     def close(self) -> None:
-        """Wait for the pending write and free the snapshot buffers."""
+        """Wait for the pending snapshot and write, then free the snapshot buffers."""
         try:
             self.wait()
         finally:
@@ -97,6 +147,20 @@ class AsyncCheckpointWriter:
     def __exit__(self, *exc: Any) -> None:
         self.close()
 
+    # ---- copying ---------------------------------------------------------------------------------
+    def _copy_deferred(self, deferred: list[tuple[torch.Tensor, torch.Tensor | None, tuple]]) -> None:
+        devices: set[torch.device] = set()
+        try:
+            with torch.no_grad():
+                for source, placeholder, path in deferred:
+                    buf = self._buffer(path, source)
+                    placeholder.set_(buf)  # the snapshot's tensor object now holds the buffer
+                    self._fill(buf, source, devices)
+            _synchronize(devices)
+            self._buffers, self._used = self._used, {}
+        except BaseException as exc:  # re-raised by wait_for_snapshot()/the write
+            self._copy_error = exc
+
     def _buffer(self, path: tuple, t: torch.Tensor) -> torch.Tensor:
         buf = self._buffers.get(path)
         if buf is None or buf.shape != t.shape or buf.dtype != t.dtype:
@@ -105,33 +169,63 @@ class AsyncCheckpointWriter:
         self._used[path] = buf
         return buf
 
-    def _copy(self, obj: Any, path: tuple, copies: dict, devices: set) -> Any:
+    @staticmethod
+    def _fill(buf: torch.Tensor, source: torch.Tensor, devices: set) -> None:
+        non_blocking = source.device.type != "cpu" and buf.is_pinned()
+        buf.copy_(source, non_blocking=non_blocking)
+        if non_blocking:
+            devices.add(source.device)
+
+    def _copy(self, obj: Any, path: tuple, copies: dict, devices: set, deferrable: set, deferred: list) -> Any:
         if isinstance(obj, torch.Tensor):
             if obj.layout != torch.strided or obj.is_meta or type(obj) not in (torch.Tensor, torch.nn.Parameter):
                 return obj  # not copyable here; flatten_state reports it with its key path
             ident = tensor_identity(obj)
             if ident is not None and ident in copies:
                 return copies[ident]
-            buf = self._buffer(path, obj)
-            non_blocking = obj.device.type != "cpu" and buf.is_pinned()
-            buf.copy_(obj, non_blocking=non_blocking)
-            if non_blocking:
-                devices.add(obj.device)
+            if ident is not None and ident in deferrable:
+                out = torch.empty(0, dtype=obj.dtype)  # the copier points it at its filled buffer (set_)
+                deferred.append((obj, out, path))
+            else:
+                out = self._buffer(path, obj)
+                self._fill(out, obj, devices)
             if ident is not None:
-                copies[ident] = buf
-            return buf
+                copies[ident] = out
+            return out
         if isinstance(obj, dict):
-            items = [(k, self._copy(v, (*path, k), copies, devices)) for k, v in obj.items()]
+            items = [(k, self._copy(v, (*path, k), copies, devices, deferrable, deferred)) for k, v in obj.items()]
             if isinstance(obj, OrderedDict):
                 out = OrderedDict(items)
                 if isinstance(getattr(obj, "_metadata", None), dict):
-                    out._metadata = self._copy(obj._metadata, (*path, "_metadata"), copies, devices)
+                    out._metadata = self._copy(obj._metadata, (*path, "_metadata"), copies, devices, deferrable,
+                                               deferred)
                 return out
             return dict(items)
         if type(obj) is list:
-            return [self._copy(v, (*path, i), copies, devices) for i, v in enumerate(obj)]
+            return [self._copy(v, (*path, i), copies, devices, deferrable, deferred) for i, v in enumerate(obj)]
         if type(obj) is tuple:
-            return tuple(self._copy(v, (*path, i), copies, devices) for i, v in enumerate(obj))
+            return tuple(self._copy(v, (*path, i), copies, devices, deferrable, deferred) for i, v in enumerate(obj))
         if type(obj).__module__ == "numpy" and hasattr(obj, "copy"):
             return obj.copy()
         return obj  # immutable leaves; anything else is rejected later by flatten_state
+
+
+def _identities(module: torch.nn.Module | None, optimizers: list[torch.optim.Optimizer]) -> set[tuple]:
+    """Identities of the tensors that change only at an optimizer step: parameters and optimizer state."""
+    found: set[tuple] = set()
+    tensors: list[torch.Tensor] = list(module.parameters()) if module is not None else []
+    for optimizer in optimizers:
+        for group in optimizer.param_groups:
+            tensors += [p for p in group["params"] if isinstance(p, torch.Tensor)]
+        for per_param in optimizer.state.values():
+            tensors += [v for v in per_param.values() if isinstance(v, torch.Tensor)]
+    for t in tensors:
+        ident = tensor_identity(t.detach())
+        if ident is not None:
+            found.add(ident)
+    return found
+
+
+def _synchronize(devices: set[torch.device]) -> None:
+    for device in devices:
+        torch.accelerator.synchronize(device) if hasattr(torch, "accelerator") else torch.cuda.synchronize(device)

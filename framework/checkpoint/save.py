@@ -223,11 +223,14 @@ def _commit(staging: Staging, root: Location, entries: list[FileEntry], seen: se
     doc["checksum"] = manifest_checksum(doc, tensor_files.default_algorithm())
     data = json.dumps(doc, indent=1).encode()
     write_file(root.join(MANIFEST), lambda f, h: f.write(data), fsync)
-    for rel in owners:  # the writers' records stay until the save is complete, then never ship
-        root.join(rel).remove_file(missing_ok=True)
+    target = locate(staging.target)
     if root.is_local:
-        locate(staging.target).replace_with(root, staging.token, fsync=fsync)
-    else:
+        target.replace_with(root, staging.token, fsync=fsync)
+    # The writers' records stay until the checkpoint is in place (a staging dir is never left without them);
+    # they are not in the manifest, so a crash right here leaves only hidden files nobody reads.
+    for rel in owners:
+        target.join(rel).remove_file(missing_ok=True)
+    if not root.is_local:
         root.join(PENDING_MARK).remove_file(missing_ok=True)  # after the manifest: complete either way
 
 
