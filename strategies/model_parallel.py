@@ -94,11 +94,17 @@ class ModelParallelStrategy(FSDPStrategy):
 
     @property
     def data_parallel_size(self) -> int:
-        return self._mesh_shape[0]
+        return self._shape()[0]
 
     @property
     def tensor_parallel_size(self) -> int:
-        return self._mesh_shape[1]
+        return self._shape()[1]
+
+    def _shape(self) -> tuple[int, int]:
+        if self._mesh_shape is None:
+            raise RuntimeError("The mesh shape is known once the number of processes is: pass devices= to the "
+                               "strategy or give it to a Trainer(devices=...).")
+        return self._mesh_shape
 
     @property
     def distributed_sampler_kwargs(self) -> dict[str, int]:

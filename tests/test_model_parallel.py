@@ -29,6 +29,7 @@ def test_2x2_mesh_equivalence_checkpoints_refusal_and_readme_example(tmp_path):
     run_distributed(jobs.mesh_job, nproc=4, timeout=600, args=(str(tmp_path),))
     path = str(tmp_path / "mp-step3")
     assert read_manifest(path).layout == "dcp" and read_manifest(path).strategy == "model_parallel"
+    assert read_manifest(str(tmp_path / "mp-full")).layout == "full"
     saved = torch.load(tmp_path / "mp-step3.pt")
 
     # consolidation: one safetensors file that a plain, unparallelised module loads strictly

@@ -186,6 +186,16 @@ def checkpoints(root: str) -> None:
     for key in expected:
         assert torch.equal(actual[key], expected[key]), key
 
+    # save_distributed_checkpoint=False: one full state gathered to rank 0, loaded back into a 2 x 2 mesh
+    full = os.path.join(root, "mp-full")
+    t = trainer(strategy=mesh(save_distributed_checkpoint=False), devices=4, max_steps=2)
+    t.fit(TPModel("adamw"), loader())
+    t.save_checkpoint(full)
+    back = trainer(strategy=mesh(), devices=4, max_steps=2)
+    back.fit(TPModel("adamw"), loader(), ckpt_path=full)
+    assert_close(back.strategy.module_state_dict(), t.strategy.module_state_dict(), tol=0)
+    assert _state(back).keys() == _state(t).keys()
+
     # the same checkpoint on a 4 x 1 mesh (no tensor parallelism): model and optimizer state resharded by
     # DCP. Through the strategy: a 4 x 1 *fit* would change the global batch (2 x 2 -> 4 x 2), which resuming
     # refuses (framework.reshard); loading weights and optimizer state is what differs between the meshes.
