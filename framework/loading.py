@@ -214,12 +214,23 @@ def read_hparams_file(hparams_file: str | os.PathLike) -> dict[str, Any]:
     text = locate(name).read_bytes().decode("utf-8")
     if ext == "csv":
         return _tags_csv(text)
-    import yaml
-
-    loaded = yaml.safe_load(text) or {}
+    loaded = _safe_yaml(text) or {}
     if not isinstance(loaded, dict):
         raise ValueError(f"hparams_file={name!r} holds a {type(loaded).__name__}, not a mapping of names to values.")
     return loaded
+
+
+def _safe_yaml(text: str) -> Any:
+    """``yaml.safe_load`` that also reads ``!!python/tuple`` (Lightning writes tuples that way); every other
+    python tag is still refused."""
+    import yaml
+
+    class Loader(yaml.SafeLoader):
+        pass
+
+    Loader.add_constructor("tag:yaml.org,2002:python/tuple",
+                           lambda loader, node: tuple(loader.construct_sequence(node, deep=True)))
+    return yaml.load(text, Loader=Loader)  # a SafeLoader: no Python objects but tuples
 
 
 def _tags_csv(text: str) -> dict[str, Any]:

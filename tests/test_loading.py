@@ -146,6 +146,15 @@ def test_hparams_file_replaces_the_saved_ones(tmp_path, suffix, text):
     assert loaded.hparams == {"hidden": 5, "lr": 0.2, "shape": (2, 2), "act": "relu"}  # the file's, defaults
 
 
+def test_hparams_file_written_by_lightning_keeps_tuples_and_refuses_code(tmp_path):
+    path = write(str(tmp_path / "ckpt"), Net(shape=(3, 4)))
+    (tmp_path / "hp.yaml").write_text("shape: !!python/tuple\n- 3\n- 4\n")
+    assert Net.load_from_checkpoint(path, hparams_file=str(tmp_path / "hp.yaml")).hparams.shape == (3, 4)
+    (tmp_path / "evil.yaml").write_text("x: !!python/object/apply:os.system ['true']\n")
+    with pytest.raises(Exception, match="python/object/apply"):
+        Net.load_from_checkpoint(path, hparams_file=str(tmp_path / "evil.yaml"))
+
+
 def test_hparams_file_of_another_kind_is_refused(tmp_path):
     path = write(str(tmp_path / "ckpt"), Net())
     with pytest.raises(ValueError, match=r"\.yaml, \.yml or \.csv"):
