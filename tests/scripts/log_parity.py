@@ -10,6 +10,7 @@ JSON, so that tests/test_metrics_parity.py can compare the two runs number for n
 
 from __future__ import annotations
 
+import inspect
 import json
 import sys
 import warnings
@@ -32,8 +33,6 @@ else:
     from framework import Trainer
     from framework import TrainModule as Module
     from framework.loggers import Logger as LoggerBase
-
-    import inspect
 
     # no sanity-check validation in either run (Lightning's is switched off below)
     trainer_kwargs = {"num_sanity_val_steps": 0} if "num_sanity_val_steps" in inspect.signature(Trainer).parameters \
@@ -122,6 +121,16 @@ class LogEverything(Module):
         return torch.optim.SGD(self.parameters(), lr=0.05)
 
 
+class LogFromCallback(Callback):
+    """Callbacks log through the module too, with the hook's defaults (step in training, epoch in validation)."""
+
+    def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx):
+        module.log("cb_train", outputs["loss"] * 2 if isinstance(outputs, dict) else outputs * 2)
+
+    def on_validation_batch_end(self, trainer, module, outputs, batch, batch_idx, dataloader_idx=0):
+        module.log("cb_val", batch[0].sum(), **size(batch[0]))
+
+
 class Snapshots(Callback):
     def __init__(self) -> None:
         self.batches: list[dict[str, float]] = []
@@ -142,7 +151,7 @@ def loader(n: int, batch_size: int, seed: int) -> DataLoader:
 
 def run() -> dict:
     module, snapshots, logger = LogEverything(), Snapshots(), RecordingLogger()
-    trainer = Trainer(max_epochs=2, logger=logger, callbacks=[snapshots], enable_checkpointing=False,
+    trainer = Trainer(max_epochs=2, logger=logger, callbacks=[LogFromCallback(), snapshots], enable_checkpointing=False,
                       enable_progress_bar=False, log_every_n_steps=1, **trainer_kwargs)
     trainer.fit(module, loader(10, 4, 0), [loader(7, 3, 1), loader(5, 2, 2)])
     result = {
