@@ -7,7 +7,7 @@ import warnings
 from typing import Any
 
 from callbacks.accumulation import GradientAccumulation
-from callbacks.base import Callback
+from framework.hooks import Callback
 
 DEFAULT_MAX_EPOCHS = 1000
 
@@ -118,22 +118,125 @@ def callbacks(given: Any, accumulate_grad_batches: Any, enable_checkpointing: bo
     elif accumulate_grad_batches != 1:
         raise ValueError(f"accumulate_grad_batches={accumulate_grad_batches!r} was given together with a "
                          "GradientAccumulation callback; configure accumulation in one place.")
+    from callbacks.checkpoint import ModelCheckpoint
+    from callbacks.progress import ProgressBar
+
     result = [cb for cb in user if isinstance(cb, RNGCapture)] or [RNGCapture()]
     result += [cb for cb in user if not isinstance(cb, RNGCapture)]
-    names = {type(cb).__name__ for cb in result}
-    if enable_checkpointing and "ModelCheckpoint" not in names:
-        from callbacks.checkpoint import ModelCheckpoint
-
+    has_checkpoint = any(isinstance(cb, ModelCheckpoint) for cb in result)
+    if enable_checkpointing and not has_checkpoint:
         result.append(ModelCheckpoint())
-    elif not enable_checkpointing and "ModelCheckpoint" in names:
+    elif not enable_checkpointing and has_checkpoint:
         raise ValueError("enable_checkpointing=False contradicts the ModelCheckpoint in callbacks; remove one.")
-    if enable_progress_bar and "ProgressBar" not in names:
-        from callbacks.progress import ProgressBar
-
+    has_bar = any(isinstance(cb, ProgressBar) for cb in result)
+    if enable_progress_bar and not has_bar:
         result.append(ProgressBar())
-    elif not enable_progress_bar and "ProgressBar" in names:
+    elif not enable_progress_bar and has_bar:
         raise ValueError("enable_progress_bar=False contradicts the ProgressBar in callbacks; remove one.")
     return accumulation, result
+
+
+def non_negative_int(name: str, value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ValueError(f"{name}={value!r} is not valid; use an int >= 0.")
+    return value
+
+
+def optional_non_negative_int(name: str, value: Any) -> int | None:
+    return None if value is None else non_negative_int(name, value)
+
+
+def flag(name: str, value: Any) -> bool:
+    if not isinstance(value, bool):
+        raise ValueError(f"{name}={value!r} is not valid; use True or False.")
+    return value
+
+
+def max_time(value: Any) -> float | None:
+    """``max_time`` in seconds: "DD:HH:MM:SS", a dict of timedelta fields, or a ``timedelta`` (Lightning's forms)."""
+    from datetime import timedelta
+
+    if value is None:
+        return None
+    fix = 'use "DD:HH:MM:SS" (e.g. "00:12:00:00"), a dict like {"hours": 12}, or a datetime.timedelta'
+    try:
+        if isinstance(value, str):
+            days, hours, minutes, seconds = (int(part) for part in value.strip().split(":"))
+            value = timedelta(days=days, hours=hours, minutes=minutes, seconds=seconds)
+        elif isinstance(value, dict):
+            value = timedelta(**value)
+    except (TypeError, ValueError) as exc:
+        raise ValueError(f"max_time={value!r} is not valid; {fix}.") from exc
+    if not isinstance(value, timedelta) or value.total_seconds() <= 0:
+        raise ValueError(f"max_time={value!r} is not valid; {fix}, longer than zero.")
+    return value.total_seconds()
+
+
+def refuse_unsupported(*, model_registry: Any) -> None:
+    if model_registry is not None:
+        raise ValueError(f"model_registry={model_registry!r} is not supported: Kiln has no model registry service. "
+                         "Save checkpoints with ModelCheckpoint (local paths or fsspec URLs such as s3://) instead.")
+
+
+def apply_determinism(deterministic: Any, benchmark: Any) -> None:
+    """``deterministic`` (True/False/"warn") and ``benchmark`` (cuDNN autotuning) as in Lightning."""
+    import torch
+
+    if deterministic not in (None, True, False, "warn"):
+        raise ValueError(f"deterministic={deterministic!r} is not valid; use True, False, 'warn' or None.")
+    if benchmark not in (None, True, False):
+        raise ValueError(f"benchmark={benchmark!r} is not valid; use True, False or None.")
+    if deterministic and benchmark:
+        warnings.warn("deterministic=True together with benchmark=True: cuDNN autotuning may pick "
+                      "non-deterministic kernels, so results can still vary.", stacklevel=3)
+    if deterministic:
+        torch.use_deterministic_algorithms(True, warn_only=deterministic == "warn")
+    if benchmark is not None or deterministic:
+        torch.backends.cudnn.benchmark = bool(benchmark) if benchmark is not None else False
+
+
+def precision_from_plugins(precision: Any, plugins: Any) -> Any:
+    """``plugins`` may carry a Precision plugin (Lightning's way); any other plugin is refused by name."""
+    from framework.precision import Precision
+
+    if plugins is None:
+        return "32-true" if precision is None else precision
+    given = plugins if isinstance(plugins, (list, tuple)) else [plugins]
+    found = [p for p in given if isinstance(p, Precision)]
+    others = [p for p in given if not isinstance(p, Precision)]
+    if others:
+        raise ValueError(f"plugins={others!r} is not supported: Kiln takes a Precision plugin through plugins= or "
+                         "precision=; choose the cluster environment and checkpoint IO through strategy= and "
+                         "ModelCheckpoint instead.")
+    if len(found) > 1 or (found and precision is not None):
+        raise ValueError("Give one precision: either precision=... or one Precision instance in plugins=[...].")
+    return found[0] if found else ("32-true" if precision is None else precision)
+
+
+def one_module(model: Any, module: Any, stage: str) -> Any:
+    if model is not None and module is not None and model is not module:
+        raise ValueError(f"trainer.{stage}() got both model= and module=; pass the TrainModule once (model=).")
+    return model if model is not None else module
+
+
+def split_datamodule(loaders: Any, datamodule: Any, name: str) -> tuple[Any, Any]:
+    """Lightning lets the DataModule arrive in the dataloaders' position (``trainer.fit(model, dm)``)."""
+    from framework.datamodule import DataModule
+
+    if isinstance(loaders, DataModule):
+        if datamodule is not None:
+            raise ValueError(f"{name}= is a DataModule and datamodule= was given too; pass one DataModule.")
+        return None, loaders
+    return loaders, datamodule
+
+
+def check_datamodule(datamodule: Any, loaders: dict[str, Any], stage: str) -> None:
+    from framework.datamodule import DataModule
+
+    if not isinstance(datamodule, DataModule):
+        raise TypeError(f"datamodule={type(datamodule).__name__} is not a framework.DataModule; subclass it.")
+    if any(value is not None for value in loaders.values()):
+        raise ValueError(f"trainer.{stage}() got dataloaders and a datamodule; pass one of them.")
 
 
 def check_module(module: Any, stage: str) -> None:
@@ -151,3 +254,45 @@ def check_module(module: Any, stage: str) -> None:
     step = {"validate": "validation_step", "test": "test_step"}.get(stage)
     if step and getattr(type(module), step) is getattr(TrainModule, step):
         raise TypeError(f"trainer.{stage}() needs {type(module).__name__}.{step}(batch, batch_idx); define it.")
+
+
+def reliability_callbacks(nan_policy: Any, on_preempt: Any, user: list[Callback], world_size: int
+                          ) -> tuple[Any, list[Callback]]:
+    """The nan guard (None for "ignore"), the preemption handler and, on several ranks, the failure report —
+    all act at optimizer-step boundaries, after the user's callbacks."""
+    from framework.nan_policy import nan_guard
+    from framework.preemption import preemption_callbacks
+    from framework.rank_failures import RankFailureReport
+
+    guard = nan_guard(nan_policy)
+    extra: list[Callback] = [guard] if guard is not None else []
+    extra = preemption_callbacks(user + extra, on_preempt)[len(user):]
+    if world_size > 1:
+        extra.append(RankFailureReport())
+    return guard, extra
+
+
+def summary_and_timer(enable_model_summary: bool, max_time_s: float | None, user: list[Callback]) -> list[Callback]:
+    """Lightning's implicit callbacks: a ModelSummary unless one is given, a Timer for ``max_time``."""
+    extra: list[Callback] = []
+    if enable_model_summary:
+        from callbacks.model_summary import ModelSummary
+
+        if not any(isinstance(cb, ModelSummary) for cb in user):
+            extra.append(ModelSummary())
+    if max_time_s is not None:
+        from datetime import timedelta
+
+        from callbacks.timer import Timer
+
+        if any(isinstance(cb, Timer) for cb in user):
+            raise ValueError("max_time=... was given together with a Timer callback; set the duration in one place.")
+        extra.append(Timer(duration=timedelta(seconds=max_time_s), interval="step"))
+    return extra
+
+
+def profiler(value: Any, dirpath: str) -> Any:
+    """``profiler``: None (off, costs nothing), "simple", "advanced", "pytorch", or a Profiler instance."""
+    from framework.profiler import resolve_profiler
+
+    return resolve_profiler(value, dirpath)

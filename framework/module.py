@@ -19,12 +19,13 @@ from torch import nn
 from framework.hparams import HyperparametersMixin
 from framework.loading import load_from_checkpoint, restricted_classmethod
 from framework.module_utils import ModuleUtilities
+from framework.module_hooks import DataHooks, ModuleHooks
 
 if TYPE_CHECKING:
     from framework.trainer import Trainer
 
 
-class TrainModule(HyperparametersMixin, ModuleUtilities, nn.Module):
+class TrainModule(HyperparametersMixin, ModuleUtilities, ModuleHooks, DataHooks, nn.Module):
     """Subclass and implement ``training_step`` and ``configure_optimizers`` (see DESIGN.md §2).
 
     Set ``automatic_optimization = False`` to drive optimizers yourself with ``self.optimizers()``,
@@ -69,21 +70,6 @@ class TrainModule(HyperparametersMixin, ModuleUtilities, nn.Module):
     # train_dataloader / val_dataloader / test_dataloader / predict_dataloader are looked up by name
     # when fit/validate/test/predict get no loaders; they are not defined here so "not overridden"
     # is simply "not present".
-
-    # ---- lifecycle hooks (no-ops) --------------------------------------------------------------
-    def on_fit_start(self) -> None: ...
-    def on_fit_end(self) -> None: ...
-    def on_train_epoch_start(self) -> None: ...
-    def on_train_epoch_end(self) -> None: ...
-    def on_validation_epoch_start(self) -> None: ...
-    def on_validation_epoch_end(self) -> None: ...
-    def on_test_epoch_start(self) -> None: ...
-    def on_test_epoch_end(self) -> None: ...
-    def on_before_backward(self, loss: torch.Tensor) -> None: ...
-    def on_after_backward(self) -> None: ...
-    def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None: ...
-    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None: ...
-    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None: ...
 
     # ---- logging ---------------------------------------------------------------------------------
     def log(self, name: str, value: Any, prog_bar: bool = False, logger: bool | None = None,
@@ -201,7 +187,9 @@ class TrainModule(HyperparametersMixin, ModuleUtilities, nn.Module):
                                "call backward.")
         trainer = self.trainer
         trainer._call_hooks("on_before_backward", loss)
-        if args or kwargs:
+        if trainer.hooks.module_overrides("backward"):
+            self.backward(trainer.precision_plugin.scale_loss(loss), *args, **kwargs)
+        elif args or kwargs:
             _backward_with_args(trainer.strategy, loss, args, kwargs)
         else:
             trainer.strategy.backward(loss)
@@ -217,6 +205,24 @@ class TrainModule(HyperparametersMixin, ModuleUtilities, nn.Module):
         ``map_location`` names a device. See ``framework.loading``."""
         return load_from_checkpoint(cls, checkpoint_path, map_location=map_location, hparams_file=hparams_file,
                                     strict=strict, **kwargs)
+
+    def clip_gradients(self, optimizer: torch.optim.Optimizer, gradient_clip_val: float | None = None,
+                       gradient_clip_algorithm: str | None = None) -> None:
+        """Clip this optimizer's true (unscaled) gradients; None takes the Trainer's setting (Lightning's rule)."""
+        trainer = self.trainer
+        if gradient_clip_val is None:
+            gradient_clip_val = trainer.gradient_clip_val or 0.0
+        elif trainer.gradient_clip_val is not None and trainer.gradient_clip_val != gradient_clip_val:
+            raise ValueError(f"Trainer(gradient_clip_val={trainer.gradient_clip_val!r}) and clip_gradients("
+                             f"gradient_clip_val={gradient_clip_val!r}) disagree; set the value in one place.")
+        algorithm = (gradient_clip_algorithm or trainer.gradient_clip_algorithm or "norm").lower()
+        if algorithm not in ("norm", "value"):
+            raise ValueError(f"gradient_clip_algorithm={gradient_clip_algorithm!r} is not valid; use 'norm' or 'value'.")
+        if not gradient_clip_val:
+            return
+        raw = getattr(optimizer, "optimizer", optimizer)
+        trainer.precision_plugin.unscale_gradients(raw)
+        trainer.grad_norm = trainer.strategy.clip_gradients(raw, float(gradient_clip_val), algorithm)
 
     def __getstate__(self) -> dict[str, Any]:
         state = super().__getstate__() if hasattr(super(), "__getstate__") else self.__dict__.copy()

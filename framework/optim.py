@@ -125,17 +125,22 @@ def _describe(value: Any) -> str:
 
 
 def step_schedulers(configs: list[LRSchedulerConfig], interval: str, count: int,
-                    metrics: dict[str, Any] | None = None, skipped: bool = False) -> None:
+                    metrics: dict[str, Any] | None = None, skipped: bool = False, hooks: Any = None,
+                    plateau: bool | None = None) -> None:
     """Advance the schedulers of ``interval`` whose ``frequency`` divides ``count``.
 
     ``skipped`` (an fp16 overflow step) holds back step-interval schedulers, so the LR schedule follows the
-    optimizer steps that actually happened.
+    optimizer steps that actually happened. ``plateau`` selects metric-driven schedulers only (True) or the
+    others only (False): Lightning steps epoch schedulers before validation and ReduceLROnPlateau after it.
+    A module that overrides ``lr_scheduler_step`` does the stepping itself.
     """
+    custom = hooks is not None and hooks.module_overrides("lr_scheduler_step")
     for config in configs:
         if config.interval != interval or count % config.frequency:
             continue
-        if interval == "step" and skipped:
+        if (interval == "step" and skipped) or (plateau is not None and config.needs_metric != plateau):
             continue
+        metric = None
         if config.needs_metric:
             value = (metrics or {}).get(config.monitor)
             if value is None:
@@ -145,6 +150,10 @@ def step_schedulers(configs: list[LRSchedulerConfig], interval: str, count: int,
                         f"{sorted(metrics or {})}. Log it with self.log or set strict=False."
                     )
                 continue
-            config.scheduler.step(float(value))
-        else:
+            metric = float(value)
+        if custom:
+            hooks.module.lr_scheduler_step(config.scheduler, metric)
+        elif metric is None:
             config.scheduler.step()
+        else:
+            config.scheduler.step(metric)

@@ -43,7 +43,11 @@ class Precision:
         return _NULL_CONTEXT
 
     def backward(self, loss: torch.Tensor) -> None:
-        loss.backward()
+        self.scale_loss(loss).backward()
+
+    def scale_loss(self, loss: torch.Tensor) -> torch.Tensor:
+        """The loss as backward must see it (scaled by the fp16 loss scaler; unchanged otherwise)."""
+        return loss
 
     def unscale_gradients(self, optimizer: torch.optim.Optimizer) -> None:
         """Bring gradients to their true scale before clipping or inspection (no-op without a scaler)."""
@@ -142,12 +146,14 @@ class MixedPrecision(Precision):
     def forward_context(self) -> AbstractContextManager:
         return torch.autocast(self.device_type, dtype=self.dtype)
 
-    def backward(self, loss: torch.Tensor) -> None:
+    def scale_loss(self, loss: torch.Tensor) -> torch.Tensor:
         if self.scaler is None:
-            loss.backward()
-            return
+            return loss
         self.finish_step()  # gradients of a new iteration are scaled with the updated scale
-        self.scaler.scale(loss).backward()
+        return self.scaler.scale(loss)
+
+    def backward(self, loss: torch.Tensor) -> None:
+        self.scale_loss(loss).backward()
 
     def unscale_gradients(self, optimizer: torch.optim.Optimizer) -> None:
         if self.scaler is not None and id(optimizer) not in self._unscaled:

@@ -1,249 +1,271 @@
-"""The Trainer: composes a Strategy, a Precision plugin, callbacks and loggers around a TrainModule.
+"""The Trainer: composes a Strategy, a Precision plugin, callbacks, loggers and the loops around a TrainModule.
 
-``fit``/``validate``/``test``/``predict`` share one run skeleton (``_run``): set up the process
-topology, attach and place the module, build optimizers after wrapping, prepare data, restore a
-checkpoint, run the stage's loop, tear down. The loops themselves live in ``framework.loop`` and
-``framework.evaluation``; argument checking in ``framework.arguments``.
+``fit``/``validate``/``test``/``predict`` share one run skeleton (``_run``), in Lightning's order:
+``configure_callbacks`` → ``prepare_data`` → ``setup`` hooks → ``configure_model`` and placement →
+optimizers → checkpoint restore → the stage (``FitLoop`` or ``EvaluationLoop``) → ``teardown``.
+Arguments are checked in ``framework.arguments``; read-only views live in ``framework.trainer_views``.
 """
 
 from __future__ import annotations
 
 import os
-import warnings
 from typing import Any
 
 import torch
 
-from callbacks.base import Callback, CallbackList
 from framework import arguments
-from framework.evaluation import run_evaluation, run_predict
+from framework.run_settings import run_settings
+from framework.hooks import Callback, CallbackList, HookCaller, merge_configured_callbacks
 from framework.loggers import resolve_loggers
-from framework.loop import ManualOptimizer, TrainingBatch, run_fit, run_manual_batch
+from framework.loops.evaluation import EvaluationLoop
+from framework.loops.fit import FitLoop
+from framework.loops.logging import MetricLogging
+from framework.loops.sources import StageData
+from framework.loops.step import KilnOptimizer
 from framework.metrics import MetricCollector, to_floats
 from framework.module import TrainModule
-from framework.nan_policy import nan_guard
-from framework.optim import LRSchedulerConfig, parse_optimizers, step_schedulers
+from framework.optim import LRSchedulerConfig, parse_optimizers
 from framework.pitfalls import FitGuard, check_optimizer_params
 from framework.precision import resolve_precision
-from framework.preemption import preemption_callbacks
-from framework.rank_failures import RankFailureReport
+from framework.trainer_views import TrainerViews
 from strategies.registry import resolve_strategy
 
 
-class Trainer:
-    """Runs a TrainModule's training, evaluation and prediction (arguments as in DESIGN.md §2)."""
+class Trainer(TrainerViews):
+    """Runs a TrainModule's training, evaluation and prediction; arguments mean what they mean in Lightning
+    2.x (DESIGN.md §2), plus Kiln's ``even_batches``, ``on_preempt``, ``nan_policy``."""
 
     def __init__(
         self, *, accelerator: str = "auto", strategy: Any = "auto", devices: Any = "auto", num_nodes: int = 1,
-        precision: Any = "32-true", callbacks: list[Callback] | Callback | None = None, logger: Any = True,
-        default_root_dir: str | os.PathLike | None = None, max_epochs: int | None = None, max_steps: int = -1,
+        precision: Any = None, logger: Any = None, callbacks: list[Callback] | Callback | None = None,
+        fast_dev_run: int | bool = False, max_epochs: int | None = None, min_epochs: int | None = None,
+        max_steps: int = -1, min_steps: int | None = None, max_time: Any = None,
+        limit_train_batches: int | float | None = None, limit_val_batches: int | float | None = None,
+        limit_test_batches: int | float | None = None, limit_predict_batches: int | float | None = None,
+        overfit_batches: int | float = 0.0, val_check_interval: int | float | None = None,
+        check_val_every_n_epoch: int | None = 1, num_sanity_val_steps: int | None = None,
+        log_every_n_steps: int | None = None, enable_checkpointing: bool | None = None,
+        enable_progress_bar: bool | None = None, enable_model_summary: bool | None = None,
         accumulate_grad_batches: int | dict[int, int] = 1, gradient_clip_val: float | None = None,
-        gradient_clip_algorithm: str = "norm", val_check_interval: int | float | None = None,
-        check_val_every_n_epoch: int | None = 1, limit_train_batches: int | float | None = None,
-        limit_val_batches: int | float | None = None, limit_test_batches: int | float | None = None,
-        limit_predict_batches: int | float | None = None, log_every_n_steps: int = 50,
-        enable_checkpointing: bool = True, enable_progress_bar: bool = True, even_batches: bool = True,
-        use_distributed_sampler: bool = True, deterministic: bool = False, on_preempt: str | None = "auto",
-        nan_policy: str = "ignore",
+        gradient_clip_algorithm: str | None = None, deterministic: bool | str | None = None,
+        benchmark: bool | None = None, inference_mode: bool = True, use_distributed_sampler: bool = True,
+        profiler: Any = None, detect_anomaly: bool = False, barebones: bool = False, plugins: Any = None,
+        sync_batchnorm: bool = False, reload_dataloaders_every_n_epochs: int = 0,
+        default_root_dir: str | os.PathLike | None = None, model_registry: str | None = None,
+        even_batches: bool = True, on_preempt: str | None = "auto", nan_policy: str = "ignore",
     ) -> None:
-        self.max_epochs, self.max_steps = arguments.epochs_and_steps(max_epochs, max_steps)
+        arguments.refuse_unsupported(model_registry=model_registry)
+        run = run_settings(
+            fast_dev_run=fast_dev_run, barebones=barebones, max_epochs=max_epochs, max_steps=max_steps,
+            limits=(limit_train_batches, limit_val_batches, limit_test_batches, limit_predict_batches),
+            overfit_batches=overfit_batches, num_sanity_val_steps=num_sanity_val_steps,
+            log_every_n_steps=log_every_n_steps, val_check_interval=val_check_interval,
+            check_val_every_n_epoch=check_val_every_n_epoch, logger=logger,
+            enable_checkpointing=enable_checkpointing, enable_progress_bar=enable_progress_bar,
+            enable_model_summary=enable_model_summary)
+        self.fast_dev_run, self.barebones, self.overfit_batches = run.fast_dev_run, barebones, run.overfit_batches
+        self.max_epochs, self.max_steps = arguments.epochs_and_steps(run.max_epochs, run.max_steps)
+        self.min_epochs = arguments.optional_non_negative_int("min_epochs", min_epochs)
+        self.min_steps = arguments.optional_non_negative_int("min_steps", min_steps)
+        self.max_time = arguments.max_time(max_time)
+        self.limits = dict(zip(("fit", "validate", "test", "predict"), run.limits))
+        self.num_sanity_val_steps = run.num_sanity_val_steps
+        self.log_every_n_steps = run.log_every_n_steps
+        self.val_check_interval = run.val_check_interval
+        self.check_val_every_n_epoch = run.check_val_every_n_epoch
         self.gradient_clip_val = arguments.clip_value(gradient_clip_val)
-        self.gradient_clip_algorithm = arguments.clip_algorithm(gradient_clip_algorithm)
-        self.log_every_n_steps = arguments.positive_int("log_every_n_steps", log_every_n_steps)
-        self.val_check_interval = arguments.val_check_interval(val_check_interval)
-        self.check_val_every_n_epoch = arguments.optional_positive_int("check_val_every_n_epoch",
-                                                                       check_val_every_n_epoch)
-        self.limits = {stage: arguments.batch_limit(f"limit_{name}_batches", value) for stage, name, value in (
-            ("fit", "train", limit_train_batches), ("validate", "val", limit_val_batches),
-            ("test", "test", limit_test_batches), ("predict", "predict", limit_predict_batches))}
+        self.gradient_clip_algorithm = arguments.clip_algorithm(gradient_clip_algorithm or "norm")
+        self.reload_dataloaders_every_n_epochs = arguments.non_negative_int(
+            "reload_dataloaders_every_n_epochs", reload_dataloaders_every_n_epochs)
         self.default_root_dir = str(default_root_dir) if default_root_dir is not None else os.getcwd()
         self.even_batches = bool(even_batches)
         self.use_distributed_sampler = bool(use_distributed_sampler)
-        if deterministic:
-            torch.use_deterministic_algorithms(True, warn_only=deterministic == "warn")
+        self.inference_mode = arguments.flag("inference_mode", inference_mode)
+        self.detect_anomaly = arguments.flag("detect_anomaly", detect_anomaly)
+        self.sync_batchnorm = arguments.flag("sync_batchnorm", sync_batchnorm)
+        arguments.apply_determinism(deterministic, benchmark)
 
+        precision = arguments.precision_from_plugins(precision, plugins)
         self.strategy = resolve_strategy(strategy, accelerator=accelerator, devices=devices, num_nodes=num_nodes)
         self.precision_plugin = self.strategy.connect_precision(
             resolve_precision(precision, self.strategy.root_device.type))
-        self.loggers = resolve_loggers(logger, self.default_root_dir)
-        self._accumulation, self._user_callbacks = arguments.callbacks(
-            callbacks, accumulate_grad_batches, enable_checkpointing, enable_progress_bar)
-        # Reliability (see framework.preemption, framework.nan_policy): both act at optimizer-step boundaries.
-        self._nan_guard = nan_guard(nan_policy)
-        if self._nan_guard is not None:
-            self._user_callbacks.append(self._nan_guard)
-        self._user_callbacks = preemption_callbacks(self._user_callbacks, on_preempt)
-        if self.strategy.world_size > 1:
-            self._user_callbacks.append(RankFailureReport())
-        self._callback_list = CallbackList(self._user_callbacks)
+        self.loggers = [] if run.logger is False else resolve_loggers(run.logger, self.default_root_dir)
+        self.profiler = arguments.profiler(profiler, self.default_root_dir)
+        self.accumulation, user_callbacks = arguments.callbacks(
+            callbacks, accumulate_grad_batches, run.enable_checkpointing, run.enable_progress_bar)
+        self.nan_guard, reliability = arguments.reliability_callbacks(nan_policy, on_preempt, user_callbacks,
+                                                                      self.strategy.world_size)
+        extra = arguments.summary_and_timer(run.enable_model_summary, self.max_time, user_callbacks)
+        self._trainer_callbacks = user_callbacks + extra + reliability
+        self.callback_list = CallbackList(self._trainer_callbacks)
 
         self.module: TrainModule | None = None
+        self.datamodule: Any = None
         self.optimizers: list[torch.optim.Optimizer] = []
         self.lr_scheduler_configs: list[LRSchedulerConfig] = []
-        self._manual_optimizers: list[ManualOptimizer] = []
+        self._manual_optimizers: list[KilnOptimizer] = []
         self._metrics = MetricCollector()
+        self.metric_logging = MetricLogging(self)
+        self.fit_loop = FitLoop(self)
+        self.hooks: HookCaller | None = None
+        self.fit_guard: FitGuard | None = None
         self.logged_metrics: dict[str, torch.Tensor] = {}
-        self.global_step = 0
-        self.current_epoch = 0
-        self.skipped_steps = 0
         self.should_stop = False
+        self.sanity_checking = False
         self.sync_gradients = True
         self.last_loss: torch.Tensor | None = None
         self.grad_norm: torch.Tensor | None = None
-        self.stage = "fit"
-        self.num_training_batches: int | None = None
+        self.stage: str | None = None
+        self.ckpt_path: str | None = None
+        self.num_training_batches: int | float | None = None
         self.num_val_batches: list[int | None] = []
         self.num_test_batches: list[int | None] = []
         self.num_predict_batches: list[int | None] = []
-        self._resume_batch = 0
-        self._batch_idx = 0
-        self._batches_done = 0
-        self._epoch_finished = False
-        self._validated_at: tuple[int, int] | None = None
-        self._resume_validation_pending = False
-        self._val_every: int | None = None
-        self._val_feeds: list[Any] = []
-        self._data_seed = 0
 
-    # ---- public properties -----------------------------------------------------------------------
-    @property
-    def callbacks(self) -> list[Callback]:
-        return list(self._callback_list)
+    # ---- entry points (Lightning's signatures) -----------------------------------------------------
+    def fit(self, model: TrainModule | None = None, train_dataloaders: Any = None, val_dataloaders: Any = None,
+            datamodule: Any = None, ckpt_path: str | None = None, *, module: TrainModule | None = None) -> None:
+        """Train; ``ckpt_path`` (a path, URL, "last" or "best") resumes exactly where a checkpoint left off."""
+        model = arguments.one_module(model, module, "fit")
+        train_dataloaders, datamodule = arguments.split_datamodule(train_dataloaders, datamodule, "train_dataloaders")
+        arguments.check_module(model, "fit")
+        self._run("fit", model, {"fit": train_dataloaders, "validate": val_dataloaders}, datamodule, ckpt_path)
 
-    @property
-    def logger(self) -> Any:
-        return self.loggers[0] if self.loggers else None
+    def validate(self, model: TrainModule | None = None, dataloaders: Any = None, ckpt_path: str | None = None,
+                 verbose: bool = True, datamodule: Any = None, *, module: TrainModule | None = None
+                 ) -> list[dict[str, float]]:
+        """One validation epoch; one dict of epoch metrics per dataloader (printed as a table when verbose)."""
+        return self._evaluate("validate", arguments.one_module(model, module, "validate"), dataloaders, ckpt_path,
+                              verbose, datamodule)
 
-    @property
-    def checkpoint_callback(self) -> Any:
-        return next((cb for cb in self._callback_list if type(cb).__name__ == "ModelCheckpoint"), None)
+    def test(self, model: TrainModule | None = None, dataloaders: Any = None, ckpt_path: str | None = None,
+             verbose: bool = True, datamodule: Any = None, *, module: TrainModule | None = None
+             ) -> list[dict[str, float]]:
+        """One test epoch; one dict of epoch metrics per dataloader (printed as a table when verbose)."""
+        return self._evaluate("test", arguments.one_module(model, module, "test"), dataloaders, ckpt_path, verbose,
+                              datamodule)
 
-    @property
-    def callback_metrics(self) -> dict[str, torch.Tensor]:
-        return self._metrics.callback_metrics()
+    def predict(self, model: TrainModule | None = None, dataloaders: Any = None, datamodule: Any = None,
+                return_predictions: bool | None = None, ckpt_path: str | None = None, *,
+                module: TrainModule | None = None) -> list[Any] | None:
+        """``predict_step`` over the data; the outputs (one list per dataloader when there are several)."""
+        model = arguments.one_module(model, module, "predict")
+        dataloaders, datamodule = arguments.split_datamodule(dataloaders, datamodule, "dataloaders")
+        keep = True if return_predictions is None else bool(return_predictions)
+        result = self._run("predict", model, {"predict": dataloaders}, datamodule, ckpt_path, keep=keep)
+        return result if keep else None
 
-    @property
-    def progress_bar_metrics(self) -> dict[str, torch.Tensor]:
-        return self._metrics.progress_bar_metrics()
+    def save_checkpoint(self, filepath: str, weights_only: bool = False, storage_options: Any = None, *,
+                        safe_serialization: bool = True, writer: Any = None, on_committed: Any = None) -> None:
+        """Write a complete checkpoint directory of the current state (collective: call it on every rank).
 
-    @property
-    def world_size(self) -> int:
-        return self.strategy.world_size
-
-    @property
-    def global_rank(self) -> int:
-        return self.strategy.global_rank
-
-    @property
-    def local_rank(self) -> int:
-        return self.strategy.local_rank
-
-    @property
-    def is_global_zero(self) -> bool:
-        return self.strategy.is_global_zero
-
-    @property
-    def lightning_module(self) -> TrainModule | None:
-        """Alias of ``module`` for code ported from Lightning."""
-        return self.module
-
-    # ---- entry points ----------------------------------------------------------------------------
-    def fit(self, module: TrainModule, train_dataloaders: Any = None, val_dataloaders: Any = None,
-            ckpt_path: str | None = None) -> None:
-        """Train ``module``; ``ckpt_path`` (a path, URL or "last") resumes exactly where a checkpoint left off."""
-        arguments.check_module(module, "fit")
-        self._run("fit", module, {"fit": train_dataloaders, "validate": val_dataloaders}, ckpt_path)
-
-    def validate(self, module: TrainModule | None = None, dataloaders: Any = None,
-                 ckpt_path: str | None = None) -> list[dict[str, float]]:
-        """Run one validation epoch; one dict of epoch metrics per dataloader."""
-        return self._run("validate", module, {"validate": dataloaders}, ckpt_path)
-
-    def test(self, module: TrainModule | None = None, dataloaders: Any = None,
-             ckpt_path: str | None = None) -> list[dict[str, float]]:
-        """Run one test epoch; one dict of epoch metrics per dataloader."""
-        return self._run("test", module, {"test": dataloaders}, ckpt_path)
-
-    def predict(self, module: TrainModule | None = None, dataloaders: Any = None,
-                ckpt_path: str | None = None) -> list[Any]:
-        """Run ``predict_step`` over the data; the per-batch outputs."""
-        return self._run("predict", module, {"predict": dataloaders}, ckpt_path)
-
-    def save_checkpoint(self, path: str, *, safe_serialization: bool = True, writer: Any = None,
-                        on_committed: Any = None) -> None:
-        """Write a complete checkpoint of the current state to ``path`` (collective: call on every rank).
-
-        ``writer`` (a ``framework.checkpoint.AsyncCheckpointWriter``) writes in the background after a
-        snapshot; ``on_committed`` runs once the checkpoint is complete.
+        ``writer`` (an ``AsyncCheckpointWriter``) writes in the background after a snapshot; ``on_committed``
+        runs once the checkpoint is complete.
         """
-        from framework.persistence import save_trainer_checkpoint
+        from framework.trainer_state import save_trainer_checkpoint
 
+        if storage_options is not None:
+            raise ValueError("save_checkpoint(storage_options=...) is not supported: Kiln writes through fsspec, so "
+                             "pass credentials and options in the URL (e.g. s3://key:secret@bucket/path).")
         if self.module is None:
             raise RuntimeError("trainer.save_checkpoint() needs a module: call it during or after trainer.fit().")
-        save_trainer_checkpoint(self, path, safe_serialization=safe_serialization, writer=writer,
-                                on_committed=on_committed)
+        save_trainer_checkpoint(self, str(filepath), weights_only=weights_only, safe_serialization=safe_serialization,
+                                writer=writer, on_committed=on_committed)
 
-    # ---- the run skeleton ------------------------------------------------------------------------
-    def _run(self, stage: str, module: TrainModule | None, loaders: dict[str, Any], ckpt_path: str | None) -> Any:
+    # ---- the run skeleton ----------------------------------------------------------------------------
+    def _evaluate(self, stage: str, model: Any, dataloaders: Any, ckpt_path: Any, verbose: bool,
+                  datamodule: Any) -> list[dict[str, float]]:
+        dataloaders, datamodule = arguments.split_datamodule(dataloaders, datamodule, "dataloaders")
+        results = self._run(stage, model, {stage: dataloaders}, datamodule, ckpt_path)
+        floats = [to_floats(metrics) for metrics in results]
+        if verbose and self.is_global_zero:
+            from framework.results import print_results
+
+            print_results(floats, stage)
+        return floats
+
+    def _run(self, stage: str, module: TrainModule | None, loaders: dict[str, Any], datamodule: Any,
+             ckpt_path: str | None, keep: bool = True) -> Any:
         module = module if module is not None else self.module
         if module is None:
-            raise ValueError(f"trainer.{stage}() needs a module: pass trainer.{stage}(module, ...) (no module "
-                             "has been fit with this Trainer yet).")
+            raise ValueError(f"trainer.{stage}() needs a model: pass trainer.{stage}(model, ...) (no model has been "
+                             "fit with this Trainer yet).")
         arguments.check_module(module, stage)
-        self.stage = stage
-        self.should_stop = False
+        if datamodule is not None:
+            arguments.check_datamodule(datamodule, loaders, stage)
+        self.stage, self.should_stop, self.datamodule = stage, False, datamodule
+        object.__setattr__(module, "_trainer", self)
+        if datamodule is not None:
+            object.__setattr__(datamodule, "trainer", self)
+        self.callback_list = CallbackList(merge_configured_callbacks(self._trainer_callbacks,
+                                                                     module.configure_callbacks()))
         self.strategy.setup_environment()
-        self._setup_module(module, stage)
+        hooks = self.hooks = HookCaller(self, module, self.callback_list, datamodule)
+        self._prepare_data(hooks)
+        fn = "fit" if stage == "fit" else stage
         try:
-            self._setup_data(stage, loaders)
-            self._call_callbacks("setup", stage)
+            hooks.datamodule_hook("setup", fn)
+            hooks.callbacks("setup", fn)
+            hooks.module_hook("setup", fn)
+            self._setup_module(module, stage)
+            data = StageData(self, loaders, datamodule, self._data_seed())
             if ckpt_path is not None:
-                from framework.persistence import restore_trainer_checkpoint
+                from framework.trainer_state import restore_trainer_checkpoint
 
-                restore_trainer_checkpoint(self, ckpt_path, training=stage == "fit")
-            if stage == "fit":
-                result = self._fit()
-            elif stage == "predict":
-                result = run_predict(self, self._feeds("predict"))
-            else:
-                result = run_evaluation(self, stage, self._feeds(stage))
-            self._call_callbacks("teardown", stage)
+                self.ckpt_path = restore_trainer_checkpoint(self, ckpt_path, training=stage == "fit")
+            with self.profiler.profile(f"run_{stage}"), torch.autograd.set_detect_anomaly(self.detect_anomaly):
+                result = self._run_stage(stage, hooks, data, keep)
+            hooks.datamodule_hook("teardown", fn)
+            hooks.callbacks("teardown", fn)
+            hooks.module_hook("teardown", fn)
         except BaseException as exc:
-            self._call_callbacks("on_exception", exc)
+            hooks.callbacks("on_exception", exc)
+            if hasattr(module, "on_exception") and callable(module.on_exception):
+                module.on_exception(exc)
             for logger in self.loggers:
                 logger.finalize("failed")
             self.strategy.teardown()
             raise
         for logger in self.loggers:
             logger.finalize("success")
+        self.profiler.describe()
         self.strategy.teardown()
         return result
 
-    def _fit(self) -> None:
-        if self._train_feed is None:
-            if self.limits["fit"] == 0:
-                raise ValueError("limit_train_batches=0 leaves nothing to train; use a count >= 1, a fraction > 0, "
-                                 "or None for every batch.")
-            raise ValueError("trainer.fit() got no training data: pass train_dataloaders=... or define "
-                             "train_dataloader() on the module.")
-        self._val_every = arguments.val_every_batches(self.val_check_interval, self._train_feed.num_batches)
-        self._fit_guard = FitGuard(self)  # the model moved after placement; optimizers stepped by hand
-        self._training_batch = TrainingBatch(self)
-        self._manual_batch = lambda *a: run_manual_batch(self, *a)
-        self._training_step_fn = self.strategy.step_function("training_step")
-        self._call_hooks("on_fit_start")
-        with self._fit_guard:
-            run_fit(self)
-        self._call_hooks_end("on_fit_end")
+    def _run_stage(self, stage: str, hooks: HookCaller, data: StageData, keep: bool) -> Any:
+        if stage != "fit":
+            feeds = data.feeds(stage)
+            if not feeds:
+                raise ValueError(f"trainer.{stage}() got no data: pass dataloaders=..., a datamodule=..., or define "
+                                 f"{'val' if stage == 'validate' else stage}_dataloader() on the module.")
+            results = EvaluationLoop(self, hooks, stage, feeds, return_predictions=keep).run()
+            if stage != "predict":
+                self.metric_logging.log_results(results)
+            return results
+        self.fit_guard = FitGuard(self)  # the model moved after placement; optimizers stepped by hand
+        hooks.both("on_fit_start")
+        with self.fit_guard:
+            self.fit_loop.run(hooks, data)
+        hooks.both("on_fit_end")
+        return None
+
+    def _prepare_data(self, hooks: HookCaller) -> None:
+        """``prepare_data`` once per node on local rank 0 (DataModule's first, then the module's), then a barrier."""
+        if self.local_rank == 0:
+            hooks.datamodule_hook("prepare_data")
+            hooks.module_hook("prepare_data")
+        if self.world_size > 1:
+            self.strategy.barrier("prepare_data")
 
     def _setup_module(self, module: TrainModule, stage: str) -> None:
         first_time = module is not self.module or self.strategy.module is not module
-        object.__setattr__(module, "_trainer", self)
         self.module = module
         if first_time:
             if not getattr(module, "_kiln_model_configured", False):
                 module.configure_model()
                 object.__setattr__(module, "_kiln_model_configured", True)
+            if self.sync_batchnorm and self.world_size > 1:
+                torch.nn.SyncBatchNorm.convert_sync_batchnorm(module)
             self.optimizers = []
             self.strategy.setup_module(module)
         if stage == "fit" and not self.optimizers:  # also after an evaluation-only run on this module
@@ -252,120 +274,27 @@ class Trainer:
             self.optimizers = self.strategy.setup_optimizers(optimizers, gradient_clip_val=self.gradient_clip_val,
                                                              gradient_clip_algorithm=self.gradient_clip_algorithm)
             self.lr_scheduler_configs = configs
-            self._manual_optimizers = [ManualOptimizer(o, self) for o in self.optimizers]
+            self._manual_optimizers = [KilnOptimizer(o, trainer=self) for o in self.optimizers]
         self._metrics.reduce = self.strategy.all_reduce if self.strategy.world_size > 1 else None
 
-    def _setup_data(self, stage: str, loaders: dict[str, Any]) -> None:
-        from framework.data import DataFeed
-
+    def _data_seed(self) -> int:
         seed = int(os.environ.get("KILN_GLOBAL_SEED", torch.initial_seed() % 2**31))
-        self._data_seed = self.strategy.broadcast(seed)
-        self._stage_feeds: dict[str, list[Any]] = {}
-        hook_names = {"fit": "train_dataloader", "validate": "val_dataloader", "test": "test_dataloader",
-                      "predict": "predict_dataloader"}
-        wanted = ["fit", "validate"] if stage == "fit" else [stage]
-        for name in wanted:
-            given = loaders.get(name)
-            if given is None and hasattr(self.module, hook_names[name]):
-                given = getattr(self.module, hook_names[name])()
-            limit = self.limits[name]
-            if given is None or limit == 0:
-                self._stage_feeds[name] = []
-                continue
-            given = list(given) if isinstance(given, (list, tuple)) else [given]
-            self._stage_feeds[name] = [
-                DataFeed(self.strategy.process_dataloader(
-                    dl, stage=name, seed=self._data_seed, use_distributed_sampler=self.use_distributed_sampler,
-                    even_batches=self.even_batches, limit_batches=limit), limit,
-                    "limit_{}_batches".format({"fit": "train", "validate": "val"}.get(name, name)))
-                for dl in given]
-        if stage == "fit":
-            train = self._stage_feeds["fit"]
-            if len(train) > 1:
-                raise ValueError("trainer.fit() takes one training dataloader; combine several into one dataset "
-                                 "(e.g. torch.utils.data.ConcatDataset) first.")
-            self._train_feed = train[0] if train else None
-            self._val_feeds = self._stage_feeds["validate"] if _overrides(self.module, "validation_step") else []
-            if self._stage_feeds["validate"] and not self._val_feeds:
-                warnings.warn(f"trainer.fit() got validation data but {type(self.module).__name__} defines no "
-                              "validation_step(); validation is skipped. Define validation_step to validate.",
-                              stacklevel=3)
-            self.num_val_batches = [feed.num_batches for feed in self._val_feeds]
-        else:
-            counts = [feed.num_batches for feed in self._stage_feeds[stage]]
-            setattr(self, {"validate": "num_val_batches", "test": "num_test_batches",
-                           "predict": "num_predict_batches"}[stage], counts)
-        if stage != "fit" and not self._stage_feeds[stage]:
-            raise ValueError(f"trainer.{stage}() got no data: pass dataloaders=... or define "
-                             f"{hook_names[stage]}() on the module.")
+        return self.strategy.broadcast(seed)
 
-    def _feeds(self, stage: str) -> list[Any]:
-        return self._stage_feeds[stage]
+    # ---- pieces the loops and the module call --------------------------------------------------------------
+    def val_every_batches(self, num_batches: int | None) -> int | None:
+        """Batches between in-epoch validations for an epoch of ``num_batches`` (None: only at the epoch's end)."""
+        return arguments.val_every_batches(self.val_check_interval, num_batches)
 
-    # ---- pieces the loops call ---------------------------------------------------------------------
-    def _call_hooks(self, name: str, *args: Any, module_hook: bool = True) -> None:
-        """Callbacks first, then the module (Lightning's order for *_start and per-step hooks)."""
-        getattr(self._callback_list, name)(self, self.module, *args)
-        if module_hook and hasattr(self.module, name):
-            getattr(self.module, name)(*args)
+    @property
+    def validation_enabled(self) -> bool:
+        """Lightning skips validation when the module has no validation_step (or sets it to None)."""
+        from framework.hooks import overrides
 
-    def _call_hooks_end(self, name: str, *args: Any, module_hook: bool = True) -> None:
-        """The module first, then callbacks, so callbacks see what the module logged in its *_end hook."""
-        if module_hook and hasattr(self.module, name):
-            getattr(self.module, name)(*args)
-        getattr(self._callback_list, name)(self, self.module, *args)
+        module = self.module
+        return module is not None and getattr(module, "validation_step", None) is not None and \
+            overrides(module, "validation_step", TrainModule) and self.limits["validate"] != 0
 
-    def _call_callbacks(self, name: str, *args: Any) -> None:
-        getattr(self._callback_list, name)(self, self.module, *args)
-
-    def _max_steps_reached(self) -> bool:
-        return 0 <= self.max_steps <= self.global_step
-
-    def _after_optimizer_step(self, stepped: bool, schedulers: bool = True) -> None:
-        self.global_step += 1
-        if not stepped:
-            self.skipped_steps += 1
-        if schedulers and self.lr_scheduler_configs:
-            step_schedulers(self.lr_scheduler_configs, "step", self.global_step, skipped=not stepped)
-        if self.global_step % self.log_every_n_steps == 0 and self._metrics.step_values:
-            self._log_to_loggers(self._metrics.step_values)  # host transfer only when a logger is attached
-
-    def _log_to_loggers(self, metrics: dict[str, torch.Tensor]) -> None:
-        if not metrics:
-            return
-        self.logged_metrics.update(metrics)
-        if self.loggers:
-            floats = to_floats(metrics)
-            floats.setdefault("epoch", float(self.current_epoch))
-            for logger in self.loggers:
-                logger.log_metrics(floats, step=self.global_step)
-
-    def _flush_epoch_metrics(self, stage: str) -> None:
-        self._log_to_loggers(self._metrics.reduce_epoch())
-        for logger in self.loggers:
-            logger.save()
-
-    def _should_validate_at_epoch_end(self) -> bool:
-        if not self._val_feeds:
-            return False
-        every = self.check_val_every_n_epoch
-        if every is None or (self.current_epoch + 1) % every:
-            return False
-        # An int/fractional val_check_interval validates at its multiples only (as in Lightning).
-        return self._val_every is None or self._batches_done % self._val_every == 0
-
-    def _run_validation(self) -> None:
-        if self._val_feeds:
-            run_evaluation(self, "validate", self._val_feeds)
-            self._validated_at = (self.current_epoch, self._batches_done)
-
-    def _validation_pending_at_resume(self, start: int) -> bool:
-        """True when a resumed epoch starts at an in-epoch validation point the saved run had not run yet."""
-        pending, self._resume_validation_pending = self._resume_validation_pending, False
-        num = self._train_feed.num_batches
-        return (pending and bool(self._val_feeds) and self._val_every is not None and start % self._val_every == 0
-                and (num is None or start < num))
-
-
-def _overrides(module: TrainModule, name: str) -> bool:
-    return getattr(type(module), name, None) is not getattr(TrainModule, name, None)
+    def _call_hooks(self, name: str, *args: Any) -> None:
+        """Callbacks, then the module (used by ``TrainModule.manual_backward``)."""
+        self.hooks.both(name, *args)

@@ -81,11 +81,12 @@ def make_loader() -> Callable[..., DataLoader]:
 
 @pytest.fixture
 def make_trainer(tmp_path) -> Callable[..., Trainer]:
-    """A Trainer under ``tmp_path`` with no logger, checkpointing or progress bar unless overridden."""
+    """A Trainer under ``tmp_path`` with no logger, checkpointing, progress bar, model summary or sanity check
+    unless overridden (tests count validation steps exactly; the sanity check has tests of its own)."""
 
     def make(**kwargs: Any) -> Trainer:
-        defaults = dict(default_root_dir=str(tmp_path), max_epochs=1, logger=False,
-                        enable_checkpointing=False, enable_progress_bar=False)
+        defaults = dict(default_root_dir=str(tmp_path), max_epochs=1, logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0)
         return Trainer(**{**defaults, **kwargs})
 
     return make

@@ -34,7 +34,7 @@ BAD_VALUES = [
     ("gradient_clip_val", "1", ["gradient_clip_val='1'"]),
     ("gradient_clip_algorithm", "l2", ["gradient_clip_algorithm='l2'", "'norm'", "'value'"]),
     ("gradient_clip_algorithm", "Norm", ["gradient_clip_algorithm='Norm'", "'norm'"]),
-    ("log_every_n_steps", 0, ["log_every_n_steps=0", "int >= 1"]),
+    ("log_every_n_steps", -1, ["log_every_n_steps=-1", "int >= 1"]),
     ("log_every_n_steps", 2.0, ["log_every_n_steps=2.0", "int >= 1"]),
     ("check_val_every_n_epoch", 0, ["check_val_every_n_epoch=0", "int >= 1"]),
     ("val_check_interval", 0, ["val_check_interval=0", ">= 1 batches"]),
@@ -131,10 +131,10 @@ def test_single_callback_and_user_rng_capture_are_not_duplicated():
 
 def test_accumulation_from_argument_or_callback():
     t = trainer(accumulate_grad_batches=3)
-    assert t._accumulation.factor(0) == 3
+    assert t.accumulation.factor(0) == 3
     given = GradientAccumulation({0: 1, 2: 4})
     t = trainer(callbacks=[given])
-    assert t._accumulation is given and t._accumulation.factor(5) == 4
+    assert t.accumulation is given and t.accumulation.factor(5) == 4
 
 
 def test_accumulation_in_two_places_is_refused():
@@ -195,5 +195,5 @@ def test_evaluation_names_missing_step(make_loader, stage, step):
 
 @pytest.mark.parametrize("stage", ["validate", "test", "predict"])
 def test_evaluation_without_any_module(stage):
-    with pytest.raises(ValueError, match=rf"trainer.{stage}\(\) needs a module"):
+    with pytest.raises(ValueError, match=rf"trainer.{stage}\(\) needs a model"):
         getattr(trainer(), stage)()

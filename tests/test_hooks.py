@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from callbacks.base import HOOK_NAMES, Callback, CallbackList
+from framework.hooks import HOOK_NAMES, Callback, CallbackList
 
 MODULE_HOOKS = ["on_fit_start", "on_fit_end", "on_train_epoch_start", "on_train_epoch_end",
                 "on_validation_epoch_start", "on_validation_epoch_end", "on_test_epoch_start", "on_test_epoch_end",
@@ -60,13 +60,15 @@ def _validation(batches: int) -> list:
     for i in range(batches):
         events += [("cb", "on_validation_batch_start", i), ("module", "validation_step", i),
                    ("cb", "on_validation_batch_end", i)]
-    events += [("module", "on_validation_epoch_end"), ("cb", "on_validation_epoch_end"), ("cb", "on_validation_end")]
+    events += [("cb", "on_validation_epoch_end"), ("module", "on_validation_epoch_end"), ("cb", "on_validation_end")]
     return events
 
 
-def _train_batch(i: int, steps: bool = True) -> list:
-    events = [("cb", "on_train_batch_start", i), ("module", "training_step", i),
-              ("cb", "on_before_backward"), ("module", "on_before_backward"),
+def _train_batch(i: int, steps: bool = True, zero_grad: bool = True) -> list:
+    events = [("cb", "on_train_batch_start", i), ("module", "training_step", i)]
+    if zero_grad:
+        events += [("cb", "on_before_zero_grad")]
+    events += [("cb", "on_before_backward"), ("module", "on_before_backward"),
               ("cb", "on_after_backward"), ("module", "on_after_backward")]
     if steps:
         events += [("cb", "on_before_optimizer_step"), ("module", "on_before_optimizer_step")]
@@ -85,8 +87,8 @@ def test_fit_hook_order_and_counts(make_trainer, recording_module, make_loader):
         for i in range(5):
             expected += _train_batch(i)
         expected += _validation(3)
-        expected += [("module", "on_train_epoch_end"), ("cb", "on_train_epoch_end")]
-    expected += [("cb", "on_train_end"), ("module", "on_fit_end"), ("cb", "on_fit_end"), ("cb", "teardown", "fit")]
+        expected += [("cb", "on_train_epoch_end"), ("module", "on_train_epoch_end")]
+    expected += [("cb", "on_train_end"), ("cb", "on_fit_end"), ("module", "on_fit_end"), ("cb", "teardown", "fit")]
     assert log == expected
     assert trainer.global_step == 10 and trainer.current_epoch == 2
 
@@ -99,7 +101,11 @@ def test_accumulation_steps_once_per_window(make_trainer, recording_module, make
                  "on_before_optimizer_step", "on_train_batch_end"}
     train = [e for e in log if e[1] in per_batch]
     # 5 batches in windows [0,1] [2,3] [4]: the tail window steps too.
-    assert train == [e for i in range(5) for e in _train_batch(i, steps=i in (1, 3, 4))]
+    # Gradients are cleared as each window opens (Lightning's point), so on_before_zero_grad precedes its first backward.
+    assert train == [e for i in range(5) for e in _train_batch(i, steps=i in (1, 3, 4), zero_grad=False)]
+    zero_grads = [i for i, e in enumerate(log) if e[1] == "on_before_zero_grad"]
+    starts = [log.index(("cb", "on_train_batch_start", i)) for i in (0, 2, 4)]
+    assert len(zero_grads) == 3 and all(s < z for s, z in zip(starts, zero_grads))
     assert trainer.global_step == 3
 
 

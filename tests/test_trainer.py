@@ -27,7 +27,7 @@ class CountValidations(Callback):
         self.at = []
 
     def on_validation_start(self, trainer, module):
-        self.at.append((trainer.current_epoch, trainer._batches_done))
+        self.at.append((trainer.current_epoch, trainer.fit_loop.batches_done))
 
 
 # ---- max_epochs / max_steps ------------------------------------------------------------------------------

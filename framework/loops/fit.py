@@ -1,0 +1,242 @@
+"""The fit loop: sanity check, epochs, batches, in-epoch validation — top to bottom, owning its progress.
+
+``FitLoop`` holds where training stands (epoch, batch position, global step, the validation schedule,
+the resume point) and saves/restores exactly that with ``state_dict``. The Trainer exposes read-only
+views of it (``current_epoch``, ``global_step``, ``batch_idx``). What happens inside one batch lives
+in ``framework.loops.step``; evaluation in ``framework.loops.evaluation``.
+"""
+
+from __future__ import annotations
+
+import warnings
+from typing import TYPE_CHECKING, Any
+
+from framework.loops.evaluation import EvaluationLoop
+from framework.loops.step import AutomaticStep, ManualStep
+from framework.loops.transfer import BatchTransfer
+from framework.optim import step_schedulers
+from framework.metrics import MetricCollector
+from framework.rng import capture_rng_state, restore_rng_state
+
+if TYPE_CHECKING:
+    from framework.hooks import HookCaller
+    from framework.trainer import Trainer
+
+
+class FitLoop:
+    """Training progress and the epoch loop of one Trainer."""
+
+    def __init__(self, trainer: Trainer) -> None:
+        self.t = trainer
+        self.epoch = 0
+        self.global_step = 0
+        self.skipped_steps = 0
+        self.batch_idx = 0
+        self.batches_done = 0  # batches of the current epoch already trained
+        self.epoch_finished = False  # the current epoch's end-of-epoch work already ran
+        self.resume_at = 0  # the batch the next epoch run starts at (mid-epoch resume)
+        self.validation_pending = False  # resumed at an in-epoch validation point the saved run had not run
+        self.validated_at: tuple[int, int] | None = None
+        self.val_every: int | None = None
+        self.plan: Any = None
+        self.train_feed: Any = None
+        self.val_feeds: list[Any] = []
+        self.pending_data_state: dict[str, Any] | None = None
+        self.hooks: HookCaller | None = None
+
+    # ---- progress state ----------------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        return {"epoch": self.epoch, "batches_done": self.batches_done, "epoch_finished": self.epoch_finished,
+                "global_step": self.global_step, "skipped_steps": self.skipped_steps,
+                "validated": self.validated_at == (self.epoch, self.batches_done)}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.global_step = int(state["global_step"])
+        self.skipped_steps = int(state["skipped_steps"])
+        if state["epoch_finished"]:
+            self.epoch, self.resume_at, self.validation_pending = int(state["epoch"]) + 1, 0, False
+        else:
+            self.epoch, self.resume_at = int(state["epoch"]), int(state["batches_done"])
+            self.validation_pending = not state.get("validated", False)
+        self.batches_done = self.resume_at
+
+    def data_state(self) -> dict[str, Any] | None:
+        """This rank's position in the training data (saved per rank)."""
+        return self.train_feed.state_dict() if self.train_feed is not None else self.pending_data_state
+
+    def load_data_state(self, state: dict[str, Any] | None) -> None:
+        if not state:
+            return
+        if self.train_feed is not None:
+            self.train_feed.load_state_dict(state)
+        else:
+            self.pending_data_state = state
+
+    # ---- the run -------------------------------------------------------------------------------------
+    def run(self, hooks: HookCaller, data: Any) -> None:
+        """Sanity check, then train until max_epochs/max_steps/max_time or ``trainer.should_stop``."""
+        t = self.t
+        self.hooks = hooks
+        self.sanity_check(hooks, data)
+        self.val_feeds = data.feeds("validate") if t.validation_enabled else []
+        if not t.validation_enabled and t.limits["validate"] != 0 and data.loaders_given("validate"):
+            warnings.warn(f"trainer.fit() got validation data but {type(t.module).__name__} defines no "
+                          "validation_step(); validation is skipped. Define validation_step to validate.", stacklevel=5)
+        self.train_feed = data.train_feed()
+        self.load_data_state(self.pending_data_state)
+        self.pending_data_state = None
+        module = t.module
+        self.step = AutomaticStep(t, self, hooks) if module.automatic_optimization else ManualStep(t, hooks)
+        self.transfer = BatchTransfer(module, t.datamodule, t.strategy, t.precision_plugin)
+        hooks.both("on_train_start")
+        while not self.done():
+            if self.epoch > 0 and data.reload_due(self.epoch) and self.resume_at == 0:
+                self.train_feed = data.train_feed(reload=True)
+                self.val_feeds = data.feeds("validate", reload=True) if t.validation_enabled else []
+            finished = self.run_epoch(start=self.resume_at)
+            self.resume_at = 0
+            if finished:
+                empty = self.batches_done == 0
+                self.epoch += 1
+                self.batches_done, self.epoch_finished = 0, False
+                if empty:  # every further epoch would be empty too: without this, max_steps alone never ends
+                    warnings.warn(f"The training dataloader yielded no batches in epoch {self.epoch - 1}; "
+                                  "training stops. Check the dataset and limit_train_batches.", stacklevel=5)
+                    break
+        hooks.both("on_train_end")
+
+    def done(self) -> bool:
+        t = self.t
+        if self.max_steps_reached() or self.epoch >= t.max_epochs:
+            return True
+        return t.should_stop and self.minimum_reached()
+
+    def minimum_reached(self) -> bool:
+        """``min_epochs``/``min_steps`` hold off a stop requested by a callback (Lightning's semantics)."""
+        t = self.t
+        reached = self.epoch >= (t.min_epochs or 0) and self.global_step >= (t.min_steps or 0)
+        if t.should_stop and not reached:
+            t.should_stop = False
+            warnings.warn(f"A stop was requested at epoch {self.epoch}, step {self.global_step}, but training "
+                          f"continues until min_epochs={t.min_epochs} and min_steps={t.min_steps} are reached.",
+                          stacklevel=4)
+        return reached
+
+    def max_steps_reached(self) -> bool:
+        return 0 <= self.t.max_steps <= self.global_step
+
+    def sanity_check(self, hooks: HookCaller, data: Any) -> None:
+        """A few validation batches before training, so a broken validation_step fails in seconds. Nothing it
+        does is observable afterwards: metrics are discarded and the random generators restored."""
+        t = self.t
+        steps = t.num_sanity_val_steps
+        if not t.validation_enabled or steps == 0 or self.resume_at:
+            return
+        rng, metrics = capture_rng_state(), t._metrics
+        t._metrics = MetricCollector()  # what the sanity check logs is thrown away (as in Lightning)
+        t._metrics.reduce = metrics.reduce
+        t.sanity_checking = True
+        hooks.callbacks("on_sanity_check_start")
+        try:
+            self.val_feeds = data.feeds("validate")
+            EvaluationLoop(t, hooks, "validate", self.val_feeds, max_batches=None if steps < 0 else steps).run()
+            hooks.callbacks("on_sanity_check_end")
+        finally:
+            t.sanity_checking = False
+            t._metrics = metrics
+            restore_rng_state(rng)
+
+    def run_epoch(self, start: int = 0) -> bool:
+        """One training epoch from batch ``start``; returns True when the epoch ran to its end."""
+        t, hooks, module, feed = self.t, self.hooks, self.t.module, self.train_feed
+        epoch = self.epoch
+        t.num_training_batches = feed.num_batches
+        self.val_every = t.val_every_batches(feed.num_batches)
+        self.plan = t.accumulation.plan(epoch, feed.num_batches)
+        module.train()
+        t._metrics.start_stage("train")
+        self.epoch_finished = False
+        with t._metrics.epoch_level():
+            hooks.both("on_train_epoch_start")
+        if start and self.validation_pending_at(start):
+            self.run_validation()  # the saved run checkpointed just before this validation point
+
+        step, transfer, plan = self.step, self.transfer, self.plan
+        batch_start, batch_end = hooks.overridden("on_train_batch_start"), hooks.overridden("on_train_batch_end")
+        check_placement = t.fit_guard.epoch_start()  # every parameter now, then one per batch (no host sync)
+        completed, ended_by_hook = True, False
+        epoch_schedulers = module.automatic_optimization and any(
+            c.interval == "epoch" and not c.needs_metric for c in t.lr_scheduler_configs)
+        batch_idx = start - 1
+        for batch_idx, batch, is_last in feed.epoch_batches(epoch, start):
+            check_placement()
+            self.batch_idx = batch_idx
+            batch = transfer(batch, 0)
+            if batch_start:
+                hooks.callbacks("on_train_batch_start", batch, batch_idx)
+                if hooks.module_hook("on_train_batch_start", batch, batch_idx) == -1:
+                    ended_by_hook = True  # Lightning: -1 ends the epoch before this batch
+                    batch_idx -= 1
+                    break
+            outputs = step(batch, batch_idx, is_last, plan)
+            self.batches_done = batch_idx + 1
+            if is_last and epoch_schedulers:  # Lightning's point: before the last batch's end hooks and validation
+                step_schedulers(t.lr_scheduler_configs, "epoch", epoch + 1, None, hooks=hooks, plateau=False)
+            if batch_end:
+                hooks.both("on_train_batch_end", outputs, batch, batch_idx)
+            if self.val_every and (batch_idx + 1) % self.val_every == 0 and not is_last:
+                self.run_validation()
+            if (t.should_stop and self.minimum_reached()) or self.max_steps_reached():
+                completed = is_last
+                break
+        self.batches_done = batch_idx + 1
+
+        if completed and not ended_by_hook and self.should_validate_at_epoch_end():
+            self.run_validation()
+        self.epoch_finished = completed
+        with t._metrics.epoch_level():
+            hooks.callbacks("on_train_epoch_end")
+            hooks.module_hook("on_train_epoch_end")
+        t.metric_logging.flush_epoch()
+        if completed and module.automatic_optimization:  # plateau schedulers see the epoch's metrics
+            step_schedulers(t.lr_scheduler_configs, "epoch", epoch + 1, t.callback_metrics, hooks=hooks,
+                            plateau=True)
+        with t._metrics.epoch_level():
+            t.callback_list.on_train_epoch_end_monitoring(t, module)
+        if t._metrics.has_pending():  # a callback logged through module.log
+            t.metric_logging.log(t._metrics.reduce_epoch())
+        t._metrics.end_stage()
+        return completed
+
+    # ---- steps and validation ----------------------------------------------------------------------------
+    def after_optimizer_step(self, stepped: bool, schedulers: bool = True) -> None:
+        t = self.t
+        self.global_step += 1
+        if not stepped:
+            self.skipped_steps += 1
+        if schedulers and t.lr_scheduler_configs:
+            step_schedulers(t.lr_scheduler_configs, "step", self.global_step, skipped=not stepped, hooks=self.hooks)
+        t.metric_logging.log_step()
+
+    def should_validate_at_epoch_end(self) -> bool:
+        t = self.t
+        if not self.val_feeds:
+            return False
+        every = t.check_val_every_n_epoch
+        if every is None or (self.epoch + 1) % every:
+            return False
+        # An int/fractional val_check_interval validates at its multiples only (as in Lightning).
+        return self.val_every is None or self.batches_done % self.val_every == 0
+
+    def run_validation(self) -> None:
+        if self.val_feeds:
+            results = EvaluationLoop(self.t, self.hooks, "validate", self.val_feeds, in_fit=True).run()
+            self.t.metric_logging.log_results(results)
+            self.validated_at = (self.epoch, self.batches_done)
+
+    def validation_pending_at(self, start: int) -> bool:
+        """True when a resumed epoch starts at an in-epoch validation point the saved run had not run yet."""
+        pending, self.validation_pending = self.validation_pending, False
+        num = self.train_feed.num_batches
+        return (pending and bool(self.val_feeds) and self.val_every is not None and start % self.val_every == 0
+                and (num is None or start < num))

@@ -1,0 +1,227 @@
+"""What a Trainer checkpoint holds, and putting it back.
+
+The Trainer's part of a checkpoint is plain state (the FitLoop's progress, schedulers, precision/scaler,
+callback states, the DataModule's state, data position, RNG); the Strategy writes it together with the
+model and optimizer state in its own layout (``Strategy.save_checkpoint``/``load_checkpoint``), so this
+module never asks which strategy is running.
+
+``on_save_checkpoint``/``on_load_checkpoint`` hooks receive a dict with Lightning's keys (``state_dict``,
+``epoch``, ``global_step``, ``optimizer_states``, ``lr_schedulers``, ``hyper_parameters``, ``callbacks``,
+``loops``); keys a hook adds are stored as data (tensors, numbers, strings, lists, dicts — never pickled)
+and handed back on load.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from framework.trainer import Trainer
+
+LIGHTNING_KEYS = ("state_dict", "epoch", "global_step", "optimizer_states", "lr_schedulers", "hyper_parameters",
+                  "callbacks", "loops", "datamodule_hyper_parameters", "hparams_name", "pytorch-lightning_version")
+
+
+def trainer_state(t: Trainer) -> dict[str, Any]:
+    """Shared (rank-0) state: everything but model, optimizers and per-rank state."""
+    datamodule = t.datamodule
+    return {
+        "loop": t.fit_loop.state_dict(),
+        "metrics": t._metrics.state_dict() if hasattr(t._metrics, "state_dict") else {},
+        "schedulers": [config.scheduler.state_dict() for config in t.lr_scheduler_configs],
+        "precision": t.precision_plugin.state_dict(),
+        "callbacks": _callback_states(t, per_rank=False),
+        "datamodule": datamodule.state_dict() if datamodule is not None else {},
+        "hyper_parameters": _hparams(t.module),
+        "datamodule_hyper_parameters": _hparams(datamodule),
+    }
+
+
+def rank_state(t: Trainer) -> dict[str, Any]:
+    """This rank's own state: per-rank callbacks (RNG) and the data position of its shard."""
+    return {
+        "callbacks": _callback_states(t, per_rank=True),
+        "data": t.fit_loop.data_state() if t.stage == "fit" else None,
+    }
+
+
+def _callback_states(t: Trainer, per_rank: bool) -> dict[str, Any]:
+    """Non-empty callback states (as in Lightning, a callback with nothing to save is not called on load)."""
+    states = {}
+    for cb in t.callbacks:
+        if cb.per_rank_state == per_rank:
+            state = cb.state_dict()
+            if state:
+                states[cb.state_key] = state
+    return states
+
+
+def save_trainer_checkpoint(t: Trainer, path: str, *, weights_only: bool = False, safe_serialization: bool = True,
+                            writer: Any = None, on_committed: Callable[[], None] | None = None) -> None:
+    """Collective save of the whole training state to ``path``; ``writer`` makes it asynchronous."""
+    from framework.checkpoint_storage import redact
+    from framework.pitfalls import check_collective_call
+
+    # Every rank must be here: a rank-0-only call fails with a clear error instead of hanging or corrupting.
+    check_collective_call(t.strategy, f"trainer.save_checkpoint({redact(path)!r}) at global_step {t.global_step}")
+    if t.stage == "fit" and not t.sync_gradients:
+        warnings.warn(f"Saving a checkpoint inside a gradient accumulation window (after batch {t.batch_idx}): the "
+                      "gradients accumulated so far are not saved, so resuming it will not reproduce this run. "
+                      "Save when trainer.sync_gradients is True (ModelCheckpoint does).", stacklevel=3)
+    state = trainer_state(t)
+    state["user"] = _run_save_hooks(t, state)
+    if weights_only:
+        state = {key: state[key] for key in ("loop", "hyper_parameters", "datamodule_hyper_parameters", "user")}
+    metadata = {"epoch": t.current_epoch, "global_step": t.global_step, "kiln_stage": t.stage,
+                "weights_only": weights_only}
+    t.strategy.save_checkpoint(path, trainer_state=state, rank_state=rank_state(t), metadata=metadata,
+                               optimizers=[] if weights_only else t.optimizers, safe_serialization=safe_serialization,
+                               writer=writer, on_committed=on_committed)
+
+
+def _run_save_hooks(t: Trainer, state: dict[str, Any]) -> dict[str, Any]:
+    """The Lightning-shaped dict for ``on_save_checkpoint`` hooks; returns the keys they added."""
+    hooks = t.hooks
+    if hooks is None or not hooks.overridden("on_save_checkpoint"):
+        return {}
+    view = lightning_view(t, state)
+    before = {key: view[key] for key in view}
+    hooks.both("on_save_checkpoint", view)
+    changed = [key for key in before if key not in view or view[key] is not before[key]]
+    if changed:
+        raise ValueError(f"on_save_checkpoint replaced or removed {changed}: Kiln writes these through the strategy "
+                         "(sharded, checksummed), so change the module or optimizer before saving instead; add your "
+                         "own keys to the dict to store extra data.")
+    return {key: value for key, value in view.items() if key not in before}
+
+
+def lightning_view(t: Trainer, state: dict[str, Any], model_state: dict[str, Any] | None = None,
+                   optimizer_states: list[Any] | None = None) -> dict[str, Any]:
+    """The checkpoint as Lightning's hooks see it (model and optimizer states are references, not copies)."""
+    view = {
+        "epoch": t.current_epoch,
+        "global_step": t.global_step,
+        "pytorch-lightning_version": "2.5 (kiln)",
+        "state_dict": model_state if model_state is not None else t.strategy.module_state_dict(),
+        "loops": {"fit_loop": state.get("loop", {})},
+        "callbacks": dict(state.get("callbacks", {})),
+        "optimizer_states": optimizer_states if optimizer_states is not None else [
+            t.strategy.optimizer_state_dict(o) for o in t.optimizers],
+        "lr_schedulers": list(state.get("schedulers", [])),
+        "hyper_parameters": state.get("hyper_parameters", {}),
+    }
+    if t.datamodule is not None:
+        view["datamodule_hyper_parameters"] = state.get("datamodule_hyper_parameters", {})
+        view[type(t.datamodule).__qualname__] = state.get("datamodule", {})
+    return view
+
+
+def _hparams(obj: Any) -> dict[str, Any]:
+    hparams = getattr(obj, "hparams", None) if obj is not None else None
+    return dict(hparams) if hparams else {}
+
+
+# ---- restore -------------------------------------------------------------------------------------------------
+def resolve_ckpt_path(t: Trainer, ckpt_path: str) -> str | None:
+    """A path/URL as given; "last": the newest complete checkpoint; "best": the checkpoint callback's best."""
+    if ckpt_path == "best":
+        callback = t.checkpoint_callback
+        best = getattr(callback, "best_model_path", "") if callback is not None else ""
+        if not best:
+            raise ValueError('ckpt_path="best" needs a ModelCheckpoint that has saved a checkpoint in this Trainer '
+                             "(its best_model_path is empty); pass a path, or \"last\".")
+        return best
+    if ckpt_path != "last":
+        return str(ckpt_path)
+    candidates = _last_candidates(t)
+    return candidates[0] if candidates else None
+
+
+def _last_candidates(t: Trainer) -> list[str]:
+    """Complete checkpoints of the checkpoint callback's dirpath, newest first (warns when there are none)."""
+    from framework.checkpoint import list_checkpoints, redact
+
+    callback = t.checkpoint_callback
+    dirpath = getattr(callback, "dirpath", None) or _join(t.default_root_dir, "checkpoints")
+    found = t.strategy.broadcast([m.path for m in list_checkpoints(dirpath)] if t.is_global_zero else None)
+    if not found:
+        warnings.warn(f'ckpt_path="last" found no complete checkpoint under {redact(dirpath)}; starting from '
+                      "scratch.", stacklevel=5)
+    return found
+
+
+def _load_last(t: Trainer, optimizers: Any) -> tuple[str, Any] | None:
+    """Load the newest checkpoint that loads: a damaged one (a file whose size or checksum differs from its
+    manifest) is skipped with a warning, on every rank alike. An intact one that cannot be loaded (unsafe,
+    incompatible) is an error; so is every checkpoint being damaged."""
+    from framework.checkpoint import CheckpointDamaged
+
+    error: CheckpointDamaged | None = None
+    # Sharded loads are collective: a rank that fails inside one cannot be skipped past.
+    can_skip = t.world_size == 1 or not t.strategy.is_sharded
+    for path in _last_candidates(t):
+        try:
+            loaded = t.strategy.load_checkpoint(path, optimizers=optimizers)
+        except CheckpointDamaged as exc:
+            if not can_skip:
+                raise
+            error, loaded = exc, None
+            warnings.warn(f'ckpt_path="last": skipping damaged {exc}', stacklevel=5)
+        if (loaded is not None) if t.world_size == 1 else t.strategy.reduce_boolean_decision(loaded is not None):
+            return path, loaded
+    if error is not None:
+        raise error
+    return None
+
+
+def restore_trainer_checkpoint(t: Trainer, ckpt_path: str, *, training: bool) -> str | None:
+    """Load a checkpoint into the module (and, when training, optimizers, schedulers, loop and callbacks);
+    returns the path that was loaded (None when "last" found nothing)."""
+    optimizers = t.optimizers if training else None
+    if ckpt_path == "last":
+        found = _load_last(t, optimizers)
+        if found is None:
+            return None
+        path, (shared, own) = found
+    else:
+        path = resolve_ckpt_path(t, ckpt_path)
+        shared, own = t.strategy.load_checkpoint(path, optimizers=optimizers)
+    hooks = t.hooks
+    view = None
+    if hooks is not None and hooks.overridden("on_load_checkpoint"):
+        view = lightning_view(t, shared, optimizer_states=shared.get("optimizers", []))
+        view.update(shared.get("user") or {})
+        hooks.module_hook("on_load_checkpoint", view)  # Lightning's order: module, DataModule, callbacks
+    if t.datamodule is not None and shared.get("datamodule"):
+        t.datamodule.load_state_dict(shared["datamodule"])
+    if view is not None:
+        hooks.callbacks("on_load_checkpoint", view)
+    states = {**shared.get("callbacks", {}), **(own.get("callbacks") or {})}
+    for cb in t.callbacks:
+        if cb.state_key in states:
+            cb.load_state_dict(states[cb.state_key])
+    if training:
+        _restore_training_state(t, shared, own)
+    return path
+
+
+def _restore_training_state(t: Trainer, shared: dict[str, Any], own: dict[str, Any]) -> None:
+    schedulers = shared.get("schedulers", [])
+    if len(schedulers) != len(t.lr_scheduler_configs):
+        raise ValueError(f"The checkpoint has {len(schedulers)} LR scheduler(s) but configure_optimizers() returned "
+                         f"{len(t.lr_scheduler_configs)}; resume with the same optimizer/scheduler setup.")
+    t.fit_loop.load_state_dict(shared["loop"])
+    if shared.get("metrics") and hasattr(t._metrics, "load_state_dict"):
+        t._metrics.load_state_dict(shared["metrics"])
+    for config, state in zip(t.lr_scheduler_configs, schedulers):
+        config.scheduler.load_state_dict(state)
+    t.precision_plugin.load_state_dict(shared.get("precision", {}))
+    t.fit_loop.load_data_state(own.get("data"))
+
+
+def _join(base: str, name: str) -> str:
+    import os
+
+    return base.rstrip("/") + "/" + name if "://" in base else os.path.join(base, name)
