@@ -64,10 +64,10 @@ def assert_equal_states(a: dict, b: dict) -> None:
 
 def test_the_default_ignores_non_finite_losses_and_adds_nothing(make_trainer, tiny_module_cls, make_loader):
     trainer = make_trainer()
-    assert trainer._nan_guard is None and not any(type(cb).__name__ == "NanGuard" for cb in trainer.callbacks)
+    assert trainer.nan_guard is None and not any(type(cb).__name__ == "NanGuard" for cb in trainer.callbacks)
     module = bad_module(tiny_module_cls)
     trainer = train(make_trainer, module, make_loader)
-    assert trainer._training_batch.nan_guard is None
+    assert trainer.fit_loop.step.nan_guard is None
     assert torch.isnan(module.layer.weight).all() and trainer.skipped_steps == 0
 
 

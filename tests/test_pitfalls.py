@@ -177,7 +177,7 @@ def test_the_step_check_reads_attributes_only(tmp_path):
     """No host sync and no per-parameter work per step: the check reads one parameter's device and dtype."""
     trainer = _trainer(tmp_path)
     trainer.fit(BoringModule(length=4))
-    guard = trainer._fit_guard
+    guard = trainer.fit_guard
     calls = []
     guard.check_all = lambda: calls.append(1)  # only reached when the probe parameter changed
     for _ in range(1000):
