@@ -76,12 +76,31 @@ class StageData:
         limit = t.limits[stage]
         if limit == 0:
             return []
+        loaders = self.loaders(stage)
+        if stage == "fit" and t.overfit_batches:
+            loaders = [_without_shuffle(loader) for loader in loaders]
         feeds = [DataFeed(t.strategy.process_dataloader(
             loader, stage=stage, seed=self.seed, use_distributed_sampler=t.use_distributed_sampler,
-            even_batches=t.even_batches), limit, LIMIT_NAMES[stage]) for loader in self.loaders(stage)]
+            even_batches=t.even_batches), limit, LIMIT_NAMES[stage]) for loader in loaders]
         counts = [feed.num_batches for feed in feeds]
         if stage == "validate":
             t.num_val_batches = counts
         elif stage in ("test", "predict"):
             setattr(t, f"num_{stage}_batches", counts)
         return feeds
+
+
+def _without_shuffle(loader: Any) -> Any:
+    """overfit_batches trains on the same first batches every epoch: a shuffling loader is rebuilt in order."""
+    import warnings
+
+    from torch.utils.data import DataLoader, RandomSampler
+
+    if not isinstance(loader, DataLoader) or not isinstance(loader.sampler, RandomSampler):
+        return loader
+    warnings.warn("overfit_batches is set and the training dataloader shuffles; it is read in order instead so "
+                  "that every epoch sees the same batches.", stacklevel=6)
+    return DataLoader(loader.dataset, batch_size=loader.batch_size, shuffle=False, num_workers=loader.num_workers,
+                      collate_fn=loader.collate_fn, pin_memory=loader.pin_memory, drop_last=loader.drop_last,
+                      timeout=loader.timeout, worker_init_fn=loader.worker_init_fn,
+                      persistent_workers=loader.persistent_workers)
