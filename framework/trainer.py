@@ -90,7 +90,7 @@ class Trainer(TrainerViews):
         self.precision_plugin = self.strategy.connect_precision(
             resolve_precision(precision, self.strategy.root_device.type))
         self.loggers = [] if run.logger is False else resolve_loggers(run.logger, self.default_root_dir)
-        self.profiler = arguments.profiler(profiler, self.default_root_dir)
+        self.profiler = arguments.profiler(profiler)
         self.accumulation, user_callbacks = arguments.callbacks(
             callbacks, accumulate_grad_batches, run.enable_checkpointing, run.enable_progress_bar)
         self.nan_guard, reliability = arguments.reliability_callbacks(nan_policy, on_preempt, user_callbacks,
@@ -162,7 +162,7 @@ class Trainer(TrainerViews):
         ``writer`` (an ``AsyncCheckpointWriter``) writes in the background after a snapshot; ``on_committed``
         runs once the checkpoint is complete.
         """
-        from framework.trainer_state import save_trainer_checkpoint
+        from framework.checkpoint.trainer_state import save_trainer_checkpoint
 
         if storage_options is not None:
             raise ValueError("save_checkpoint(storage_options=...) is not supported: Kiln writes through fsspec, so "
@@ -179,7 +179,7 @@ class Trainer(TrainerViews):
         results = self._run(stage, model, {stage: dataloaders}, datamodule, ckpt_path)
         floats = [to_floats(metrics) for metrics in results]
         if verbose and self.is_global_zero:
-            from framework.results import print_results
+            from framework.results_table import print_results
 
             print_results(floats, stage)
         return floats
@@ -210,11 +210,13 @@ class Trainer(TrainerViews):
             self._setup_module(module, stage)
             data = StageData(self, loaders, datamodule, self._data_seed())
             if ckpt_path is not None:
-                from framework.trainer_state import restore_trainer_checkpoint
+                from framework.checkpoint.trainer_state import restore_trainer_checkpoint
 
                 self.ckpt_path = restore_trainer_checkpoint(self, ckpt_path, training=stage == "fit")
+            self.profiler.setup(stage, self.local_rank, self.log_dir)
             with self.profiler.profile(f"run_{stage}"), torch.autograd.set_detect_anomaly(self.detect_anomaly):
                 result = self._run_stage(stage, hooks, data, keep)
+            self.profiler.teardown(stage)
             hooks.datamodule_hook("teardown", fn)
             hooks.callbacks("teardown", fn)
             hooks.module_hook("teardown", fn)

@@ -98,6 +98,13 @@ class TrainerViews:
     def val_check_batch(self) -> int | float | None:
         return self.fit_loop.val_every
 
+    @property
+    def profiling(self) -> bool:
+        """Whether a profiler is on (the loops then time each batch under Lightning's action names)."""
+        from framework.profiler import PassThroughProfiler
+
+        return not isinstance(self.profiler, PassThroughProfiler)
+
     # ---- callbacks, loggers, metrics -----------------------------------------------------------------------
     @property
     def callbacks(self) -> list[Callback]:

@@ -49,18 +49,23 @@ def test_sanity_check_runs_two_batches_and_leaves_no_trace(make_trainer, tiny_mo
             flags.append(("start", trainer.sanity_checking, trainer.global_step))
 
         def on_sanity_check_end(self, trainer, module):
-            flags.append(("end", trainer.sanity_checking, dict(trainer.callback_metrics)))
+            flags.append(("end", trainer.sanity_checking, sorted(trainer.callback_metrics)))
+
+        def on_train_start(self, trainer, module):
+            flags.append(("train", trainer.sanity_checking, dict(trainer.callback_metrics)))
 
     torch.manual_seed(0)
     trainer = make_trainer(num_sanity_val_steps=None, limit_val_batches=0.0, callbacks=[Watch()])
     trainer.fit(M(), make_loader(8), make_loader(20))
-    assert seen == [] and flags == []  # limit_val_batches=0 disables validation and its sanity check
+    assert seen == [] and [f[0] for f in flags] == ["train"]  # limit_val_batches=0: no validation, no sanity check
+    flags.clear()
 
     torch.manual_seed(0)
     trainer = make_trainer(callbacks=[Watch()], num_sanity_val_steps=None, max_epochs=1)
     trainer.fit(M(), make_loader(8), make_loader(20))
     assert seen[:2] == [(True, 0), (True, 1)] and seen[2:] == [(False, i) for i in range(5)]
-    assert flags[0] == ("start", True, 0) and flags[1][:2] == ("end", True) and flags[1][2] == {}
+    # What the sanity check logged is visible at its end and gone when training starts (as in Lightning).
+    assert flags == [("start", True, 0), ("end", True, ["val_loss"]), ("train", False, {})]
     after_sanity = torch.rand(1)
 
     torch.manual_seed(0)

@@ -162,6 +162,8 @@ class FitLoop:
             self.run_validation()  # the saved run checkpointed just before this validation point
 
         step, transfer, plan = self.step, self.transfer, self.plan
+        if t.profiling:  # Lightning's action names; with no profiler the step is called directly
+            step = _profiled(t.profiler, "run_training_batch", step)
         batch_start, batch_end = hooks.overridden("on_train_batch_start"), hooks.overridden("on_train_batch_end")
         check_placement = t.fit_guard.epoch_start()  # every parameter now, then one per batch (no host sync)
         completed, ended_by_hook = True, False
@@ -230,7 +232,8 @@ class FitLoop:
 
     def run_validation(self) -> None:
         if self.val_feeds:
-            results = EvaluationLoop(self.t, self.hooks, "validate", self.val_feeds, in_fit=True).run()
+            with self.t.profiler.profile("run_validation"):
+                results = EvaluationLoop(self.t, self.hooks, "validate", self.val_feeds, in_fit=True).run()
             self.t.metric_logging.log_results(results)
             self.validated_at = (self.epoch, self.batches_done)
 
@@ -240,3 +243,11 @@ class FitLoop:
         num = self.train_feed.num_batches
         return (pending and bool(self.val_feeds) and self.val_every is not None and start % self.val_every == 0
                 and (num is None or start < num))
+
+
+def _profiled(profiler: Any, action: str, fn: Any) -> Any:
+    def run(*args: Any) -> Any:
+        with profiler.profile(action):
+            return fn(*args)
+
+    return run

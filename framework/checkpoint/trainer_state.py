@@ -61,7 +61,7 @@ def _callback_states(t: Trainer, per_rank: bool) -> dict[str, Any]:
 def save_trainer_checkpoint(t: Trainer, path: str, *, weights_only: bool = False, safe_serialization: bool = True,
                             writer: Any = None, on_committed: Callable[[], None] | None = None) -> None:
     """Collective save of the whole training state to ``path``; ``writer`` makes it asynchronous."""
-    from framework.checkpoint_storage import redact
+    from framework.checkpoint.storage import redact
     from framework.pitfalls import check_collective_call
 
     # Every rank must be here: a rank-0-only call fails with a clear error instead of hanging or corrupting.
@@ -142,9 +142,10 @@ def resolve_ckpt_path(t: Trainer, ckpt_path: str) -> str | None:
 def _last_candidates(t: Trainer) -> list[str]:
     """Complete checkpoints of the checkpoint callback's dirpath, newest first (warns when there are none)."""
     from framework.checkpoint import list_checkpoints, redact
+    from framework.checkpoint.storage import join_path
 
     callback = t.checkpoint_callback
-    dirpath = getattr(callback, "dirpath", None) or _join(t.default_root_dir, "checkpoints")
+    dirpath = getattr(callback, "dirpath", None) or join_path(t.default_root_dir, "checkpoints")
     found = t.strategy.broadcast([m.path for m in list_checkpoints(dirpath)] if t.is_global_zero else None)
     if not found:
         warnings.warn(f'ckpt_path="last" found no complete checkpoint under {redact(dirpath)}; starting from '
@@ -219,9 +220,3 @@ def _restore_training_state(t: Trainer, shared: dict[str, Any], own: dict[str, A
         config.scheduler.load_state_dict(state)
     t.precision_plugin.load_state_dict(shared.get("precision", {}))
     t.fit_loop.load_data_state(own.get("data"))
-
-
-def _join(base: str, name: str) -> str:
-    import os
-
-    return base.rstrip("/") + "/" + name if "://" in base else os.path.join(base, name)
