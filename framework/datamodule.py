@@ -15,10 +15,9 @@ import os
 from collections.abc import Callable, Iterable, Mapping, Sized
 from typing import TYPE_CHECKING, Any
 
-import torch
-
 from framework.hparams import HyperparametersMixin
 from framework.loading import load_from_checkpoint, restricted_classmethod
+from framework.module_hooks import DataHooks
 
 if TYPE_CHECKING:
     from torch.utils.data import Dataset
@@ -32,7 +31,7 @@ DATALOADER_HOOKS = {"fit": "train_dataloader", "validate": "val_dataloader", "te
                     "predict": "predict_dataloader"}
 
 
-class DataModule(HyperparametersMixin):
+class DataModule(HyperparametersMixin, DataHooks):
     """Subclass and override the hooks you need; every one is optional.
 
     A dataloader hook that is not overridden means "no data for that stage" (validation is skipped,
@@ -80,22 +79,6 @@ class DataModule(HyperparametersMixin):
     def predict_dataloader(self) -> Any:
         """Prediction data: one loader or a list of them."""
         raise NotImplementedError(_not_implemented(self, "predict_dataloader"))
-
-    # ---- batches ----------------------------------------------------------------------------------
-    def transfer_batch_to_device(self, batch: Any, device: torch.device, dataloader_idx: int) -> Any:
-        """Move ``batch`` to ``device``; override for custom batch types (the default moves tensors inside
-        dicts, lists, tuples, namedtuples and anything with ``.to``)."""
-        from framework.batch_transfer import move_data_to_device
-
-        return move_data_to_device(batch, device)
-
-    def on_before_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
-        """Alter the batch before it is moved to the device (CPU augmentations)."""
-        return batch
-
-    def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
-        """Alter the batch after it was moved to the device (device augmentations)."""
-        return batch
 
     # ---- state ------------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:

@@ -242,20 +242,9 @@ class HookCaller:
 
         A step defined without ``batch_idx`` (``training_step(self, batch)``, allowed by Lightning) is called
         without it."""
+        from framework.module_utils import step_takes_batch_idx
+
         step = self.trainer.strategy.step_function(name)
-        if _positional_count(getattr(self.module, name)) >= 2:
+        if step_takes_batch_idx(getattr(self.module, name)):
             return step
         return lambda batch, batch_idx, *extra: step(batch, *extra)
-
-
-def _positional_count(fn: Any) -> int:
-    """How many positional arguments a bound method takes (many when it takes ``*args`` or is opaque)."""
-    import inspect
-
-    try:
-        params = inspect.signature(fn).parameters.values()
-    except (TypeError, ValueError):
-        return 99
-    if any(p.kind is p.VAR_POSITIONAL for p in params):
-        return 99
-    return sum(p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD) for p in params)

@@ -18,8 +18,8 @@ from torch import nn
 
 from framework.hparams import HyperparametersMixin
 from framework.loading import load_from_checkpoint, restricted_classmethod
-from framework.module_utils import ModuleUtilities
 from framework.module_hooks import DataHooks, ModuleHooks
+from framework.module_utils import ModuleUtilities
 
 if TYPE_CHECKING:
     from framework.trainer import Trainer

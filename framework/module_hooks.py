@@ -124,15 +124,20 @@ class ModuleHooks:
 
 
 class DataHooks:
-    """Data hooks shared by TrainModule and DataModule (Lightning's DataHooks)."""
+    """Batch hooks shared by TrainModule and DataModule (Lightning's DataHooks); ``framework.batch_transfer``
+    picks whose run (the DataModule's when it overrides them)."""
 
     def on_before_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
+        """Alter the batch before it is moved to the device (CPU augmentations)."""
         return batch
 
     def transfer_batch_to_device(self, batch: Any, device: torch.device, dataloader_idx: int) -> Any:
-        from strategies.base import move_to_device
+        """Move ``batch`` to ``device``; override for custom batch types (the default moves tensors inside
+        dicts, lists, tuples, namedtuples, dataclasses and anything with ``.to``)."""
+        from framework.batch_transfer import move_data_to_device
 
-        return move_to_device(batch, device)
+        return move_data_to_device(batch, device)
 
     def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
+        """Alter the batch after it was moved to the device (device augmentations)."""
         return batch

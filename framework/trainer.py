@@ -14,9 +14,8 @@ from typing import Any
 import torch
 
 from framework import arguments
-from framework.run_settings import run_settings
 from framework.hooks import Callback, CallbackList, HookCaller, merge_configured_callbacks
-from framework.loggers import resolve_loggers
+from framework.loggers import log_run_start, resolve_loggers
 from framework.loops.evaluation import EvaluationLoop
 from framework.loops.fit import FitLoop
 from framework.loops.logging import MetricLogging
@@ -27,6 +26,7 @@ from framework.module import TrainModule
 from framework.optim import LRSchedulerConfig, parse_optimizers
 from framework.pitfalls import FitGuard, check_optimizer_params
 from framework.precision import resolve_precision
+from framework.run_settings import run_settings
 from framework.trainer_views import TrainerViews
 from strategies.registry import resolve_strategy
 
@@ -208,6 +208,7 @@ class Trainer(TrainerViews):
             hooks.callbacks("setup", fn)
             hooks.module_hook("setup", fn)
             self._setup_module(module, stage)
+            log_run_start(self.loggers, module, datamodule)
             data = StageData(self, loaders, datamodule, self._data_seed())
             if ckpt_path is not None:
                 from framework.checkpoint.trainer_state import restore_trainer_checkpoint

@@ -14,7 +14,7 @@ import torch
 from torch.utils.data import DataLoader, TensorDataset
 
 from callbacks import Callback
-from framework import DataModule, TrainModule, Trainer
+from framework import DataModule, Trainer, TrainModule
 
 MODULE_HOOKS = """prepare_data setup teardown configure_callbacks configure_model configure_optimizers on_fit_start
 on_fit_end on_train_start on_train_end on_validation_start on_validation_end on_test_start on_test_end on_predict_start

@@ -224,20 +224,14 @@ def test_datamodule_round_trip_with_state(tmp_path):
 
 
 def test_trainer_written_checkpoint_loads(tmp_path):
-    """A checkpoint written by trainer.save_checkpoint; the hyperparameters ride in through on_save_checkpoint
-    (added keys are stored as data) until the Trainer's state writer adds them itself."""
-
-    class Saving(Net):
-        def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-            checkpoint.update(hparams_for_checkpoint(self))
-
+    """A checkpoint written by trainer.save_checkpoint carries the hyperparameters (as JSON) and rebuilds the module."""
     data = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(torch.randn(8, 4)), batch_size=4)
-    module = Saving(hidden=2, lr=0.05)
+    module = Net(hidden=2, lr=0.05)
     trainer = Trainer(max_steps=2, logger=False, enable_checkpointing=False, enable_progress_bar=False,
                       default_root_dir=str(tmp_path))
     trainer.fit(module, data)
     trainer.save_checkpoint(str(tmp_path / "ckpt"))
-    loaded = Saving.load_from_checkpoint(str(tmp_path / "ckpt"))
+    loaded = Net.load_from_checkpoint(str(tmp_path / "ckpt"))
     assert loaded.hparams == module.hparams and same_weights(loaded, module)
     manifest = json.loads((tmp_path / "ckpt" / "manifest.json").read_text())
     assert manifest["metadata"]["global_step"] == 2

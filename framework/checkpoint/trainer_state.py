@@ -20,12 +20,12 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from framework.trainer import Trainer
 
-LIGHTNING_KEYS = ("state_dict", "epoch", "global_step", "optimizer_states", "lr_schedulers", "hyper_parameters",
-                  "callbacks", "loops", "datamodule_hyper_parameters", "hparams_name", "pytorch-lightning_version")
 
 
 def trainer_state(t: Trainer) -> dict[str, Any]:
     """Shared (rank-0) state: everything but model, optimizers and per-rank state."""
+    from framework.hparams_codec import hparams_for_checkpoint
+
     datamodule = t.datamodule
     return {
         "loop": t.fit_loop.state_dict(),
@@ -33,9 +33,8 @@ def trainer_state(t: Trainer) -> dict[str, Any]:
         "schedulers": [config.scheduler.state_dict() for config in t.lr_scheduler_configs],
         "precision": t.precision_plugin.state_dict(),
         "callbacks": _callback_states(t, per_rank=False),
-        "datamodule": datamodule.state_dict() if datamodule is not None else {},
-        "hyper_parameters": _hparams(t.module),
-        "datamodule_hyper_parameters": _hparams(datamodule),
+        **hparams_for_checkpoint(t.module, datamodule),
+        **({type(datamodule).__qualname__: datamodule.state_dict()} if datamodule is not None else {}),
     }
 
 
@@ -73,7 +72,7 @@ def save_trainer_checkpoint(t: Trainer, path: str, *, weights_only: bool = False
     state = trainer_state(t)
     state["user"] = _run_save_hooks(t, state)
     if weights_only:
-        state = {key: state[key] for key in ("loop", "hyper_parameters", "datamodule_hyper_parameters", "user")}
+        state = {key: value for key, value in state.items() if key not in ("schedulers", "precision", "callbacks")}
     metadata = {"epoch": t.current_epoch, "global_step": t.global_step, "kiln_stage": t.stage,
                 "weights_only": weights_only}
     t.strategy.save_checkpoint(path, trainer_state=state, rank_state=rank_state(t), metadata=metadata,
@@ -110,17 +109,14 @@ def lightning_view(t: Trainer, state: dict[str, Any], model_state: dict[str, Any
         "optimizer_states": optimizer_states if optimizer_states is not None else [
             t.strategy.optimizer_state_dict(o) for o in t.optimizers],
         "lr_schedulers": list(state.get("schedulers", [])),
-        "hyper_parameters": state.get("hyper_parameters", {}),
     }
+    for key in ("hyper_parameters", "hparams_name", "datamodule_hyper_parameters", "datamodule_hparams_name"):
+        if key in state:
+            view[key] = state[key]
     if t.datamodule is not None:
-        view["datamodule_hyper_parameters"] = state.get("datamodule_hyper_parameters", {})
-        view[type(t.datamodule).__qualname__] = state.get("datamodule", {})
+        name = type(t.datamodule).__qualname__
+        view[name] = state.get(name, {})
     return view
-
-
-def _hparams(obj: Any) -> dict[str, Any]:
-    hparams = getattr(obj, "hparams", None) if obj is not None else None
-    return dict(hparams) if hparams else {}
 
 
 # ---- restore -------------------------------------------------------------------------------------------------
@@ -195,8 +191,8 @@ def restore_trainer_checkpoint(t: Trainer, ckpt_path: str, *, training: bool) ->
         view = lightning_view(t, shared, optimizer_states=shared.get("optimizers", []))
         view.update(shared.get("user") or {})
         hooks.module_hook("on_load_checkpoint", view)  # Lightning's order: module, DataModule, callbacks
-    if t.datamodule is not None and shared.get("datamodule"):
-        t.datamodule.load_state_dict(shared["datamodule"])
+    if t.datamodule is not None and shared.get(type(t.datamodule).__qualname__):
+        t.datamodule.load_state_dict(shared[type(t.datamodule).__qualname__])
     if view is not None:
         hooks.callbacks("on_load_checkpoint", view)
     states = {**shared.get("callbacks", {}), **(own.get("callbacks") or {})}

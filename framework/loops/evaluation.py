@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from framework.loops.transfer import BatchTransfer
+from framework.loops.transfer import LoopTransfer
 
 if TYPE_CHECKING:
     from framework.hooks import HookCaller
@@ -74,7 +74,7 @@ class EvaluationLoop:
         several = len(self.feeds) > 1
         extra = (loader_idx,) if several else ()
         t._metrics.dataloader_suffix = f"/dataloader_idx_{loader_idx}" if several else ""
-        transfer = BatchTransfer(module, t.datamodule, t.strategy, t.precision_plugin)
+        transfer = LoopTransfer(module, t.datamodule, t.strategy, t.precision_plugin)
         step_fn = hooks.step_function(STEP[self.stage])
         precision = t.precision_plugin
         name = self.name

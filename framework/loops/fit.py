@@ -13,9 +13,9 @@ from typing import TYPE_CHECKING, Any
 
 from framework.loops.evaluation import EvaluationLoop
 from framework.loops.step import AutomaticStep, ManualStep
-from framework.loops.transfer import BatchTransfer
-from framework.optim import step_schedulers
+from framework.loops.transfer import LoopTransfer
 from framework.metrics import MetricCollector
+from framework.optim import step_schedulers
 from framework.rng import capture_rng_state, restore_rng_state
 
 if TYPE_CHECKING:
@@ -87,7 +87,7 @@ class FitLoop:
         self.pending_data_state = None
         module = t.module
         self.step = AutomaticStep(t, self, hooks) if module.automatic_optimization else ManualStep(t, hooks)
-        self.transfer = BatchTransfer(module, t.datamodule, t.strategy, t.precision_plugin)
+        self.transfer = LoopTransfer(module, t.datamodule, t.strategy, t.precision_plugin)
         hooks.both("on_train_start")
         while not self.done():
             if self.epoch > 0 and data.reload_due(self.epoch) and self.resume_at == 0:
