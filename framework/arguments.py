@@ -291,8 +291,8 @@ def summary_and_timer(enable_model_summary: bool, max_time_s: float | None, user
     return extra
 
 
-def profiler(value: Any) -> Any:
+def profiler(value: Any, dirpath: str) -> Any:
     """``profiler``: None (off, costs nothing), "simple", "advanced", "pytorch", or a Profiler instance."""
     from framework.profiler import resolve_profiler
 
-    return resolve_profiler(value)
+    return resolve_profiler(value, dirpath)

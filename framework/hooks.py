@@ -7,6 +7,8 @@ The order of each call site (callbacks first or module first) is Lightning's; th
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
@@ -220,17 +222,31 @@ class HookCaller:
         return bool(getattr(self.callback_list, name, None)) or self.module_overrides(name)
 
     def callbacks(self, name: str, *args: Any) -> None:
-        getattr(self.callback_list, name)(self.trainer, self.module, *args)
+        dispatch = getattr(self.callback_list, name)
+        if dispatch:
+            with self._logging_from(name):
+                dispatch(self.trainer, self.module, *args)
 
     def module_hook(self, name: str, *args: Any) -> Any:
         if self.module_overrides(name):
-            return getattr(self.module, name)(*args)
+            with self._logging_from(name):
+                return getattr(self.module, name)(*args)
         return None
 
     def both(self, name: str, *args: Any) -> Any:
         """Callbacks, then the module; returns the module hook's result."""
-        getattr(self.callback_list, name)(self.trainer, self.module, *args)
+        self.callbacks(name, *args)
         return self.module_hook(name, *args)
+
+    @contextmanager
+    def _logging_from(self, name: str) -> Iterator[None]:
+        """``self.log`` inside the hook gets that hook's defaults and refusals (Lightning's per-hook rules)."""
+        metrics = self.trainer._metrics
+        previous, metrics.current_fx = metrics.current_fx, name
+        try:
+            yield
+        finally:
+            metrics.current_fx = previous
 
     def datamodule_hook(self, name: str, *args: Any) -> Any:
         if self.datamodule is not None and hasattr(self.datamodule, name):

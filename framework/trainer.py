@@ -90,7 +90,7 @@ class Trainer(TrainerViews):
         self.precision_plugin = self.strategy.connect_precision(
             resolve_precision(precision, self.strategy.root_device.type))
         self.loggers = [] if run.logger is False else resolve_loggers(run.logger, self.default_root_dir)
-        self.profiler = arguments.profiler(profiler)
+        self.profiler = arguments.profiler(profiler, self.default_root_dir)
         self.accumulation, user_callbacks = arguments.callbacks(
             callbacks, accumulate_grad_batches, run.enable_checkpointing, run.enable_progress_bar)
         self.nan_guard, reliability = arguments.reliability_callbacks(nan_policy, on_preempt, user_callbacks,
@@ -179,7 +179,7 @@ class Trainer(TrainerViews):
         results = self._run(stage, model, {stage: dataloaders}, datamodule, ckpt_path)
         floats = [to_floats(metrics) for metrics in results]
         if verbose and self.is_global_zero:
-            from framework.results_table import print_results
+            from framework.results import print_results
 
             print_results(floats, stage)
         return floats

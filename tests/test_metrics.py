@@ -47,7 +47,7 @@ class Stats(TrainModule):
 
     def validation_step(self, batch, batch_idx, dataloader_idx=0):
         (x,) = batch
-        self.log("mean", x.mean())  # default: epoch mean of batch means
+        self.log("mean", x.mean())  # default: epoch mean weighted by the batch size inferred from the batch
         self.log("weighted", x.mean(), batch_size=len(x))
         self.log("total", x.sum(), reduce_fx="sum")
         self.log("largest", x.max(), reduce_fx="max")
@@ -69,7 +69,7 @@ def expected_eval(start: float, n: int = 10, batch_size: int = 4) -> dict[str, f
     x = torch.arange(n, dtype=torch.float64) + start
     batches = list(x.split(batch_size))
     return {
-        "mean": sum(float(b.mean()) for b in batches) / len(batches),
+        "mean": float(x.mean()),  # Lightning infers each batch's size: the same as the explicit batch_size
         "weighted": float(x.mean()),
         "total": float(x.sum()),
         "largest": float(x.max()),
@@ -102,7 +102,7 @@ def test_epoch_means_match_a_hand_computation(tmp_path_factory, values, batch_si
     [result] = trainer.validate(Stats(), DataLoader(TensorDataset(x), batch_size=batch_size))
     batches = x.double().split(batch_size)
     assert result["weighted"] == pytest.approx(float(x.double().mean()), rel=1e-5, abs=1e-3)
-    assert result["mean"] == pytest.approx(sum(float(b.mean()) for b in batches) / len(batches), rel=1e-5, abs=1e-3)
+    assert result["mean"] == pytest.approx(float(x.double().mean()), rel=1e-5, abs=1e-3)  # inferred batch sizes
     assert result["total"] == pytest.approx(float(x.double().sum()), rel=1e-5, abs=1e-2)
     assert (result["largest"], result["smallest"]) == (max(values), min(values))
 
@@ -134,7 +134,7 @@ def test_training_defaults_and_step_epoch_keys(make_trainer):
     assert metrics["x_mean"] == pytest.approx(8.5)  # last step's value
     assert "x_mean_epoch" not in metrics and "x_mean_step" not in metrics
     assert metrics["x_both_step"] == pytest.approx(8.5)
-    assert metrics["x_both_epoch"] == pytest.approx((1.5 + 5.5 + 8.5) / 3)
+    assert metrics["x_both_epoch"] == pytest.approx((1.5 * 4 + 5.5 * 4 + 8.5 * 2) / 10)  # weighted by batch size
     assert metrics["x_both"] == metrics["x_both_epoch"]  # the bare name follows the epoch value after the epoch
     assert metrics["x_epoch_only"] == pytest.approx(4.5)
     steps = [(step, m) for step, m in logger.records if "x_mean" in m]
@@ -142,7 +142,7 @@ def test_training_defaults_and_step_epoch_keys(make_trainer):
     assert [m["x_mean"] for _, m in steps] == pytest.approx([1.5, 5.5, 8.5])
     assert all("x_both_step" in m and "x_both_epoch" not in m for _, m in steps)
     epoch_rows = [m for _, m in logger.records if "x_both_epoch" in m]
-    assert epoch_rows == [pytest.approx({"x_both_epoch": 31 / 6, "x_epoch_only": 4.5, "epoch": 0.0})]
+    assert epoch_rows == [pytest.approx({"x_both_epoch": 4.5, "x_epoch_only": 4.5, "epoch": 0.0})]
 
 
 def test_logged_metrics_is_what_the_loggers_received(make_trainer):
@@ -163,7 +163,7 @@ def test_logged_metrics_without_a_logger(make_trainer):
     trainer = make_trainer(logger=False, log_every_n_steps=2)
     trainer.fit(Stats(), ranged_loader(), ranged_loader())  # 3 steps: the step-2 values are the last logged
     assert trainer.logged_metrics["x_mean"] == pytest.approx(5.5)
-    assert trainer.logged_metrics["x_both_epoch"] == pytest.approx(31 / 6)
+    assert trainer.logged_metrics["x_both_epoch"] == pytest.approx(4.5)
     assert trainer.logged_metrics["weighted"] == pytest.approx(4.5)
 
 
@@ -354,9 +354,19 @@ def test_epoch_hook_logs_are_epoch_values_seen_by_callbacks_and_loggers(make_tra
     seen = []
 
     class Monitor(Callback):
-        def on_train_epoch_end(self, trainer, module):
+        """Lightning runs a plain callback's on_train_epoch_end before the module's, so it reads the module's
+        epoch-end values when the next epoch starts (and at the end of training)."""
+
+        def record(self, trainer):
             m = trainer.callback_metrics
             seen.append((float(m["start_value"]), float(m["end_value"]), float(m["end_explicit"])))
+
+        def on_train_epoch_start(self, trainer, module):
+            if trainer.current_epoch:
+                self.record(trainer)
+
+        def on_train_end(self, trainer, module):
+            self.record(trainer)
 
     logger = RecordingLogger()
     trainer = make_trainer(max_epochs=2, logger=logger, log_every_n_steps=1, callbacks=[Monitor()])

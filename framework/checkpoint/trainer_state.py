@@ -29,7 +29,6 @@ def trainer_state(t: Trainer) -> dict[str, Any]:
     datamodule = t.datamodule
     return {
         "loop": t.fit_loop.state_dict(),
-        "metrics": t._metrics.state_dict() if hasattr(t._metrics, "state_dict") else {},
         "schedulers": [config.scheduler.state_dict() for config in t.lr_scheduler_configs],
         "precision": t.precision_plugin.state_dict(),
         "callbacks": _callback_states(t, per_rank=False),
@@ -42,6 +41,7 @@ def rank_state(t: Trainer) -> dict[str, Any]:
     """This rank's own state: per-rank callbacks (RNG) and the data position of its shard."""
     return {
         "callbacks": _callback_states(t, per_rank=True),
+        "metrics": t._metrics.state_dict() if t.stage == "fit" else None,  # each rank's own running sums
         "data": t.fit_loop.data_state() if t.stage == "fit" else None,
     }
 
@@ -210,8 +210,8 @@ def _restore_training_state(t: Trainer, shared: dict[str, Any], own: dict[str, A
         raise ValueError(f"The checkpoint has {len(schedulers)} LR scheduler(s) but configure_optimizers() returned "
                          f"{len(t.lr_scheduler_configs)}; resume with the same optimizer/scheduler setup.")
     t.fit_loop.load_state_dict(shared["loop"])
-    if shared.get("metrics") and hasattr(t._metrics, "load_state_dict"):
-        t._metrics.load_state_dict(shared["metrics"])
+    if own.get("metrics"):
+        t._metrics.load_state_dict(own["metrics"], t.module, resume_mid_epoch=not shared["loop"]["epoch_finished"])
     for config, state in zip(t.lr_scheduler_configs, schedulers):
         config.scheduler.load_state_dict(state)
     t.precision_plugin.load_state_dict(shared.get("precision", {}))

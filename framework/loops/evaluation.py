@@ -41,13 +41,14 @@ class EvaluationLoop:
             hooks.module_hook("on_validation_model_zero_grad")
         module.eval()
         hooks.module_hook(f"on_{name}_model_eval")
-        if not predicting:
-            t._metrics.start_stage(self.stage)
         try:
-            with _no_autograd(t):
+            with _no_autograd(t):  # the stage's accumulators are made and changed only in here
+                if not predicting:
+                    t._metrics.start_stage(self.stage)
                 hooks.both(f"on_{name}_start")
                 hooks.both(f"on_{name}_epoch_start")
                 per_loader = [self._run_loader(idx, feed) for idx, feed in enumerate(self.feeds)]
+                t._metrics.dataloader_suffix = ""  # what the epoch-end hooks log belongs to no one dataloader
                 hooks.both(f"on_{name}_epoch_end")
                 if predicting:
                     results = per_loader
@@ -55,10 +56,10 @@ class EvaluationLoop:
                     from_hooks = t._metrics.reduce_epoch()
                     results = [{**metrics, **from_hooks} for metrics in per_loader] or [from_hooks]
                 hooks.both(f"on_{name}_end")
+                if not predicting:
+                    t._metrics.end_stage()
         finally:
             t._metrics.dataloader_suffix = ""
-            if not predicting:
-                t._metrics.end_stage()
             for m, training in modes:
                 m.training = training
         if self.stage != "test" and self.stage != "predict":
@@ -73,7 +74,9 @@ class EvaluationLoop:
         t, hooks, module = self.t, self.hooks, self.t.module
         several = len(self.feeds) > 1
         extra = (loader_idx,) if several else ()
-        t._metrics.dataloader_suffix = f"/dataloader_idx_{loader_idx}" if several else ""
+        metrics = t._metrics
+        metrics.dataloader_suffix = f"/dataloader_idx_{loader_idx}" if several else ""
+        dataloader_idx = loader_idx if several else None
         transfer = LoopTransfer(module, t.datamodule, t.strategy, t.precision_plugin)
         step_fn = hooks.step_function(STEP[self.stage])
         precision = t.precision_plugin
@@ -85,17 +88,20 @@ class EvaluationLoop:
             if self.max_batches is not None and batch_idx >= self.max_batches:
                 break
             batch = transfer(batch, loader_idx)
+            metrics.on_batch_start(batch, dataloader_idx)
             if batch_start:
                 hooks.both(f"on_{name}_batch_start", batch, batch_idx, *extra)
             with precision.forward_context():
                 output = step_fn(batch, batch_idx, *extra)
             if batch_end:
                 hooks.both(f"on_{name}_batch_end", output, batch, batch_idx, *extra)
+            metrics.on_batch_end()
             if keep:
                 outputs.append(output)
         if self.stage == "predict":
             return outputs
-        return t._metrics.reduce_epoch()
+        metrics.epoch_end_reached()
+        return metrics.reduce_epoch()
 
 
 class _no_autograd:

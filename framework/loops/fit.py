@@ -169,11 +169,13 @@ class FitLoop:
         completed, ended_by_hook = True, False
         epoch_schedulers = module.automatic_optimization and any(
             c.interval == "epoch" and not c.needs_metric for c in t.lr_scheduler_configs)
+        metrics = t._metrics
         batch_idx = start - 1
         for batch_idx, batch, is_last in feed.epoch_batches(epoch, start):
             check_placement()
             self.batch_idx = batch_idx
             batch = transfer(batch, 0)
+            metrics.on_batch_start(batch)  # its size weights this batch's epoch means (inferred lazily)
             if batch_start:
                 hooks.callbacks("on_train_batch_start", batch, batch_idx)
                 if hooks.module_hook("on_train_batch_start", batch, batch_idx) == -1:
@@ -186,12 +188,14 @@ class FitLoop:
                 step_schedulers(t.lr_scheduler_configs, "epoch", epoch + 1, None, hooks=hooks, plateau=False)
             if batch_end:
                 hooks.both("on_train_batch_end", outputs, batch, batch_idx)
+            metrics.on_batch_end()
             if self.val_every and (batch_idx + 1) % self.val_every == 0 and not is_last:
                 self.run_validation()
             if (t.should_stop and self.minimum_reached()) or self.max_steps_reached():
                 completed = is_last
                 break
         self.batches_done = batch_idx + 1
+        metrics.epoch_end_reached()
 
         if completed and not ended_by_hook and self.should_validate_at_epoch_end():
             self.run_validation()
