@@ -67,7 +67,6 @@ class Stats(TrainModule):
 
 def expected_eval(start: float, n: int = 10, batch_size: int = 4) -> dict[str, float]:
     x = torch.arange(n, dtype=torch.float64) + start
-    batches = list(x.split(batch_size))
     return {
         "mean": float(x.mean()),  # Lightning infers each batch's size: the same as the explicit batch_size
         "weighted": float(x.mean()),
@@ -100,7 +99,6 @@ def test_epoch_means_match_a_hand_computation(tmp_path_factory, values, batch_si
     trainer = Trainer(max_epochs=1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
                       default_root_dir=str(tmp_path_factory.mktemp("h")))
     [result] = trainer.validate(Stats(), DataLoader(TensorDataset(x), batch_size=batch_size))
-    batches = x.double().split(batch_size)
     assert result["weighted"] == pytest.approx(float(x.double().mean()), rel=1e-5, abs=1e-3)
     assert result["mean"] == pytest.approx(float(x.double().mean()), rel=1e-5, abs=1e-3)  # inferred batch sizes
     assert result["total"] == pytest.approx(float(x.double().sum()), rel=1e-5, abs=1e-2)
