@@ -223,8 +223,7 @@ class Trainer(TrainerViews):
             hooks.module_hook("teardown", fn)
         except BaseException as exc:
             hooks.callbacks("on_exception", exc)
-            if hasattr(module, "on_exception") and callable(module.on_exception):
-                module.on_exception(exc)
+            hooks.datamodule_hook("on_exception", exc)
             for logger in self.loggers:
                 logger.finalize("failed")
             self.strategy.teardown()
@@ -253,10 +252,14 @@ class Trainer(TrainerViews):
         return None
 
     def _prepare_data(self, hooks: HookCaller) -> None:
-        """``prepare_data`` once per node on local rank 0 (DataModule's first, then the module's), then a barrier."""
-        if self.local_rank == 0:
-            hooks.datamodule_hook("prepare_data")
-            hooks.module_hook("prepare_data")
+        """``prepare_data`` (DataModule's first, then the module's) once per node on local rank 0 — or once in
+        all on global rank 0 for an object with ``prepare_data_per_node = False`` — then a barrier."""
+        for owner, call in ((hooks.datamodule, hooks.datamodule_hook), (hooks.module, hooks.module_hook)):
+            if owner is None:
+                continue
+            rank = self.local_rank if getattr(owner, "prepare_data_per_node", True) else self.global_rank
+            if rank == 0:
+                call("prepare_data")
         if self.world_size > 1:
             self.strategy.barrier("prepare_data")
 

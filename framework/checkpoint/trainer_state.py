@@ -99,9 +99,10 @@ def _run_save_hooks(t: Trainer, state: dict[str, Any]) -> dict[str, Any]:
 def lightning_view(t: Trainer, state: dict[str, Any], model_state: dict[str, Any] | None = None,
                    optimizer_states: list[Any] | None = None) -> dict[str, Any]:
     """The checkpoint as Lightning's hooks see it (model and optimizer states are references, not copies)."""
+    loop = state.get("loop") or {}
     view = {
-        "epoch": t.current_epoch,
-        "global_step": t.global_step,
+        "epoch": loop.get("epoch", t.current_epoch),
+        "global_step": loop.get("global_step", t.global_step),
         "pytorch-lightning_version": "2.5 (kiln)",
         "state_dict": model_state if model_state is not None else t.strategy.module_state_dict(),
         "loops": {"fit_loop": state.get("loop", {})},
