@@ -260,9 +260,9 @@ def reliability_callbacks(nan_policy: Any, on_preempt: Any, user: list[Callback]
                           ) -> tuple[Any, list[Callback]]:
     """The nan guard (None for "ignore"), the preemption handler and, on several ranks, the failure report —
     all act at optimizer-step boundaries, after the user's callbacks."""
-    from framework.nan_policy import nan_guard
-    from framework.preemption import preemption_callbacks
-    from framework.rank_failures import RankFailureReport
+    from callbacks.nan_policy import nan_guard
+    from callbacks.preemption import preemption_callbacks
+    from callbacks.rank_failures import RankFailureReport
 
     guard = nan_guard(nan_policy)
     extra: list[Callback] = [guard] if guard is not None else []
