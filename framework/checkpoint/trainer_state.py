@@ -41,7 +41,8 @@ def rank_state(t: Trainer) -> dict[str, Any]:
     """This rank's own state: per-rank callbacks (RNG) and the data position of its shard."""
     return {
         "callbacks": _callback_states(t, per_rank=True),
-        "metrics": t._metrics.state_dict() if t.stage == "fit" else None,  # each rank's own running sums
+        # Each rank's own running sums; they only mean something at the same world size.
+        "metrics": {"world_size": t.world_size, "state": t._metrics.state_dict()} if t.stage == "fit" else None,
         "data": t.fit_loop.data_state() if t.stage == "fit" else None,
     }
 
@@ -211,8 +212,9 @@ def _restore_training_state(t: Trainer, shared: dict[str, Any], own: dict[str, A
         raise ValueError(f"The checkpoint has {len(schedulers)} LR scheduler(s) but configure_optimizers() returned "
                          f"{len(t.lr_scheduler_configs)}; resume with the same optimizer/scheduler setup.")
     t.fit_loop.load_state_dict(shared["loop"])
-    if own.get("metrics"):
-        t._metrics.load_state_dict(own["metrics"], t.module, resume_mid_epoch=not shared["loop"]["epoch_finished"])
+    metrics = own.get("metrics")
+    if metrics and metrics.get("world_size") == t.world_size:
+        t._metrics.load_state_dict(metrics["state"], t.module, resume_mid_epoch=not shared["loop"]["epoch_finished"])
     for config, state in zip(t.lr_scheduler_configs, schedulers):
         config.scheduler.load_state_dict(state)
     t.precision_plugin.load_state_dict(shared.get("precision", {}))
