@@ -212,10 +212,12 @@ def _restore_training_state(t: Trainer, shared: dict[str, Any], own: dict[str, A
         raise ValueError(f"The checkpoint has {len(schedulers)} LR scheduler(s) but configure_optimizers() returned "
                          f"{len(t.lr_scheduler_configs)}; resume with the same optimizer/scheduler setup.")
     t.fit_loop.load_state_dict(shared["loop"])
+    # The data position is applied when the training loader exists; on another number of processes it is mapped
+    # there (framework.reshard) so that the epoch goes on with exactly the samples not seen yet.
+    t.fit_loop.defer_data_state(own.get("data"), shared.get("callbacks", {}).get(t.accumulation.state_key))
     metrics = own.get("metrics")
     if metrics and metrics.get("world_size") == t.world_size:
         t._metrics.load_state_dict(metrics["state"], t.module, resume_mid_epoch=not shared["loop"]["epoch_finished"])
     for config, state in zip(t.lr_scheduler_configs, schedulers):
         config.scheduler.load_state_dict(state)
     t.precision_plugin.load_state_dict(shared.get("precision", {}))
-    t.fit_loop.load_data_state(own.get("data"))

@@ -41,7 +41,7 @@ class FitLoop:
         self.plan: Any = None
         self.train_feed: Any = None
         self.val_feeds: list[Any] = []
-        self.pending_data_state: dict[str, Any] | None = None
+        self.pending_data_state: tuple[dict[str, Any] | None, dict[str, Any] | None] | None = None
         self.hooks: HookCaller | None = None
 
     # ---- progress state ----------------------------------------------------------------------------
@@ -62,15 +62,31 @@ class FitLoop:
 
     def data_state(self) -> dict[str, Any] | None:
         """This rank's position in the training data (saved per rank)."""
-        return self.train_feed.state_dict() if self.train_feed is not None else self.pending_data_state
-
-    def load_data_state(self, state: dict[str, Any] | None) -> None:
-        if not state:
-            return
         if self.train_feed is not None:
+            return self.train_feed.state_dict()
+        return self.pending_data_state[0] if self.pending_data_state else None
+
+    def defer_data_state(self, state: dict[str, Any] | None, saved_accumulation: dict[str, Any] | None) -> None:
+        """Keep a restored data position until the training loader is built (``attach_data_state``)."""
+        self.pending_data_state = (state, saved_accumulation)
+
+    def attach_data_state(self) -> None:
+        """Put the restored position into the new training feed; on another number of processes map it first
+        (collective: every rank takes rank 0's saved position)."""
+        if self.pending_data_state is None:
+            return
+        from framework.reshard import reshard_resume
+
+        t = self.t
+        state, saved_accumulation = self.pending_data_state
+        self.pending_data_state = None
+        loaded = self.state_dict()
+        loop, state = reshard_resume(loaded, state, t.strategy.broadcast(state), feed=self.train_feed,
+                                     accumulation=t.accumulation, saved_accumulation=saved_accumulation)
+        if not self.epoch_finished and loop["batches_done"] != loaded["batches_done"]:
+            self.resume_at = self.batches_done = int(loop["batches_done"])
+        if state:
             self.train_feed.load_state_dict(state)
-        else:
-            self.pending_data_state = state
 
     # ---- the run -------------------------------------------------------------------------------------
     def run(self, hooks: HookCaller, data: Any) -> None:
@@ -83,8 +99,7 @@ class FitLoop:
             warnings.warn(f"trainer.fit() got validation data but {type(t.module).__name__} defines no "
                           "validation_step(); validation is skipped. Define validation_step to validate.", stacklevel=5)
         self.train_feed = data.train_feed()
-        self.load_data_state(self.pending_data_state)
-        self.pending_data_state = None
+        self.attach_data_state()
         module = t.module
         self.step = AutomaticStep(t, self, hooks) if module.automatic_optimization else ManualStep(t, hooks)
         self.transfer = LoopTransfer(module, t.datamodule, t.strategy, t.precision_plugin)
