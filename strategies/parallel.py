@@ -129,7 +129,9 @@ class ParallelStrategy(Strategy):
             else:
                 os.environ.setdefault("MASTER_ADDR", self.cluster.master_addr)
                 os.environ.setdefault("MASTER_PORT", str(self.cluster.master_port))
-            from framework.elastic import process_group_store  # torchrun restarts: a fresh key namespace per round
+            from framework.elastic import (
+                process_group_store,  # torchrun restarts: a fresh key namespace per round
+            )
 
             store = process_group_store(self.cluster.global_rank, self.cluster.world_size, self.timeout)
             dist.init_process_group(self.backend, init_method=None if store is not None else "env://", store=store,

@@ -14,8 +14,8 @@ import pytest
 import torch
 
 from callbacks import ModelCheckpoint
-from framework.checkpoint import find_last, read_state
 from callbacks.nan_policy import NonFiniteLossError
+from framework.checkpoint import find_last, read_state
 from framework.testing import require_distributed, run_distributed
 
 BAD_BATCH = 2

@@ -18,9 +18,14 @@ import pytest
 import torch
 
 from callbacks import Callback, ModelCheckpoint
+from callbacks.preemption import (
+    INTERRUPTED_EXIT_CODE,
+    PREEMPTED_EXIT_CODE,
+    PreemptionHandler,
+    TrainingInterrupted,
+    TrainingPreempted,
+)
 from framework.checkpoint import find_last, read_state, verify_checkpoint
-from callbacks.preemption import (INTERRUPTED_EXIT_CODE, PREEMPTED_EXIT_CODE, PreemptionHandler, TrainingInterrupted,
-                                  TrainingPreempted)
 from framework.testing import require_distributed, run_distributed
 
 

@@ -64,9 +64,8 @@ class TensorBoardLogger(VersionedDirLogger):
     def experiment(self) -> Any:
         """The ``torch.utils.tensorboard.SummaryWriter`` (None on ranks other than 0)."""
         if self._experiment is None and is_rank_zero():
-            from torch.utils.tensorboard import SummaryWriter
-
             from tensorboard.compat.proto import summary_pb2
+            from torch.utils.tensorboard import SummaryWriter
 
             self._summary_pb2 = summary_pb2
             self._experiment = SummaryWriter(log_dir=self._local_dir(), **self._kwargs)
