@@ -334,3 +334,26 @@ def test_reset_metrics_forgets_everything_but_restored_training_state():
     resumed.log("x", 4.0, on_epoch=True)
     resumed.epoch_end_reached()
     assert float(resumed.reduce_epoch()["x_epoch"]) == 3.0
+
+
+def test_validation_inside_a_training_epoch_sees_the_latest_training_values():
+    collector = MetricCollector()
+    collector.start_stage("train")
+    collector.on_batch_start(torch.zeros(2))
+    collector.current_fx = "training_step"
+    collector.log("train_loss", 0.25)
+    collector.log("train_mean", 1.0, on_epoch=True)
+    collector.current_fx = None
+    collector.start_stage("validate")  # val_check_interval: nobody read callback_metrics before this
+    collector.on_batch_start(torch.zeros(3))
+    collector.current_fx = "validation_step"
+    collector.log("val_loss", 2.0)
+    collector.epoch_end_reached()
+    seen = collector.callback_metrics()
+    assert {k: float(v) for k, v in seen.items()} == {"train_loss": 0.25, "train_mean": 1.0, "train_mean_step": 1.0,
+                                                      "val_loss": 2.0}
+    collector.end_stage()
+    collector.current_fx = "training_step"
+    collector.log("train_mean", 3.0, on_epoch=True)  # the training epoch goes on where it was
+    collector.epoch_end_reached()
+    assert float(collector.reduce_epoch()["train_mean_epoch"]) == 2.0

@@ -205,6 +205,8 @@ class MetricCollector:
             self._stepping, self._batch, self._batch_size, self.dataloader_idx = False, None, None, None
             return
         if self._saved is None:
+            if self._stepping:  # a validation inside a training epoch: the latest step values stay visible
+                self._fold(self._view(True))
             self._saved = (self.stage, self._entries, self._stepping, self._batch, self._batch_size,
                            self.dataloader_idx)
         self.stage = stage
