@@ -295,25 +295,34 @@ class Strategy:
 
         writer.submit(write_and_commit)
 
-    def load_checkpoint(self, path: str, *, optimizers: list[torch.optim.Optimizer] | None
+    def load_checkpoint(self, path: str, *, optimizers: list[torch.optim.Optimizer] | None,
+                        validate: Callable[[dict[str, Any], dict[str, Any] | None], None] | None = None
                         ) -> tuple[dict[str, Any], dict[str, Any]]:
-        """Load model (and optimizer) state in place; return ``(trainer_state, this rank's state)``."""
+        """Load model (and optimizer) state in place; return ``(trainer_state, this rank's state)``.
+
+        Everything is read first; ``validate(trainer_state, model_state)`` may refuse it before anything is
+        changed, so a failed restore leaves the module and optimizers as they were.
+        """
         from framework import checkpoint as io
         from framework.checkpoint.consolidate import read_model_state
 
         manifest = io.read_manifest(path)
-        self.load_module_state_dict(read_model_state(path, manifest))
+        model_state = read_model_state(path, manifest)
         shared = io.read_state(path, io.TRAINER, manifest)
-        if optimizers:
-            saved = shared.get("optimizers", [])
-            if len(saved) != len(optimizers):
-                raise ValueError(f"The checkpoint {io.redact(path)} has {len(saved)} optimizer state(s) but "
-                                 f"configure_optimizers() returned {len(optimizers)}; resume with the same setup.")
-            for optimizer, state in zip(optimizers, saved):
-                self.load_optimizer_state_dict(optimizer, state)
+        saved = shared.get("optimizers", [])
+        if optimizers and len(saved) != len(optimizers):
+            raise ValueError(f"The checkpoint {io.redact(path)} has {len(saved)} optimizer state(s) but "
+                             f"configure_optimizers() returned {len(optimizers)}; resume with the same setup.")
         own = self._read_rank_state(path, manifest)
-        if optimizers is not None and STRATEGY_STATE in manifest.state_names():
-            self.load_strategy_state(io.read_state(path, STRATEGY_STATE, manifest))
+        strategy_state = (io.read_state(path, STRATEGY_STATE, manifest)
+                          if optimizers is not None and STRATEGY_STATE in manifest.state_names() else None)
+        if validate is not None:
+            validate(shared, model_state)
+        self.load_module_state_dict(model_state)
+        for optimizer, state in zip(optimizers or [], saved):
+            self.load_optimizer_state_dict(optimizer, state)
+        if strategy_state is not None:
+            self.load_strategy_state(strategy_state)
         return shared, own
 
     def strategy_state(self) -> dict[str, Any]:

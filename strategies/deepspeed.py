@@ -326,13 +326,13 @@ class DeepSpeedStrategy(ParallelStrategy):
         save_checkpoint(self, path, trainer_state=trainer_state, rank_state=rank_state, metadata=metadata,
                         safe_serialization=safe_serialization, on_committed=on_committed)
 
-    def load_checkpoint(self, path: str, *, optimizers: list[torch.optim.Optimizer] | None
-                        ) -> tuple[dict[str, Any], dict[str, Any]]:
+    def load_checkpoint(self, path: str, *, optimizers: list[torch.optim.Optimizer] | None,
+                        validate: Any = None) -> tuple[dict[str, Any], dict[str, Any]]:
         """Restore the engine (module, ZeRO optimizer partitions, loss scale) from a DeepSpeed checkpoint;
         evaluation (``optimizers=None``) loads the weights only, from any Kiln checkpoint."""
         from strategies.deepspeed_checkpoint import load_checkpoint
 
-        return load_checkpoint(self, path, training=bool(optimizers))
+        return load_checkpoint(self, path, training=bool(optimizers), validate=validate)
 
 
 def _import_deepspeed(accelerator: str) -> Any:

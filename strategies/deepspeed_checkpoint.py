@@ -141,11 +141,15 @@ def _owner(relpath: str) -> int:
 
 
 # ---- load --------------------------------------------------------------------------------------------
-def load_checkpoint(strategy: DeepSpeedStrategy, path: str, *, training: bool) -> tuple[dict[str, Any], dict[str, Any]]:
+def load_checkpoint(strategy: DeepSpeedStrategy, path: str, *, training: bool,
+                    validate: Any = None) -> tuple[dict[str, Any], dict[str, Any]]:
     """Resume the engine from a DeepSpeed checkpoint, or (evaluation) load the weights of any Kiln checkpoint."""
     from framework import checkpoint as io
 
     manifest = io.read_manifest(path)
+    shared = io.read_state(path, io.TRAINER, manifest)
+    if validate is not None:
+        validate(shared, None)
     has_engine_files = any(rel.startswith(f"{DS_DIR}/{TAG}/") for rel in manifest.files)
     engine = strategy.engine
     if training:
@@ -165,7 +169,6 @@ def load_checkpoint(strategy: DeepSpeedStrategy, path: str, *, training: bool) -
         from framework.checkpoint.consolidate import read_model_state
 
         strategy.load_module_state_dict(read_model_state(path, manifest))
-    shared = io.read_state(path, io.TRAINER, manifest)
     return shared, strategy._read_rank_state(path, manifest)
 
 

@@ -214,10 +214,11 @@ class FSDPStrategy(ParallelStrategy):
         mine = [name for name in location.file_sizes() if _written_by(name, self.global_rank)]
         return io.describe_files(staging, [f"{DCP_DIR}/{name}" for name in sorted(mine)])
 
-    def load_checkpoint(self, path: str, *, optimizers: list[torch.optim.Optimizer] | None
-                        ) -> tuple[dict[str, Any], dict[str, Any]]:
+    def load_checkpoint(self, path: str, *, optimizers: list[torch.optim.Optimizer] | None,
+                        validate: Any = None) -> tuple[dict[str, Any], dict[str, Any]]:
         """Load a ``"dcp"`` checkpoint into this run's shards (resharding to a different world size), or a
-        full one through the base; returns ``(trainer_state, this rank's state)``."""
+        full one through the base; returns ``(trainer_state, this rank's state)``. ``validate`` sees the
+        trainer state before any shard is changed."""
         import torch.distributed.checkpoint as dcp
 
         from framework import checkpoint as io
@@ -226,8 +227,11 @@ class FSDPStrategy(ParallelStrategy):
 
         manifest = io.read_manifest(path)
         if manifest.layout != "dcp":
-            return super().load_checkpoint(path, optimizers=optimizers)
+            return super().load_checkpoint(path, optimizers=optimizers, validate=validate)
         io.verify_checkpoint(path, manifest)
+        shared = io.read_state(path, io.TRAINER, manifest)
+        if validate is not None:
+            validate(shared, None)
         optimizers = optimizers or []
         sharded = {"model": self._get_model_state(full=False),
                    "optimizers": [self._get_optimizer_state(o, full=False) for o in optimizers]}
@@ -242,7 +246,7 @@ class FSDPStrategy(ParallelStrategy):
         set_model_state_dict(self.module, sharded["model"], options=self._options(full=False))
         for optimizer, state in zip(optimizers, sharded["optimizers"]):
             set_optimizer_state_dict(self.module, optimizer, state, options=self._options(full=False))
-        return io.read_state(path, io.TRAINER, manifest), self._read_rank_state(path, manifest)
+        return shared, self._read_rank_state(path, manifest)
 
     def _full_model_and_optimizers(self, optimizers: list[torch.optim.Optimizer]
                                    ) -> tuple[dict[str, Any], list[dict[str, Any]]]:

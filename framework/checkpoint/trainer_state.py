@@ -162,7 +162,8 @@ def _load_last(t: Trainer, optimizers: Any) -> tuple[str, Any] | None:
     can_skip = t.world_size == 1 or not t.strategy.is_sharded
     for path in _last_candidates(t):
         try:
-            loaded = t.strategy.load_checkpoint(path, optimizers=optimizers)
+            loaded = t.strategy.load_checkpoint(path, optimizers=optimizers,
+                                                validate=restore_validator(t, path, optimizers is not None))
         except CheckpointDamaged as exc:
             if not can_skip:
                 raise
@@ -186,7 +187,8 @@ def restore_trainer_checkpoint(t: Trainer, ckpt_path: str, *, training: bool) ->
         path, (shared, own) = found
     else:
         path = resolve_ckpt_path(t, ckpt_path)
-        shared, own = t.strategy.load_checkpoint(path, optimizers=optimizers)
+        shared, own = t.strategy.load_checkpoint(path, optimizers=optimizers,
+                                                 validate=restore_validator(t, path, training))
     hooks = t.hooks
     view = None
     if hooks is not None and hooks.overridden("on_load_checkpoint"):
@@ -208,9 +210,6 @@ def restore_trainer_checkpoint(t: Trainer, ckpt_path: str, *, training: bool) ->
 
 def _restore_training_state(t: Trainer, shared: dict[str, Any], own: dict[str, Any]) -> None:
     schedulers = shared.get("schedulers", [])
-    if len(schedulers) != len(t.lr_scheduler_configs):
-        raise ValueError(f"The checkpoint has {len(schedulers)} LR scheduler(s) but configure_optimizers() returned "
-                         f"{len(t.lr_scheduler_configs)}; resume with the same optimizer/scheduler setup.")
     t.fit_loop.load_state_dict(shared["loop"])
     # The data position is applied when the training loader exists; on another number of processes it is mapped
     # there (framework.reshard) so that the epoch goes on with exactly the samples not seen yet.
@@ -221,3 +220,86 @@ def _restore_training_state(t: Trainer, shared: dict[str, Any], own: dict[str, A
     for config, state in zip(t.lr_scheduler_configs, schedulers):
         config.scheduler.load_state_dict(state)
     t.precision_plugin.load_state_dict(shared.get("precision", {}))
+
+
+# ---- checking a checkpoint against the run before anything is changed ------------------------------------------
+def restore_validator(t: Trainer, path: str, training: bool) -> Callable[[dict[str, Any], dict[str, Any] | None], None]:
+    """``validate(trainer_state, model_state)`` for ``Strategy.load_checkpoint``: every difference between the
+    checkpoint and this run that would fail (or silently mis-load) halfway is reported in one error, while the
+    module, optimizers and Trainer are still untouched."""
+    from framework.checkpoint.storage import redact
+
+    def validate(shared: dict[str, Any], model_state: dict[str, Any] | None) -> None:
+        problems = _module_differences(t.module, model_state) if model_state is not None else []
+        if training:
+            problems += _training_differences(t, shared)
+        if problems:
+            raise ValueError(
+                f"Cannot resume from {redact(path)}: it does not match this run, and nothing was loaded:\n  - "
+                + "\n  - ".join(problems) + "\nResume with the module, configure_optimizers() and precision that "
+                "wrote it; or, to start a new fit from its weights only, build the module with "
+                "TrainModule.load_from_checkpoint(path, strict=False) and fit without ckpt_path.")
+
+    return validate
+
+
+def _module_differences(module: Any, saved: dict[str, Any]) -> list[str]:
+    current = module.state_dict()
+    problems = []
+    missing = sorted(set(current) - set(saved))
+    unexpected = sorted(set(saved) - set(current))
+    if missing:
+        problems.append(f"the module has {len(missing)} tensor(s) the checkpoint lacks: {_some(missing)}")
+    if unexpected:
+        problems.append(f"the checkpoint has {len(unexpected)} tensor(s) the module lacks: {_some(unexpected)}")
+    shapes = [f"{k} {tuple(saved[k].shape)} != {tuple(current[k].shape)}" for k in sorted(set(saved) & set(current))
+              if hasattr(saved[k], "shape") and hasattr(current[k], "shape") and saved[k].shape != current[k].shape]
+    if shapes:
+        problems.append(f"{len(shapes)} tensor(s) differ in shape (saved != module): {_some(shapes)}")
+    return problems
+
+
+def _training_differences(t: Trainer, shared: dict[str, Any]) -> list[str]:
+    problems = []
+    if "loop" not in shared:
+        problems.append("it holds no training progress (saved with weights_only=True)")
+    schedulers = shared.get("schedulers", [])
+    if len(schedulers) != len(t.lr_scheduler_configs):
+        problems.append(f"it has {len(schedulers)} LR scheduler(s), configure_optimizers() returned "
+                        f"{len(t.lr_scheduler_configs)}")
+    saved_scaler = bool((shared.get("precision") or {}).get("scaler"))
+    has_scaler = getattr(t.precision_plugin, "scaler", None) is not None
+    if saved_scaler != has_scaler:
+        problems.append(f"it was saved {'with' if saved_scaler else 'without'} an fp16 loss scaler, this run's "
+                        f"precision={t.precision!r} has {'one' if has_scaler else 'none'}")
+    saved = shared.get("optimizers")
+    if saved is not None:
+        if len(saved) != len(t.optimizers):
+            problems.append(f"it has {len(saved)} optimizer state(s), configure_optimizers() returned {len(t.optimizers)}")
+        else:
+            problems += [p for i, (opt, state) in enumerate(zip(t.optimizers, saved))
+                         if (p := _optimizer_difference(i, opt, state))]
+    return problems
+
+
+def _optimizer_difference(index: int, optimizer: Any, state: Any) -> str | None:
+    """Load the saved state into a throwaway optimizer of the same class over the same parameters: whatever torch
+    would refuse (another class's state, other parameter groups) is found without touching the real one."""
+    import torch
+
+    if type(optimizer).load_state_dict is not torch.optim.Optimizer.load_state_dict or not isinstance(state, dict):
+        return None  # a wrapped or sharded optimizer (DeepSpeed, FSDP) checks its own state when it loads
+    groups = [{**{k: v for k, v in g.items() if k != "params"}, "params": list(g["params"])}
+              for g in optimizer.param_groups]
+    try:
+        probe = type(optimizer)(groups)
+        probe.load_state_dict(state)
+    except Exception as exc:  # noqa: BLE001 - any refusal is reported with the optimizer's name
+        saved_keys = sorted({k for s in (state.get("state") or {}).values() if isinstance(s, dict) for k in s})
+        return (f"optimizer {index} is {type(optimizer).__name__}, and its saved state (keys {saved_keys}) does "
+                f"not load into it ({type(exc).__name__}: {exc})")
+    return None
+
+
+def _some(items: list[str], limit: int = 5) -> str:
+    return ", ".join(items[:limit]) + (f", ... ({len(items) - limit} more)" if len(items) > limit else "")
