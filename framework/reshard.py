@@ -80,6 +80,10 @@ def reshard_resume(loop_state: dict[str, Any], data_state: dict[str, Any] | None
     processes = None if feed is None else feed.num_replicas
     if saved is None or processes is None or saved == processes:
         return loop_state, data_state
+    if feed.num_batches is not None and feed.num_batches != len(feed.dataloader):
+        raise ValueError(f"limit_train_batches counts batches per process: resuming a checkpoint saved on {saved} "
+                         f"processes on {processes} would make the epoch cover other samples. Resume on {saved} "
+                         f"processes, or without limit_train_batches, {_NEW_FIT}.")
     epoch = int(loop_state["epoch"])
     schedule = [(int(e), int(k)) for e, k in (saved_accumulation or {}).get("schedule", accumulation.schedule)]
     saved_k = next((k for e, k in reversed(schedule) if e <= epoch), 1)

@@ -13,7 +13,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from framework.reshard import reshard_position
+from framework.reshard import reshard_position, reshard_resume
 from framework.sampler import ResumableSampler
 from framework.testing import require_distributed, run_distributed
 
@@ -73,6 +73,35 @@ def test_every_sample_is_trained_once_across_the_restart(saved, new, batch, accu
         sampler.start_at(min(len(sampler), moved.batches_done * batch))
         seen += list(sampler)
     assert sorted(seen) == list(range(size))
+
+
+def _feed(replicas: int, limit: int | None = None):
+    from torch.utils.data import DataLoader
+
+    from framework.data import DataFeed, prepare_dataloader
+
+    loader = prepare_dataloader(DataLoader(range(48), batch_size=2), num_replicas=replicas, rank=0, seed=3)
+    return DataFeed(loader, limit)
+
+
+def test_reshard_resume_maps_the_loop_and_data_state_and_rescales_accumulation():
+    from callbacks.accumulation import GradientAccumulation
+
+    saved = _feed(4)
+    saved.batches_consumed = 2
+    rank0 = saved.state_dict()
+    assert (rank0["num_replicas"], rank0["batch_size"]) == (4, 2)
+    loop = {"epoch": 0, "batches_done": 2, "epoch_finished": False}
+    accumulation = GradientAccumulation({0: 1, 3: 2})
+    with pytest.warns(UserWarning, match="accumulate_grad_batches changes from 1 to 2"):
+        new_loop, data = reshard_resume(loop, None, rank0, feed=_feed(2), accumulation=accumulation,
+                                        saved_accumulation={"schedule": [[0, 1], [3, 2]]})
+    assert new_loop["batches_done"] == data["batches_consumed"] == 4 and data["num_replicas"] == 2
+    assert data["seed"] == rank0["seed"] and accumulation.schedule == [(0, 2), (3, 4)]
+    same = reshard_resume(loop, rank0, rank0, feed=_feed(4), accumulation=accumulation, saved_accumulation=None)
+    assert same == (loop, rank0)  # the saved world size: nothing changes
+    with pytest.raises(ValueError, match="limit_train_batches counts batches per process"):
+        reshard_resume(loop, None, rank0, feed=_feed(2, limit=3), accumulation=accumulation, saved_accumulation=None)
 
 
 def _records(root: Path, name: str, world: int) -> list[dict]:
