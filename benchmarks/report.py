@@ -25,34 +25,32 @@ TARGET_LABELS = {  # key -> (benchmark, measurement)
 # Printed under "Misses" when a target is missed: (reason, plan). Figures from profiling on the 2-core machine.
 MISS_NOTES: dict[str, tuple[str, str]] = {
     "async save: loop blocked": (
-        "On CPU the snapshot is one memory copy of the whole state (576 MiB at 7-8 GB/s on one core: 65-75 ms; "
-        "two threads are no faster, the copy is memory-bound), while a synchronous save into the page cache is "
-        "itself little more than a copy plus a checksum (170-215 ms). Any snapshot that copies therefore blocks "
-        "about a third of a sync save on this machine. The target needs storage slower than memory: against a "
-        "durable `fsync=True` save (400-470 ms here, see bench_checkpoint_io) the same snapshot is ~0.15; on a "
-        "GPU the snapshot is a device-to-pinned-host copy (bench_gpu.py measures it).",
-        "Overlap the snapshot with the next step: copy on the writer's thread during the next forward/backward and "
-        "block only before the next optimizer step (ModelCheckpoint's `on_before_optimizer_step`), copying buffers "
-        "that forward mutates (BatchNorm statistics) synchronously. Needs the checkpoint and loop owners, because "
-        "manual optimization and callbacks that edit weights must also wait. Measure on a GPU with bench_gpu.py."),
+        "Measured as the save call plus the wait before the next optimizer step, after the next step's forward/"
+        "backward ran. The benchmark's step is a batch of 2 rows (~20 ms of compute) against a 576 MiB copy "
+        "(~100 ms at 6 GB/s on a free core), so most of the copy is still running when the step wants to update "
+        "the weights; the save call itself (containers, non-parameter tensors, starting the copy) takes a few ms. "
+        "The first save also faults in the buffers (fresh memory is slow in this VM: ~0.5 s under load).",
+        "The overlap helps in proportion to the step's compute: with a realistic batch the copy hides behind "
+        "forward/backward. For the first save: let ModelCheckpoint reserve the buffers in the background once the "
+        "optimizer state exists (`AsyncCheckpointWriter` would need a `reserve(state)`); on a GPU the copy is "
+        "device-to-pinned-host and bench_gpu.py measures it."),
     "checkpoint save": (
-        "cProfile of `trainer.save_checkpoint` (576 MiB): 144 of 160 ms are `write()` calls of the same bytes "
-        "safetensors writes; the rest is the xxh3 checksum of every byte (on a helper thread, ~25 ms CPU), the "
-        "manifest and the atomic rename. When the second core is busy (shared machine) the checksum thread "
-        "(~25 ms of CPU) competes with the writer and the wall ratio rises towards the CPU ratio (~1.3).",
-        "Re-measure on an idle machine (≈ 1.1 there). If it persists: checksum each tensor while it is written "
-        "in one pass over memory instead of a second pass on the helper thread."),
+        "cProfile of `trainer.save_checkpoint` (576 MiB, 3 saves, Intel Xeon VM): 1.51 s in all, 1.14 s (76 %) in "
+        "the library's `serialize_file` (the same call raw safetensors makes), 0.26 s (17 %) in xxh3 hashing the "
+        "written file from the page cache, 0.1 s Python (state flattening, skeletons, manifest, rename). The "
+        "checksum is a second pass over 576 MiB of memory; the library writes the file itself, so the bytes "
+        "cannot be hashed while they are hot in cache.",
+        "Hash while writing: either the library gains a streaming hook, or Kiln writes the tensor bytes itself "
+        "(header from the library) hashing each 1 MiB chunk just before its write(). Wall time alone can hide "
+        "the pass on an idle second core; CPU time cannot."),
     "checkpoint restore": (
-        "Kiln does more work than the raw restore: it reads every byte eagerly into fresh tensors and checksums "
-        "it (xxh3, ~25 ms of CPU for 576 MiB, on a helper thread that needs the second core), then "
-        "`load_state_dict` copies the model weights once more (the raw baseline maps the model file and copies "
-        "once, straight into the parameters). Page faults on fresh memory dominate both: each restore starts "
-        "from a trimmed heap, as in a new process (before that was done the ratio swung between 1.1 and 2.3 "
-        "depending on which contender got recycled pages).",
-        "Read the model's tensors straight into the parameters' storage when names, shapes and dtypes match "
-        "(one copy, no fresh 200 MB), keeping the load atomic (a damaged file must leave the module untouched, "
-        "e.g. verify the checksum before the copy from a mapped file): a change to `Strategy.load_checkpoint` "
-        "and the checkpoint reader, to design with their owners."),
+        "The safetensors library reads every tensor (`pread`, as the raw baseline) and Kiln hashes each tensor "
+        "right after it is read (a second pass over 576 MiB), then rebuilds the trees and runs the Trainer's "
+        "restore (scheduler, RNG, callbacks, loop). Peak memory: the restore adds as much as the raw path "
+        "(385 vs 384 MiB over the run's resident set; the state is 576 MiB): at most one transient model copy.",
+        "Verify while reading in 1 MiB chunks into the destination tensors (the library validates the header "
+        "first), so the hash reads cached bytes; re-measure on an idle machine (ratios swung 1.0-1.5 between "
+        "rounds at load 5-13)."),
     "DDP per step (2 processes)": (
         "Profiled (cProfile, rank 0, 1,030 steps of each): Kiln adds ~58 Python calls per step (loop bookkeeping, "
         "`self.log`, progress bar, pitfall checks) — tens of µs against a 3-5 ms step whose time is mostly the "
@@ -71,24 +69,18 @@ MISS_NOTES: dict[str, tuple[str, str]] = {
 }
 
 PROFILE_NOTES = """
-- **Checkpoint save** (cProfile, `trainer.save_checkpoint` of 50.4M parameters + AdamW, 576 MiB): 160 ms in
-  all, 144 ms of it in `write()` system calls, ~10 ms Python (flattening the state, JSON skeletons, manifest).
-  The checksum (xxh3_64) runs on a helper thread that overlaps the writes. Raw `safetensors.save_file` of the
-  same tensors: 148 ms. Nothing to remove that is not a feature (checksums, atomic commit).
-- **Checkpoint restore** (timed in parts): reading the 400 MB trainer file took 70-330 ms with the same
-  code in the same process, depending on whether the allocator handed out recycled or fresh pages (page
-  faults cost as much as the copy in this VM); the model's `load_state_dict` copy 25-50 ms,
-  `optimizer.load_state_dict` < 1 ms; the checksum ~25 ms of CPU (xxh3 at ~24 GB/s) on the helper thread.
-  Hence every restore in the benchmark now starts from a trimmed heap (`malloc_trim`, as in a new process),
-  which made the ratio reproducible (~1.0-1.3 instead of 1.1-2.3). The lazy-mmap raw variant (`load_lazy`)
-  is shown for reference: it defers reading the optimizer state to the first step, so it is not the same work.
-- **Async snapshot**: a plain `copy_` of the same tensors into preallocated buffers takes 55-85 ms with 1
-  thread (7-10 GB/s, memory-bound) — the snapshot (55-75 ms) is at that floor; the first async save also
-  allocates the buffers (~330 ms, once per writer). With torch's default 2 threads the snapshot took 150-290 ms
-  whenever the other core was busy (the copy's second OpenMP thread waits for a core) and 45-55 ms when it
-  was free — which is why bench_checkpoint_io (2 threads) prints a snapshot slower than a sync save. A
-  single-threaded memcpy (65 ms, load-independent) would make the snapshot predictable: suggested to the
-  checkpoint owner, not changed here (it is slower on an idle machine).
+- **Checkpoint save, why 1.9x raw on an Intel Xeon VM but 0.86x on AMD EPYC** (Kiln before #16, 576 MiB,
+  this Intel Xeon VM with 2 vCPUs shared by ~9 busy processes): the old writer streamed every tensor through a
+  Python `BufferedWriter` and fed a checksum helper thread one future per MiB. Same process, interleaved:
+  without the checksum it cost 227-239 ms of CPU (library `save_file`: 253 ms), with the helper thread
+  338-1292 ms: both threads stream the same memory and hand the GIL back and forth, and when the second core
+  is taken by another process every handoff waits for a time slice. On the idle EPYC run the helper thread
+  had its own core and overlapped. Now the library writes the file in one call and the checksum is one
+  xxh3 pass over the page cache afterwards (17 % of the save, see the miss note); the hand-written
+  safetensors reader/writer is gone.
+- **Disk vs saves** (same run, MiB/s of state): page cache: disk sequential write 1172, raw safetensors 1030,
+  Kiln 790; durable (`fsync=True`): disk 804, Kiln 345, raw safetensors + fsync 141. Figures swing 2-3x
+  between rounds at this load.
 - **Resume**: flat (Kiln positions its sampler); a loader that Kiln must replay costs 65-85× more at batch
   10,000 than at batch 10, which shows that this benchmark would catch a replaying resume.
 - **Per step / DDP** (cProfile, Kiln vs raw, same steps): Kiln adds ~45 Python calls per step on one process
