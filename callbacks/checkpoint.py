@@ -1,243 +1,404 @@
-"""ModelCheckpoint: when to save, what to name it, and which checkpoints to keep.
+"""ModelCheckpoint: Lightning's arguments, attributes and saving rules on Kiln's atomic checkpoints.
 
 Each checkpoint is one directory directly under ``dirpath`` (default ``<default_root_dir>/checkpoints``),
-named ``epoch={epoch}-step={step}`` unless ``filename`` says otherwise. Saving is collective (every rank
-calls it); deleting old checkpoints happens on rank 0 and only after the new checkpoint is complete —
-for ``async_save=True`` that is when its background write has committed. "last" is not a copy or a
-link: ``ckpt_path="last"`` scans ``dirpath`` for the newest complete checkpoint, and ``save_last=True``
-guarantees rotation never deletes that newest one.
+named like Lightning's file, ``.ckpt`` included (``epoch=0-step=10.ckpt/``), and complete only once its
+manifest is committed. Saving is collective; whatever a save replaces (the previous newest, the
+k-th best, the previous ``last``) is deleted on rank 0 only after the new checkpoint has committed —
+for ``async_save=True`` that is when its background write finishes. ``save_last=True`` writes a full
+``last.ckpt`` checkpoint; ``save_last="link"`` makes ``last.ckpt`` a relative symlink to the newest
+checkpoint (local folders only), switched atomically once its target is complete.
+
+Kiln's extras: ``total_limit=k`` keeps only the k newest checkpoints (the best one is always kept; without
+``monitor`` it replaces save_top_k=1's "keep the newest"), ``safe_serialization``, ``async_save``.
 """
 
 from __future__ import annotations
 
+import logging
 import math
-import re
-import warnings
-from typing import TYPE_CHECKING, Any
+import os
+import time
+from datetime import timedelta
+from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 
+from callbacks import checkpoint_naming as naming
 from callbacks.base import Callback
-from framework.checkpoint.storage import join_path
+from callbacks.checkpoint_keeping import CheckpointKeeping
+from framework.exceptions import MisconfigurationException
 
 if TYPE_CHECKING:
     from framework.module import TrainModule
     from framework.trainer import Trainer
 
-_DEFAULT_FILENAME = "epoch={epoch}-step={step}"
+log = logging.getLogger(__name__)
 
 
-class ModelCheckpoint(Callback):
-    """Save checkpoints every N steps and/or epochs, keep the best ``save_top_k`` and/or newest ``total_limit``."""
+class ModelCheckpoint(CheckpointKeeping, Callback):
+    """Save checkpoints periodically and keep the best ``save_top_k`` by ``monitor`` (Lightning 2.5's contract)."""
+
+    CHECKPOINT_JOIN_CHAR = "-"
+    CHECKPOINT_EQUALS_CHAR = "="
+    CHECKPOINT_NAME_LAST = "last"
+    FILE_EXTENSION = ".ckpt"
+    STARTING_VERSION = 1
 
     def __init__(self, dirpath: str | None = None, filename: str | None = None, monitor: str | None = None,
-                 mode: str = "min", save_top_k: int | None = None, total_limit: int | None = None,
-                 every_n_train_steps: int | None = None, every_n_epochs: int | None = 1, save_last: bool = True,
-                 safe_serialization: bool = True, async_save: bool = False) -> None:
+                 verbose: bool = False, save_last: bool | Literal["link"] | None = None, save_top_k: int = 1,
+                 save_on_exception: bool = False, save_weights_only: bool = False, mode: str = "min",
+                 auto_insert_metric_name: bool = True, every_n_train_steps: int | None = None,
+                 train_time_interval: timedelta | None = None, every_n_epochs: int | None = None,
+                 save_on_train_epoch_end: bool | None = None, enable_version_counter: bool = True, *,
+                 total_limit: int | None = None, safe_serialization: bool = True, async_save: bool = False) -> None:
         if mode not in ("min", "max"):
-            raise ValueError(f"ModelCheckpoint(mode={mode!r}) is not valid; use 'min' or 'max'.")
-        for name, value in (("save_top_k", save_top_k), ("total_limit", total_limit),
-                            ("every_n_train_steps", every_n_train_steps), ("every_n_epochs", every_n_epochs)):
-            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 0):
-                raise ValueError(f"ModelCheckpoint({name}={value!r}) is not valid; use an int >= 0 or None.")
-        if save_top_k is not None and monitor is None and save_top_k not in (0,):
-            raise ValueError(f"ModelCheckpoint(save_top_k={save_top_k}) needs monitor='<metric>' to rank "
-                             "checkpoints; to keep the newest k checkpoints use total_limit=k.")
-        if filename is not None and ("/" in filename or "\\" in filename):
-            raise ValueError(f"ModelCheckpoint(filename={filename!r}) must be a name, not a path; put the folder "
-                             "in dirpath.")
-        self.dirpath = str(dirpath) if dirpath is not None else None
-        self.filename = filename or _DEFAULT_FILENAME
+            raise MisconfigurationException(f"`mode` can be min, max but got {mode!r} (ModelCheckpoint(mode=...)).")
+        if save_last not in (None, True, False, "link"):
+            raise ValueError(f"ModelCheckpoint(save_last={save_last!r}) is not valid; use None/False, True or 'link'.")
+        _check_int("save_top_k", save_top_k, minimum=-1)
+        for name, value in (("every_n_train_steps", every_n_train_steps), ("every_n_epochs", every_n_epochs),
+                            ("total_limit", total_limit)):
+            if value is not None:
+                _check_int(name, value, minimum=1 if name == "total_limit" else 0)
+        if train_time_interval is not None and not isinstance(train_time_interval, timedelta):
+            raise TypeError(f"ModelCheckpoint(train_time_interval={train_time_interval!r}) must be a "
+                            "datetime.timedelta, e.g. timedelta(minutes=30).")
+        if monitor is not None and (not isinstance(monitor, str) or not monitor):
+            raise ValueError(f"ModelCheckpoint(monitor={monitor!r}) must be a logged metric name or None.")
         self.monitor = monitor
-        self.mode = mode
-        self.save_top_k = save_top_k
-        self.total_limit = total_limit
-        self.every_n_train_steps = every_n_train_steps or None
-        self.every_n_epochs = every_n_epochs or None
+        self.verbose = verbose
         self.save_last = save_last
+        self.save_top_k = save_top_k
+        self.save_on_exception = save_on_exception
+        self.save_weights_only = save_weights_only
+        self.auto_insert_metric_name = auto_insert_metric_name
+        self.mode = mode
+        self.kth_value = torch.tensor(math.inf if mode == "min" else -math.inf)
+        self.total_limit = total_limit
         self.safe_serialization = safe_serialization
         self.async_save = async_save
-        self.best_k_models: dict[str, float] = {}
+        self._save_on_train_epoch_end = save_on_train_epoch_end
+        self._enable_version_counter = enable_version_counter
+        if every_n_train_steps is None and every_n_epochs is None and train_time_interval is None:
+            every_n_epochs, every_n_train_steps = 1, 0
+        self._every_n_epochs = every_n_epochs or 0
+        self._every_n_train_steps = every_n_train_steps or 0
+        self._train_time_interval = train_time_interval
+        triggers = (self._every_n_train_steps >= 1) + (self._every_n_epochs >= 1) + (train_time_interval is not None)
+        if triggers > 1:
+            raise MisconfigurationException(
+                f"Combination of parameters every_n_train_steps={self._every_n_train_steps}, every_n_epochs="
+                f"{self._every_n_epochs} and train_time_interval={train_time_interval} should be mutually exclusive. "
+                "Use one ModelCheckpoint per schedule.")
+        if monitor is None and save_top_k not in (-1, 0, 1):
+            raise MisconfigurationException(
+                f"ModelCheckpoint(save_top_k={save_top_k}, monitor=None) is not a valid configuration. No quantity "
+                "for top_k to track: pass monitor='<metric>', or total_limit=k to keep the k newest checkpoints.")
+        naming.check_filename(filename, auto_insert_metric_name=auto_insert_metric_name,
+                              join=self.CHECKPOINT_JOIN_CHAR, equals=self.CHECKPOINT_EQUALS_CHAR,
+                              extension=self.FILE_EXTENSION)
+        self.dirpath = naming.check_dirpath(dirpath or None)  # "" means "not given", as in Lightning
+        if save_last == "link" and self.dirpath is not None and not naming.is_local(self.dirpath):
+            raise ValueError(f"`ModelCheckpoint(save_last='link')` is only supported for local file paths, got "
+                             f"`dirpath={self.dirpath}`. Use save_last=True for remote storage.")
+        self.filename = filename
+        self.current_score: torch.Tensor | None = None
+        self.best_k_models: dict[str, torch.Tensor] = {}
+        self.kth_best_model_path = ""
+        self.best_model_score: torch.Tensor | None = None
         self.best_model_path = ""
-        self.best_model_score: float | None = None
         self.last_model_path = ""
-        self._last_saved_step = -1
-        self._kept_as_last = ""  # a checkpoint outside the top-k kept only because it was the newest
-        self._validated = False  # whether validation ran in this fit (a monitored val metric can't be missing)
-        self._warned_missing = False
+        self._last_global_step_saved = 0  # nothing to save before the first step
+        self._last_checkpoint_saved = ""
+        self._last_time_checked: float | None = None
+        self._defer_save_until_validation = False
+        self._validation_ran = self._warned_missing = False
         self._writer: Any = None
+
+    # ---- Lightning's read-only views ----------------------------------------------------------------
+    @property
+    def every_n_epochs(self) -> int:
+        return self._every_n_epochs
+
+    @property
+    def every_n_train_steps(self) -> int:
+        return self._every_n_train_steps
+
+    @property
+    def train_time_interval(self) -> timedelta | None:
+        return self._train_time_interval
 
     @property
     def state_key(self) -> str:
-        return f"ModelCheckpoint[monitor={self.monitor},mode={self.mode}]" if self.monitor else "ModelCheckpoint"
+        key = {"monitor": self.monitor, "mode": self.mode, "every_n_train_steps": self._every_n_train_steps,
+               "every_n_epochs": self._every_n_epochs, "train_time_interval": self._train_time_interval}
+        return f"{type(self).__qualname__}{key!r}"
 
-    # ---- hooks -----------------------------------------------------------------------------------
+    # ---- hooks -----------------------------------------------------------------------------------------
     def setup(self, trainer: Trainer, module: TrainModule, stage: str) -> None:
         if self.dirpath is None:
-            self.dirpath = join_path(trainer.default_root_dir, "checkpoints")
-        self._validated = self._warned_missing = False
+            # Kiln differs from Lightning here: not under the logger's version folder, which changes every run,
+            # so that ckpt_path="last" (preemption, elastic restarts) finds the previous run's checkpoints.
+            self.dirpath = naming.join(str(trainer.default_root_dir), "checkpoints")
+        if trainer.world_size > 1:
+            self.dirpath = trainer.strategy.broadcast(self.dirpath)
+        if self.save_last == "link" and not naming.is_local(self.dirpath):
+            raise ValueError(f"`ModelCheckpoint(save_last='link')` is only supported for local file paths, got "
+                             f"`dirpath={self.dirpath}`. Use save_last=True for remote storage.")
+        if self.save_weights_only and not _accepts(trainer.save_checkpoint, "weights_only"):
+            raise ValueError("ModelCheckpoint(save_weights_only=True) needs trainer.save_checkpoint(path, "
+                             "weights_only=True), which this Trainer does not offer yet; save full checkpoints "
+                             "(save_weights_only=False) and load weights with load_from_checkpoint.")
+        self._validation_ran = self._warned_missing = False
         if stage == "fit" and trainer.is_global_zero:
             from framework.checkpoint import cleanup_stale
+            from framework.checkpoint.storage import locate, redact
 
             # Leftovers of saves or deletions a crash cut short (never another process's running save).
             cleanup_stale(self.dirpath)
+            if self.save_top_k != 0 and locate(self.dirpath).child_dirs():
+                log.warning(f"Checkpoint directory {redact(self.dirpath)} exists and is not empty.")
         if self.async_save and self._writer is None:
             from framework.checkpoint import AsyncCheckpointWriter
 
             self._writer = AsyncCheckpointWriter()
 
+    def on_train_start(self, trainer: Trainer, module: TrainModule) -> None:
+        self._last_time_checked = time.monotonic()
+
     def on_train_batch_end(self, trainer: Trainer, module: TrainModule, outputs: Any, batch: Any,
                            batch_idx: int) -> None:
-        n = self.every_n_train_steps
-        if n and trainer.sync_gradients and trainer.global_step % n == 0:
-            self._save(trainer)
+        n = self._every_n_train_steps
+        if (n < 1 and self._train_time_interval is None) or not trainer.sync_gradients:
+            return  # the default per-step path; inside an accumulation window global_step has not moved
+        skip_batch = n < 1 or trainer.global_step % n != 0
+        skip_time, now = True, 0.0
+        if self._train_time_interval is not None:
+            now = time.monotonic()
+            last = self._last_time_checked
+            skip_time = last is None or now - last < self._train_time_interval.total_seconds()
+            if trainer.world_size > 1:  # clocks differ across ranks: rank 0 decides for all
+                skip_time = trainer.strategy.broadcast(skip_time)
+        if skip_batch and skip_time:
+            return
+        if not skip_time:
+            self._last_time_checked = now
+        candidates = self._monitor_candidates(trainer)
+        if self.monitor is not None and self.monitor not in candidates:
+            self._defer_save_until_validation = True  # e.g. a validation metric not logged yet
+            return
+        if (self.monitor is not None and not self._should_save_on_train_epoch_end(trainer)
+                and _is_last_batch(trainer, batch_idx) and _validation_follows(trainer)):
+            self._defer_save_until_validation = True  # rank it by the coming validation's fresh metric
+            return
+        if self._should_skip_saving_checkpoint(trainer):
+            return
+        self._save_topk_checkpoint(trainer, candidates)
+        self._save_last_checkpoint(trainer, candidates)
 
     def on_train_epoch_end(self, trainer: Trainer, module: TrainModule) -> None:
-        n = self.every_n_epochs
-        if n and (trainer.current_epoch + 1) % n == 0:
-            self._save(trainer)
+        if not self._should_skip_saving_checkpoint(trainer) and self._should_save_on_train_epoch_end(trainer):
+            candidates = self._monitor_candidates(trainer)
+            if self._every_n_epochs >= 1 and (trainer.current_epoch + 1) % self._every_n_epochs == 0:
+                self._save_topk_checkpoint(trainer, candidates)
+            self._save_last_checkpoint(trainer, candidates)
 
     def on_validation_end(self, trainer: Trainer, module: TrainModule) -> None:
-        self._validated = True
+        if not getattr(trainer, "sanity_checking", False):
+            self._validation_ran = True
+        if self._should_skip_saving_checkpoint(trainer) or self._should_save_on_train_epoch_end(trainer):
+            return
+        candidates = self._monitor_candidates(trainer)
+        if self._defer_save_until_validation:
+            self._defer_save_until_validation = False
+        elif not (self._every_n_epochs >= 1 and (trainer.current_epoch + 1) % self._every_n_epochs == 0):
+            self._save_last_checkpoint(trainer, candidates)
+            return
+        self._save_topk_checkpoint(trainer, candidates)
+        self._save_last_checkpoint(trainer, candidates)
+
+    def on_exception(self, trainer: Trainer, module: TrainModule, exception: BaseException) -> None:
+        if self.save_on_exception and not getattr(trainer, "fast_dev_run", False) and not getattr(
+                trainer, "sanity_checking", False) and self._last_global_step_saved != trainer.global_step:
+            self.wait(trainer, quiet=True)
+            candidates = self._monitor_candidates(trainer)
+            filepath = self.format_checkpoint_name(candidates)
+            self._save_checkpoint(trainer, filepath)
+            self._save_last_checkpoint(trainer, candidates)
+            self.wait(trainer, quiet=True)
+            log.info(f"An {type(exception).__name__} was raised with message: {exception}, saved checkpoint to "
+                     f"{filepath}")
+        self.wait(trainer, quiet=True)
+
+    def on_train_end(self, trainer: Trainer, module: TrainModule) -> None:
+        if self.save_last and not self._last_checkpoint_saved and not getattr(trainer, "fast_dev_run", False):
+            self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
 
     def on_fit_end(self, trainer: Trainer, module: TrainModule) -> None:
         self.wait(trainer)
 
-    def on_exception(self, trainer: Trainer, module: TrainModule, exception: BaseException) -> None:
-        if self._writer is not None:
-            try:
-                self._writer.wait()
-            except Exception:  # the training error is the one to report
-                pass
-
     def teardown(self, trainer: Trainer, module: TrainModule, stage: str) -> None:
         self.wait(trainer)
 
-    # ---- saving and rotation -------------------------------------------------------------------------
-    def wait(self, trainer: Trainer | None = None) -> None:
-        """Block until a background save has committed; re-raise its error (async_save only)."""
-        if self._writer is not None:
-            self._writer.wait()
+    # ---- when to save -----------------------------------------------------------------------------------
+    def _should_skip_saving_checkpoint(self, trainer: Trainer) -> bool:
+        return (bool(getattr(trainer, "fast_dev_run", False)) or trainer.stage != "fit"
+                or bool(getattr(trainer, "sanity_checking", False))
+                or self._last_global_step_saved == trainer.global_step)
 
+    def _should_save_on_train_epoch_end(self, trainer: Trainer) -> bool:
+        if self._save_on_train_epoch_end is not None:
+            return self._save_on_train_epoch_end
+        if trainer.check_val_every_n_epoch != 1:
+            return False
+        counts = trainer.num_val_batches or []
+        if not any(n is None or n > 0 for n in counts):
+            return True
+        return trainer.val_check_interval in (None, 1.0)
+
+    # ---- Kiln: save now (preemption, nan_policy="stop") --------------------------------------------------
     def save_now(self, trainer: Trainer) -> str:
-        """Save the current state now (collective) and wait until it is committed; returns its path.
+        """Save the current state now (collective), wait until it is committed and return its path.
 
-        For preemption and ``nan_policy="stop"``: the checkpoint lands in ``dirpath`` so that
-        ``ckpt_path="last"`` finds it; a step already saved is not saved twice.
+        Used by preemption and ``nan_policy="stop"``: the checkpoint lands in ``dirpath`` (named by
+        ``filename``, outside the top-k ranking, never rotated away), so ``ckpt_path="last"`` finds it.
         """
-        self._save(trainer)
+        if self._last_global_step_saved == trainer.global_step and self._last_checkpoint_saved:
+            self.wait(trainer)
+            return self._last_checkpoint_saved
         self.wait(trainer)
-        return self.last_model_path
-
-    def _save(self, trainer: Trainer) -> None:
-        if trainer.global_step == self._last_saved_step or trainer.stage != "fit":
-            return
-        # The previous background save rotates (mutating best_k_models) when it commits: let it finish before
-        # this save ranks itself and snapshots this callback's state. The snapshot would wait for it anyway.
+        candidates = self._monitor_candidates(trainer)
+        filepath = self._versioned(trainer, lambda ver: self.format_checkpoint_name(candidates, ver=ver))
+        self._save_checkpoint(trainer, filepath)
+        self._save_last_checkpoint(trainer, candidates)
         self.wait(trainer)
-        metrics = trainer.callback_metrics
-        score = self._monitored(metrics)
-        path = join_path(self.dirpath, self._name(trainer, metrics))
-        self._last_saved_step = trainer.global_step
-        # Recorded before writing so that the checkpoint's own callback state already ranks it.
-        self.last_model_path = path
-        if score is not None:
-            self.best_k_models[path] = score
-        trainer.save_checkpoint(path, safe_serialization=self.safe_serialization, writer=self._writer,
-                                on_committed=lambda: self._after_commit(trainer, path, score))
+        return filepath
 
-    def _after_commit(self, trainer: Trainer, path: str, score: float | None) -> None:
-        """Runs on every rank once ``path`` is complete (possibly in the writer's thread); rank 0 rotates."""
-        if score is not None:
-            best = min if self.mode == "min" else max
-            self.best_model_path = best(self.best_k_models, key=self.best_k_models.get)
-            self.best_model_score = self.best_k_models[self.best_model_path]
+    def wait(self, trainer: Trainer | None = None, quiet: bool = False) -> None:
+        """Block until a background save has committed; re-raise its error unless ``quiet`` (async_save only)."""
+        if self._writer is not None:
+            try:
+                self._writer.wait()
+            except Exception:
+                if not quiet:
+                    raise
+
+    # ---- names ------------------------------------------------------------------------------------------
+    def _format_checkpoint_name(self, filename: str | None, metrics: dict[str, Any], prefix: str | None = None,
+                                auto_insert_metric_name: bool = True) -> str:
+        """The name for ``metrics`` without version or extension (Lightning's helper, same signature)."""
+        template = filename or "{epoch}" + self.CHECKPOINT_JOIN_CHAR + "{step}"
+        name = naming.format_template(template, metrics, auto_insert_metric_name=auto_insert_metric_name,
+                                      equals=self.CHECKPOINT_EQUALS_CHAR)
+        return self.CHECKPOINT_JOIN_CHAR.join([prefix, name]) if prefix is not None else name
+
+    def format_checkpoint_name(self, metrics: dict[str, Any], filename: str | None = None, ver: int | None = None,
+                               prefix: str | None = None) -> str:
+        """The checkpoint path for ``metrics`` (Lightning's naming: ``{epoch}`` → ``epoch=3``, ``-v1`` versions)."""
+        template = filename or self.filename
+        name = self._format_checkpoint_name(template, metrics, prefix, self.auto_insert_metric_name)
+        if ver is not None:
+            name = self.CHECKPOINT_JOIN_CHAR.join((name, f"v{ver}"))
+        name = f"{name}{self.FILE_EXTENSION}"
+        naming.check_name(name, what=f"ModelCheckpoint(filename={template!r})")
+        return naming.join(self.dirpath, name) if self.dirpath else name
+
+    @staticmethod
+    def _link_checkpoint(trainer: Trainer, filepath: str, linkpath: str) -> None:
+        """Rank 0 points ``linkpath`` at ``filepath`` with a relative symlink (atomically); all ranks then meet."""
         if trainer.is_global_zero:
-            self._rotate(path)
+            naming.link_last(filepath, linkpath)
+        trainer.strategy.barrier()
 
-    def _rotate(self, newest: str) -> None:
-        from framework.checkpoint import list_checkpoints, remove_checkpoint
+    def _find_last_checkpoints(self, trainer: Trainer) -> set[str]:
+        """Paths in dirpath named like a "last" checkpoint (``last``, ``last-v1``... with FILE_EXTENSION)."""
+        import re
 
-        doomed: set[str] = set()
-        if self.monitor is not None and self.save_top_k is not None:
-            ranked = sorted(self.best_k_models, key=self.best_k_models.get, reverse=self.mode == "max")
-            doomed.update(ranked[self.save_top_k:])
-            for path in ranked[self.save_top_k:]:
-                self.best_k_models.pop(path, None)
-            if self._kept_as_last and self._kept_as_last != newest:  # no longer the newest
-                doomed.add(self._kept_as_last)
-        if self.total_limit is not None:
-            complete = [info.path for info in list_checkpoints(self.dirpath)]
-            doomed.update(complete[self.total_limit:])
-        self._kept_as_last = ""
-        if self.save_last and newest in doomed:
-            doomed.discard(newest)
-            self._kept_as_last = newest
-        for path in sorted(doomed):
-            try:  # force: finish deleting one whose manifest went first but whose files were left by a crash
-                remove_checkpoint(path, force=True)
-            except FileNotFoundError:  # already gone: rankings restored from a checkpoint predate its rotation
-                pass
+        from framework.checkpoint.storage import locate
 
-    def _monitored(self, metrics: dict[str, torch.Tensor]) -> float | None:
-        if self.monitor is None:
-            return None
-        if self.monitor not in metrics:
-            message = (f"ModelCheckpoint(monitor={self.monitor!r}) found no such metric; logged metrics are "
-                       f"{sorted(metrics)}. Log it with self.log({self.monitor!r}, ...) or change monitor.")
-            if self._validated:
-                raise KeyError(message)
-            # e.g. a validation metric before the first validation (of this run or since resuming): save, rank last
-            if not self._warned_missing:
-                self._warned_missing = True
-                warnings.warn(f"{message} Validation has not run yet: checkpoints are ranked last until it is "
-                              "logged.", stacklevel=2)
-            return math.inf if self.mode == "min" else -math.inf
-        value = float(metrics[self.monitor])
-        if math.isnan(value):
-            value = math.inf if self.mode == "min" else -math.inf
-        return value
+        dirpath = self.dirpath or naming.join(str(trainer.default_root_dir), "checkpoints")
+        pattern = re.compile(rf"^{re.escape(self.CHECKPOINT_NAME_LAST)}(-(\d+))?")
+        loc = locate(dirpath)
+        if not loc.exists():
+            return set()
+        if loc.is_local:
+            entries = os.listdir(dirpath)
+        else:
+            entries = [info.rstrip("/").rsplit("/", 1)[-1] for info in loc.fs.ls(loc.path, detail=False)]
+        local = naming.is_local(dirpath)
+        return {os.path.normpath(naming.join(dirpath, name)) if local else naming.join(dirpath, name)
+                for name in entries if name.endswith(self.FILE_EXTENSION)
+                and pattern.match(name[:len(name) - len(self.FILE_EXTENSION)] if self.FILE_EXTENSION else name)}
 
-    def _name(self, trainer: Trainer, metrics: dict[str, torch.Tensor]) -> str:
-        values: dict[str, Any] = {"epoch": trainer.current_epoch, "step": trainer.global_step}
-        for key in re.findall(r"{([^:}]+)", self.filename):
-            if key not in values and key in metrics:
-                values[key] = float(metrics[key])
-        try:
-            name = self.filename.format(**values)
-        except (KeyError, ValueError) as exc:
-            raise ValueError(f"ModelCheckpoint(filename={self.filename!r}) could not be formatted ({exc}); use "
-                             f"fields among {sorted(values)} or logged metric names {sorted(metrics)}.") from None
-        name = name.replace("/", "_")
-        existing = set(self.best_k_models) | {self.last_model_path}
-        base, version = name, 1
-        while join_path(self.dirpath, name) in existing or _exists(join_path(self.dirpath, name)):
-            name, version = f"{base}-v{version}", version + 1
-        return name
+    def to_yaml(self, filepath: str | None = None) -> None:
+        """Write ``best_k_models`` (path → score) as YAML, to ``dirpath/best_k_models.yaml`` by default."""
+        import yaml
 
-    # ---- checkpointed state ---------------------------------------------------------------------------
+        from framework.checkpoint.storage import locate
+
+        data = {path: float(score) for path, score in self.best_k_models.items()}
+        target = filepath if filepath is not None else naming.join(self.dirpath, "best_k_models.yaml")
+        with locate(str(target)).open("wb") as f:
+            f.write(yaml.safe_dump(data).encode())
+
+    # ---- checkpointed state -----------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
-        return {"best_k_models": dict(self.best_k_models), "best_model_path": self.best_model_path,
-                "best_model_score": self.best_model_score, "last_model_path": self.last_model_path,
-                "dirpath": self.dirpath, "last_saved_step": self._last_saved_step, "kept_as_last": self._kept_as_last}
+        def num(value: Any) -> float | None:
+            return None if value is None else float(value)
+
+        return {"monitor": self.monitor, "best_model_score": num(self.best_model_score),
+                "best_model_path": self.best_model_path, "current_score": num(self.current_score),
+                "dirpath": self.dirpath, "best_k_models": {k: float(v) for k, v in self.best_k_models.items()},
+                "kth_best_model_path": self.kth_best_model_path, "kth_value": float(self.kth_value),
+                "last_model_path": self.last_model_path, "last_global_step_saved": self._last_global_step_saved}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        if state_dict.get("dirpath") not in (None, self.dirpath):
-            return  # a different run's folder: its rankings don't apply here
-        self.best_k_models = {str(k): float(v) for k, v in state_dict.get("best_k_models", {}).items()}
-        self.best_model_path = state_dict.get("best_model_path", "")
-        self.best_model_score = state_dict.get("best_model_score")
-        if self.best_k_models:  # the saved ranking already holds the checkpoint being resumed
-            best = min if self.mode == "min" else max
-            self.best_model_path = best(self.best_k_models, key=self.best_k_models.get)
-            self.best_model_score = self.best_k_models[self.best_model_path]
-        self.last_model_path = state_dict.get("last_model_path", "")
-        # the step of the checkpoint being resumed is not saved again (e.g. by the epoch end right after it)
-        self._last_saved_step = int(state_dict.get("last_saved_step", -1))
-        self._kept_as_last = state_dict.get("kept_as_last", "")
+        def tensor(value: Any) -> torch.Tensor | None:
+            return None if value is None else torch.tensor(float(value))
+
+        saved_dir = state_dict.get("dirpath", self.dirpath)
+        if saved_dir == self.dirpath:
+            self.best_model_score = tensor(state_dict.get("best_model_score"))
+            self.current_score = tensor(state_dict.get("current_score"))
+            self.kth_best_model_path = state_dict.get("kth_best_model_path", self.kth_best_model_path)
+            if state_dict.get("kth_value") is not None:
+                self.kth_value = tensor(state_dict["kth_value"])
+            self.best_k_models = {str(k): tensor(v) for k, v in state_dict.get("best_k_models", {}).items()}
+            self.last_model_path = state_dict.get("last_model_path", self.last_model_path)
+            # the step of the checkpoint being resumed is not saved again (e.g. by the epoch end right after it)
+            self._last_global_step_saved = int(state_dict.get("last_global_step_saved", 0))
+        else:
+            import warnings
+
+            warnings.warn(f"The dirpath has changed from {saved_dir!r} to {self.dirpath!r}, therefore "
+                          "`best_model_score`, `kth_best_model_path`, `kth_value`, `last_model_path` and "
+                          "`best_k_models` won't be reloaded. Only `best_model_path` will be reloaded.", stacklevel=2)
+        self.best_model_path = state_dict.get("best_model_path", self.best_model_path)
 
 
-def _exists(path: str) -> bool:
-    from framework.checkpoint.storage import locate
+def _check_int(name: str, value: Any, *, minimum: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise MisconfigurationException(f"Invalid value for {name}={value!r}. Must be >= {minimum}, an int "
+                                        f"(ModelCheckpoint({name}=...)).")
 
-    return locate(path).exists()
+
+def _accepts(fn: Any, name: str) -> bool:
+    import inspect
+
+    try:
+        params = inspect.signature(fn).parameters
+    except (TypeError, ValueError):
+        return True
+    return name in params or any(p.kind is p.VAR_KEYWORD for p in params.values())
+
+
+def _is_last_batch(trainer: Trainer, batch_idx: int) -> bool:
+    total = trainer.num_training_batches
+    return total is not None and batch_idx + 1 >= total
+
+
+def _validation_follows(trainer: Trainer) -> bool:
+    if not any(n is None or n > 0 for n in (trainer.num_val_batches or [])):
+        return False
+    every = trainer.check_val_every_n_epoch
+    return every is not None and (trainer.current_epoch + 1) % every == 0

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import math
 from types import SimpleNamespace
 
@@ -25,23 +26,26 @@ class FakeStrategy:
         return decision or self.others_stop  # another rank may vote to stop
 
 
-def make_trainer(num_val_batches=(4,), stage="fit", others_stop=False):
+def make_trainer(stage="fit", others_stop=False, val_check_interval=None, check_val_every_n_epoch=1,
+                 world_size=1, global_rank=0):
     return SimpleNamespace(
-        callback_metrics={},
-        should_stop=False,
-        current_epoch=0,
-        stage=stage,
-        num_val_batches=list(num_val_batches),
-        is_global_zero=True,
-        strategy=FakeStrategy(others_stop),
+        callback_metrics={}, should_stop=False, current_epoch=0, stage=stage, is_global_zero=global_rank == 0,
+        strategy=FakeStrategy(others_stop), val_check_interval=val_check_interval,
+        check_val_every_n_epoch=check_val_every_n_epoch, world_size=world_size, global_rank=global_rank,
     )
+
+
+def ready(callback, trainer):
+    callback.setup(trainer, None, "fit")
+    return callback
 
 
 def run_validations(callback, trainer, values, key="val_loss"):
     """Feed one value per validation; return the index of the check that stopped, or None."""
+    ready(callback, trainer)
     for epoch, value in enumerate(values):
         trainer.current_epoch = epoch
-        trainer.callback_metrics[key] = torch.tensor(value, dtype=torch.float64)
+        trainer.callback_metrics[key] = torch.tensor(value, dtype=torch.float32)
         callback.on_validation_end(trainer, None)
         callback.on_train_epoch_end(trainer, None)
         if trainer.should_stop:
@@ -60,39 +64,94 @@ def run_validations(callback, trainer, values, key="val_loss"):
 )
 def test_patience_and_mode(mode, values, patience, stop_at):
     callback = EarlyStopping("val_loss", patience=patience, mode=mode)
-    trainer = make_trainer()
-    assert run_validations(callback, trainer, values) == stop_at
-    if stop_at is not None:
-        assert callback.stopped_epoch == stop_at
+    assert run_validations(callback, make_trainer(), values) == stop_at
+    assert callback.stopped_epoch == (stop_at or 0)  # Lightning: 0 until it stops
+
+
+def test_defaults_and_initial_state_match_lightning():
+    callback = EarlyStopping("val_loss")
+    assert (callback.patience, callback.min_delta, callback.mode, callback.strict, callback.check_finite) == (
+        3, 0.0, "min", True, True)
+    assert callback.stopping_threshold is None and callback.divergence_threshold is None
+    assert callback.wait_count == 0 and callback.stopped_epoch == 0
+    assert torch.isinf(callback.best_score) and callback.best_score > 0
+    assert EarlyStopping("acc", mode="max").best_score == -math.inf
 
 
 def test_min_delta_requires_a_big_enough_improvement():
     callback = EarlyStopping("val_loss", patience=2, min_delta=0.1)
-    trainer = make_trainer()
-    assert run_validations(callback, trainer, [1.0, 0.95, 0.91, 0.5]) == 2
+    assert run_validations(callback, make_trainer(), [1.0, 0.95, 0.91, 0.5]) == 2
     assert callback.best_score == 1.0
+    assert callback.min_delta == -0.1  # signed by mode, as Lightning stores it
 
 
 @pytest.mark.parametrize("bad", [math.nan, math.inf, -math.inf])
-def test_non_finite_value_stops_at_once(bad):
-    callback = EarlyStopping("val_loss", patience=10)
-    trainer = make_trainer()
-    assert run_validations(callback, trainer, [1.0, bad, 0.1]) == 1
-    assert "not finite" in callback.stopping_reason
+def test_non_finite_value_stops_at_once(bad, caplog):
+    callback = EarlyStopping("val_loss", patience=10, verbose=True)
+    with caplog.at_level(logging.INFO, logger="callbacks.early_stopping"):
+        assert run_validations(callback, make_trainer(), [1.0, bad, 0.1]) == 1
+    assert f"Monitored metric val_loss = {torch.tensor(bad)} is not finite. Previous best value was 1.000." in caplog.text
+
+
+def test_check_finite_false_lets_nan_count_as_no_improvement():
+    callback = EarlyStopping("val_loss", patience=2, check_finite=False)
+    assert run_validations(callback, make_trainer(), [1.0, math.nan, math.nan, 0.1]) == 2
+
+
+@pytest.mark.parametrize(("mode", "threshold", "values", "stop_at"), [
+    ("min", 0.5, [2.0, 1.0, 0.4, 0.1], 2),  # better than the threshold: done
+    ("max", 0.9, [0.5, 0.95, 0.99], 1),
+    ("min", 0.5, [2.0, 0.5, 0.1], 2),  # reaching it exactly is not beyond it
+])
+def test_stopping_threshold(mode, threshold, values, stop_at, caplog):
+    callback = EarlyStopping("val_loss", mode=mode, patience=10, stopping_threshold=threshold, verbose=True)
+    with caplog.at_level(logging.INFO, logger="callbacks.early_stopping"):
+        assert run_validations(callback, make_trainer(), values) == stop_at
+    assert "Stopping threshold reached: val_loss = " in caplog.text and "Signaling Trainer to stop." in caplog.text
+
+
+@pytest.mark.parametrize(("mode", "threshold", "values", "stop_at"), [
+    ("min", 5.0, [2.0, 1.0, 6.0, 0.1], 2),  # worse than the threshold: diverged
+    ("max", 0.1, [0.5, 0.4, 0.05], 2),
+])
+def test_divergence_threshold(mode, threshold, values, stop_at, caplog):
+    callback = EarlyStopping("val_loss", mode=mode, patience=10, divergence_threshold=threshold, verbose=True)
+    with caplog.at_level(logging.INFO, logger="callbacks.early_stopping"):
+        assert run_validations(callback, make_trainer(), values) == stop_at
+    assert "Divergence threshold reached: val_loss = " in caplog.text
+
+
+def test_improvement_and_patience_messages(caplog):
+    callback = EarlyStopping("val_loss", patience=1, min_delta=0.01, verbose=True)
+    with caplog.at_level(logging.INFO, logger="callbacks.early_stopping"):
+        run_validations(callback, make_trainer(), [1.0, 0.5, 0.7])
+    assert "Metric val_loss improved. New best score: 1.000" in caplog.text
+    assert "Metric val_loss improved by 0.500 >= min_delta = 0.01. New best score: 0.500" in caplog.text
+    assert "Monitored metric val_loss did not improve in the last 1 records. Best score: 0.500. " in caplog.text
+
+
+@pytest.mark.parametrize(("rank_zero_only", "rank", "logged"), [(False, 1, True), (True, 1, False), (True, 0, True)])
+def test_log_rank_zero_only_and_rank_prefix(rank_zero_only, rank, logged, caplog):
+    callback = EarlyStopping("val_loss", patience=0, verbose=True, log_rank_zero_only=rank_zero_only)
+    with caplog.at_level(logging.INFO, logger="callbacks.early_stopping"):
+        run_validations(callback, make_trainer(world_size=2, global_rank=rank), [1.0])
+    assert (f"[rank: {rank}] Metric val_loss improved." in caplog.text) is logged
 
 
 def test_missing_metric_strict_lists_available_keys():
-    callback = EarlyStopping("val_los")
+    callback = ready(EarlyStopping("val_los", check_on_train_epoch_end=False), make_trainer())
     trainer = make_trainer()
     trainer.callback_metrics = {"val_loss": torch.tensor(1.0), "train_loss": torch.tensor(2.0)}
-    with pytest.raises(RuntimeError, match=r"val_los.*\['train_loss', 'val_loss'\]"):
+    with pytest.raises(RuntimeError, match=r"metric `val_los` which is not available.*`val_loss`, `train_loss`"):
         callback.on_validation_end(trainer, None)
 
 
-def test_missing_metric_not_strict_skips_the_check():
-    callback = EarlyStopping("val_acc", patience=0, strict=False)
+def test_missing_metric_not_strict_skips_the_check_and_warns_when_verbose():
+    callback = ready(EarlyStopping("val_acc", patience=0, strict=False, verbose=True,
+                                   check_on_train_epoch_end=False), make_trainer())
     trainer = make_trainer()
-    callback.on_validation_end(trainer, None)
+    with pytest.warns(RuntimeWarning, match="val_acc"):
+        callback.on_validation_end(trainer, None)
     assert not trainer.should_stop and callback.wait_count == 0
 
 
@@ -102,7 +161,8 @@ def test_missing_metric_not_strict_skips_the_check():
         ({"mode": "maximum"}, ValueError, "mode"),
         ({"patience": -1}, ValueError, "patience"),
         ({"patience": 1.5}, ValueError, "patience"),
-        ({"min_delta": -0.1}, ValueError, "min_delta"),
+        ({"min_delta": "0.1"}, ValueError, "min_delta"),
+        ({"stopping_threshold": "1"}, ValueError, "stopping_threshold"),
         ({"monitor": ""}, TypeError, "monitor"),
     ],
 )
@@ -111,81 +171,66 @@ def test_bad_arguments(kwargs, error, match):
         EarlyStopping(**{"monitor": "val_loss", **kwargs})
 
 
-def test_checks_on_train_epoch_end_without_validation():
-    callback = EarlyStopping("train_loss", patience=1)
-    trainer = make_trainer(num_val_batches=())
-    trainer.callback_metrics["train_loss"] = torch.tensor(1.0)
-    callback.on_validation_end(trainer, None)  # not the hook in use: no validation data
-    assert callback.best_score is None
-    callback.on_train_epoch_end(trainer, None)
-    assert callback.best_score == 1.0
-    callback.on_train_epoch_end(trainer, None)
-    assert trainer.should_stop
-
-
-@pytest.mark.parametrize(("num_val_batches", "on_train_end"), [([0], True), ([None], False), ([0, 2], False)])
-def test_auto_hook_choice(num_val_batches, on_train_end):
+@pytest.mark.parametrize(("val_check_interval", "every_n_epoch", "on_train_end"),
+                         [(None, 1, True), (1.0, 1, True), (0.5, 1, False), (10, 1, False), (None, 2, False)])
+def test_auto_hook_choice_follows_lightning(val_check_interval, every_n_epoch, on_train_end):
     callback = EarlyStopping("m")
-    trainer = make_trainer(num_val_batches=num_val_batches)
-    assert callback._checks_on_train_epoch_end(trainer) is on_train_end
+    assert callback.check_on_train_epoch_end is None
+    ready(callback, make_trainer(val_check_interval=val_check_interval, check_val_every_n_epoch=every_n_epoch))
+    assert callback.check_on_train_epoch_end is on_train_end
 
 
-def test_explicit_check_on_train_epoch_end_overrides_auto():
-    callback = EarlyStopping("m", patience=0, check_on_train_epoch_end=True)
-    trainer = make_trainer(num_val_batches=(3,))
+@pytest.mark.parametrize("explicit", [True, False])
+def test_explicit_check_on_train_epoch_end_picks_the_hook(explicit):
+    trainer = make_trainer()
+    callback = ready(EarlyStopping("m", patience=0, check_on_train_epoch_end=explicit), trainer)
     trainer.callback_metrics["m"] = torch.tensor(1.0)
-    callback.on_validation_end(trainer, None)
-    assert callback.best_score is None
-    callback.on_train_epoch_end(trainer, None)
+    (callback.on_validation_end if explicit else callback.on_train_epoch_end)(trainer, None)
+    assert torch.isinf(callback.best_score)  # the other hook does nothing
+    (callback.on_train_epoch_end if explicit else callback.on_validation_end)(trainer, None)
     assert callback.best_score == 1.0
 
 
 @pytest.mark.parametrize("stage", ["validate", "test"])
 def test_no_check_outside_fit(stage):
-    callback = EarlyStopping("val_loss", patience=0)
     trainer = make_trainer(stage=stage)
+    callback = ready(EarlyStopping("val_loss", patience=0), trainer)
     trainer.callback_metrics["val_loss"] = torch.tensor(math.nan)
     callback.on_validation_end(trainer, None)
+    callback.on_train_epoch_end(trainer, None)
     assert not trainer.should_stop
 
 
 def test_decision_goes_through_the_strategy():
-    callback = EarlyStopping("val_loss", patience=5)
     trainer = make_trainer(others_stop=True)
+    callback = ready(EarlyStopping("val_loss", patience=5), trainer)
     trainer.callback_metrics["val_loss"] = torch.tensor(1.0)
-    callback.on_validation_end(trainer, None)
+    callback.on_train_epoch_end(trainer, None)
     assert trainer.strategy.calls == [(False, False)]  # any rank voting stop stops all
     assert trainer.should_stop and callback.stopped_epoch == 0
 
 
 def test_state_dict_round_trip_continues_patience():
     callback = EarlyStopping("val_loss", patience=3)
-    trainer = make_trainer()
-    run_validations(callback, trainer, [1.0, 0.5, 0.6, 0.7])
+    run_validations(callback, make_trainer(), [1.0, 0.5, 0.6, 0.7])
     state = callback.state_dict()
-    assert state == {"wait_count": 2, "best_score": 0.5, "stopped_epoch": None}
-    assert all(isinstance(v, (int, float, type(None))) for v in state.values())
+    assert state == {"wait_count": 2, "best_score": 0.5, "stopped_epoch": 0, "patience": 3}
+    assert all(isinstance(v, (int, float)) for v in state.values())  # checkpoints never pickle
     resumed = EarlyStopping("val_loss", patience=3)
     resumed.load_state_dict(state)
-    trainer = make_trainer()
-    assert run_validations(resumed, trainer, [0.8]) == 0  # third check without improvement
+    assert resumed.best_score == 0.5 and resumed.wait_count == 2
+    assert run_validations(resumed, make_trainer(), [0.8]) == 0  # third check without improvement
 
 
-def test_state_key_tells_monitors_apart():
+def test_state_key_is_lightnings_and_tells_monitors_apart():
+    assert EarlyStopping("a").state_key == "EarlyStopping{'monitor': 'a', 'mode': 'min'}"
     assert EarlyStopping("a").state_key != EarlyStopping("b").state_key
     assert EarlyStopping("a").state_key != EarlyStopping("a", mode="max").state_key
 
 
-def test_verbose_reports_on_stderr(capsys):
-    callback = EarlyStopping("val_loss", patience=0, verbose=True)
-    run_validations(callback, make_trainer(), [1.0, 2.0])
-    err = capsys.readouterr().err
-    assert "val_loss" in err and "Stopping" in err
-
-
 @settings(max_examples=60, deadline=None)
 @given(
-    values=st.lists(st.floats(-10, 10, allow_nan=False), min_size=1, max_size=20),
+    values=st.lists(st.floats(-10, 10, allow_nan=False, width=32), min_size=1, max_size=20),
     patience=st.integers(0, 4),
     min_delta=st.sampled_from([0.0, 0.5]),
 )
@@ -194,7 +239,7 @@ def test_stops_exactly_after_patience_checks_without_improvement(values, patienc
     # more than min_delta) happened at least `patience` checks ago (and at least one check ago).
     best, last_improvement, expected = math.inf, 0, None
     for k, value in enumerate(values):
-        if k == 0 or value < best - min_delta:
+        if k == 0 or value + min_delta < best:
             best, last_improvement = value, k
         elif k - last_improvement >= max(patience, 1):
             expected = k
@@ -248,7 +293,7 @@ def test_fit_stops_after_patience_epochs_without_improvement():
     module = ScriptedMetric([3.0, 2.0, 1.0, 1.5, 1.2, 0.1, 0.1, 0.1])
     fit_scripted(module, callback)
     assert module.epochs_run == 5 and callback.stopped_epoch == 4
-    assert callback.best_score == 1.0
+    assert callback.best_score == 1.0 and callback.wait_count == 2
 
 
 def test_fit_without_validation_checks_training_epoch_metric():
@@ -265,5 +310,5 @@ def test_fit_runs_to_the_end_while_improving():
 
 
 def test_fit_with_missing_metric_raises():
-    with pytest.raises(RuntimeError, match=r"`val_acc`.*\['metric'\]"):
+    with pytest.raises(RuntimeError, match=r"`val_acc` which is not available.*`metric`"):
         fit_scripted(ScriptedMetric([1.0, 1.0]), EarlyStopping("val_acc"))
