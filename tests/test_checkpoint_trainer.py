@@ -94,7 +94,10 @@ def reference(tmp_path_factory) -> TiedNet:
 
 
 def every_step(**kwargs: Any) -> ModelCheckpoint:
-    return ModelCheckpoint(every_n_train_steps=1, every_n_epochs=None, filename="step={step}", **kwargs)
+    callback = ModelCheckpoint(every_n_train_steps=1, save_top_k=-1, filename="step={step}",
+                               auto_insert_metric_name=False, **kwargs)
+    callback.FILE_EXTENSION = ""  # plain "step=N" directory names (Lightning's documented customisation)
+    return callback
 
 
 # ---- formats ------------------------------------------------------------------------------------------
@@ -306,14 +309,14 @@ def remote_names(fs: Any, path: str) -> list[str]:
 
 def check_remote_rotation_and_resume(root: str, fs: Any, path: str, reference: TiedNet) -> None:
     train(root, 1, callbacks=[ModelCheckpoint(every_n_train_steps=2, total_limit=2)])
-    assert remote_names(fs, f"{path}/checkpoints") == ["epoch=0-step=4", "epoch=0-step=5"]
-    assert [m.path for m in list_checkpoints(f"{root}/checkpoints")] == [f"{root}/checkpoints/epoch=0-step=5",
-                                                                           f"{root}/checkpoints/epoch=0-step=4"]
+    assert remote_names(fs, f"{path}/checkpoints") == ["epoch=0-step=2.ckpt", "epoch=0-step=4.ckpt"]
+    assert [m.path for m in list_checkpoints(f"{root}/checkpoints")] == [
+        f"{root}/checkpoints/epoch=0-step=4.ckpt", f"{root}/checkpoints/epoch=0-step=2.ckpt"]
     callback = ModelCheckpoint(every_n_train_steps=2, total_limit=2)
     trainer, module = train(root, 2, ckpt_path="last", callbacks=[callback])
     assert_same_weights(module, reference)
-    assert remote_names(fs, f"{path}/checkpoints") == ["epoch=1-step=10", "epoch=1-step=8"]
-    assert callback.last_model_path == f"{root}/checkpoints/epoch=1-step=10"
+    assert remote_names(fs, f"{path}/checkpoints") == ["epoch=1-step=10.ckpt", "epoch=1-step=8.ckpt"]
+    assert callback.best_model_path == f"{root}/checkpoints/epoch=1-step=10.ckpt"  # no monitor: the newest
 
 
 def test_memory_filesystem_save_rotate_resume_last(reference):
@@ -369,7 +372,7 @@ def test_async_save_writes_the_same_checkpoints_as_sync(tmp_path, reference, saf
     for name in names:
         assert manifest_entries(str(root / "checkpoints" / name)) == \
             manifest_entries(str(tmp_path / "sync" / "checkpoints" / name))
-    assert callback.last_model_path == str(root / "checkpoints" / "step=10")
+    assert callback.best_model_path == str(root / "checkpoints" / "step=10")  # no monitor: the newest
 
     path = str(root / "checkpoints" / "step=8")
     resumed = train(root, 2, ckpt_path=path, callbacks=[every_step(async_save=True)])[1]

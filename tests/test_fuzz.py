@@ -221,7 +221,8 @@ def pristine(tmp_path_factory, parts) -> str:
     """A run's checkpoint folder with two checkpoints, step=2 (older) and step=3 (newest)."""
     TinyModule, loader = parts
     root = tmp_path_factory.mktemp("pristine")
-    callback = ModelCheckpoint(every_n_train_steps=1, every_n_epochs=None, filename="step={step}", total_limit=2)
+    callback = ModelCheckpoint(every_n_train_steps=1, save_top_k=-1, filename="{step}", total_limit=2)
+    callback.FILE_EXTENSION = ""  # plain "step=N" directory names (Lightning's documented customisation)
     Trainer(default_root_dir=str(root), max_epochs=1, logger=False, enable_progress_bar=False,
             callbacks=[callback]).fit(TinyModule(), loader())
     dirpath = str(root / "checkpoints")
@@ -309,7 +310,7 @@ def test_damaged_checkpoint_folders_load_or_fail_cleanly_and_keep_the_older_one(
         older = digests(os.path.join(dirpath, "step=2"))
         start = StepAtStart()
         trainer = Trainer(default_root_dir=root, max_epochs=2, logger=False, enable_progress_bar=False,
-                          callbacks=[ModelCheckpoint(every_n_epochs=None), start])
+                          callbacks=[ModelCheckpoint(save_top_k=0), start])
         ckpt_path = os.path.join(dirpath, "step=3") if how == "newest" else "last"
         error = ends_documented(lambda: trainer.fit(TinyModule(), loader(), ckpt_path=ckpt_path))
         if how == "last":  # the older checkpoint is intact, so "last" always finds something to resume

@@ -119,7 +119,7 @@ def test_batches_without_a_loss_are_not_bad(make_trainer, tiny_module_cls, make_
 def test_stop_checkpoints_names_the_step_and_resumes_like_skip(make_trainer, tiny_module_cls, make_loader, tmp_path):
     module = bad_module(tiny_module_cls)
     trainer = make_trainer(max_epochs=2, nan_policy="stop", enable_checkpointing=True,
-                           callbacks=[ModelCheckpoint(every_n_epochs=None)])
+                           callbacks=[ModelCheckpoint(save_top_k=0)])
     with pytest.raises(NonFiniteLossError, match=rf"global_step={BAD_BATCH} \(epoch 0, batch {BAD_BATCH}\)") as info:
         trainer.fit(module, make_loader(num_samples=24))
     exc = info.value

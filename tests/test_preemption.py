@@ -78,7 +78,7 @@ def test_signal_checkpoints_at_the_step_boundary_and_exits_75(make_trainer, tiny
     assert isinstance(exc, SystemExit) and exc.code == PREEMPTED_EXIT_CODE == 75
     assert exc.global_step == trainer.global_step == 3 and exc.signal_name == signal.Signals(sig).name
     dirpath = str(tmp_path / "checkpoints")
-    assert exc.checkpoint == find_last(dirpath) == os.path.join(dirpath, "epoch=0-step=3")
+    assert exc.checkpoint == find_last(dirpath) == os.path.join(dirpath, "epoch=0-step=3.ckpt")
     assert read_state(exc.checkpoint, "trainer")["loop"]["global_step"] == 3
     assert signal.getsignal(sig) is before  # handlers restored
     message = capsys.readouterr().err
@@ -132,7 +132,7 @@ def test_a_signal_during_validation_is_acted_on_at_the_next_step(make_trainer, t
 
 def test_a_signal_after_the_last_step_still_checkpoints(make_trainer, tiny_module_cls, make_loader, tmp_path):
     send = send_from("on_train_epoch_end", 0)
-    trainer, exc = fit(make_trainer, tiny_module_cls(), make_loader(), [send, ModelCheckpoint(every_n_epochs=None)],
+    trainer, exc = fit(make_trainer, tiny_module_cls(), make_loader(), [send, ModelCheckpoint(save_top_k=0)],
                        max_epochs=1)
     assert exc is not None and exc.global_step == 5
     loop = read_state(find_last(str(tmp_path / "checkpoints")), "trainer")["loop"]
@@ -465,7 +465,7 @@ def _one_rank_signalled_job(root: str) -> None:
 
     rank = int(os.environ["RANK"])
     for every in (1, 3, None):
-        callbacks = [ModelCheckpoint(every_n_epochs=None), PreemptionHandler(check_every_n_steps=every)]
+        callbacks = [ModelCheckpoint(save_top_k=0), PreemptionHandler(check_every_n_steps=every)]
         if rank == 1:
             callbacks.insert(0, SendSignal(3))
         if every is None:  # the automatic interval: ~0.5 s, about 50 of these steps

@@ -143,13 +143,13 @@ def test_resume_right_before_a_mid_epoch_validation_is_exact(tmp_path, monkeypat
         seed_everything(7)
         module = SampledValidation()
         trainer = Trainer(default_root_dir=str(root), max_epochs=2, val_check_interval=3, precision="32-true",
-                          logger=False, enable_progress_bar=False, callbacks=[ModelCheckpoint(every_n_train_steps=3)])
+                          logger=False, enable_progress_bar=False, callbacks=[ModelCheckpoint(every_n_train_steps=3, save_top_k=-1)])
         trainer.fit(module, DataLoader(script.IndexedDataset(40), batch_size=4, shuffle=True),
                     DataLoader(script.IndexedDataset(8), batch_size=4), ckpt_path=ckpt_path)
         return script.final_state(trainer, module), {k: float(v) for k, v in trainer.callback_metrics.items()}
 
     reference, reference_metrics = run(tmp_path / "full")
     # step 6 = batch 5 of epoch 0: saved at its batch end, then validation ran (val_check_interval=3)
-    resumed, metrics = run(tmp_path / "resumed", str(tmp_path / "full" / "checkpoints" / "epoch=0-step=6"))
+    resumed, metrics = run(tmp_path / "resumed", str(tmp_path / "full" / "checkpoints" / "epoch=0-step=6.ckpt"))
     assert metrics == reference_metrics
     assert not [k for k in reference if not torch.equal(reference[k], resumed[k])]

@@ -38,7 +38,10 @@ SECRET = "TOPSECRET9"
 
 
 def every_step(**kwargs):
-    return ModelCheckpoint(**{"every_n_train_steps": 1, "every_n_epochs": None, "filename": "step={step}", **kwargs})
+    callback = ModelCheckpoint(**{"every_n_train_steps": 1, "save_top_k": -1, "filename": "step={step}",
+                                  "auto_insert_metric_name": False, **kwargs})
+    callback.FILE_EXTENSION = ""  # plain "step=N" directory names (Lightning's documented customisation)
+    return callback
 
 
 @pytest.fixture

@@ -85,8 +85,10 @@ class Failure:
 
 
 def every_step(**kwargs: Any) -> ModelCheckpoint:
-    return ModelCheckpoint(**{"every_n_train_steps": 1, "every_n_epochs": None, "filename": "step={step}",
-                              "total_limit": 2, **kwargs})
+    callback = ModelCheckpoint(**{"every_n_train_steps": 1, "save_top_k": -1, "filename": "step={step}",
+                                  "auto_insert_metric_name": False, "total_limit": 2, **kwargs})
+    callback.FILE_EXTENSION = ""  # plain "step=N" directory names (Lightning's documented customisation)
+    return callback
 
 
 def visible(dirpath: str) -> list[str]:

@@ -287,7 +287,7 @@ def resume_stage(out: str, stage_n: int) -> None:
     ckpt_dir = f"local://{root}/ckpt" if stage_n == 3 else os.path.join(root, "ckpt")
     loader = DataLoader(IndexedData(24), batch_size=2, shuffle=True)  # 6 batches per rank and epoch
     seed_everything(7)
-    every = ModelCheckpoint(dirpath=ckpt_dir, every_n_train_steps=4, every_n_epochs=None, save_last=False)
+    every = ModelCheckpoint(dirpath=ckpt_dir, every_n_train_steps=4, save_top_k=-1)
     run_a = trainer(stage_n, root, max_steps=10, max_epochs=None, callbacks=[every], enable_checkpointing=True)
     run_a.fit(Regression("adamw", lr=0.01, dropout=0.2), loader)
     final_a = final_state(run_a)
@@ -295,7 +295,7 @@ def resume_stage(out: str, stage_n: int) -> None:
     seed_everything(123)  # resuming must restore every RNG and the data order itself
     run_b = trainer(stage_n, root, max_steps=10, max_epochs=None)
     module_b = Regression("adamw", lr=0.01, dropout=0.2)
-    run_b.fit(module_b, loader, ckpt_path=f"{ckpt_dir}/epoch=0-step=4")
+    run_b.fit(module_b, loader, ckpt_path=f"{ckpt_dir}/epoch=0-step=4.ckpt")
     final_b = final_state(run_b)
     # evaluation from the checkpoint in a third Trainer: weights only, through validate()
     run_c = trainer(stage_n, root)

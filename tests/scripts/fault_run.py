@@ -147,7 +147,7 @@ def main(argv: list[str] | None = None) -> None:
         timeout = timedelta(seconds=args.timeout) if args.timeout else timedelta(minutes=30)
         strategy = DDPStrategy(timeout=timeout)
     callbacks = [Faults(args.fault, args.fault_rank, args.fault_step),
-                 ModelCheckpoint(every_n_train_steps=args.every_n_steps, total_limit=args.total_limit)]
+                 ModelCheckpoint(every_n_train_steps=args.every_n_steps, save_top_k=-1, total_limit=args.total_limit)]
     if args.preempt_every:
         from callbacks.preemption import PreemptionHandler
 

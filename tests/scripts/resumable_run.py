@@ -119,8 +119,12 @@ def main(argv: list[str] | None = None) -> None:
     dataset = IndexedDataset(args.samples)
     loader = DataLoader(dataset, batch_size=args.batch_size, shuffle=True, num_workers=args.workers)
     callbacks: list[Callback] = [Progress()] if args.progress else []
-    callbacks.append(ModelCheckpoint(every_n_train_steps=args.every_n_steps, total_limit=args.total_limit,
-                                     async_save=args.async_save))
+    # Every N steps, keeping all (save_top_k=-1) unless --total-limit; without a limit also every epoch end
+    # (a Lightning ModelCheckpoint has one schedule, so that is a second callback on the same folder).
+    callbacks.append(ModelCheckpoint(every_n_train_steps=args.every_n_steps, save_top_k=-1,
+                                     total_limit=args.total_limit, async_save=args.async_save))
+    if args.total_limit is None:
+        callbacks.append(ModelCheckpoint(every_n_epochs=1, save_top_k=-1))
     trainer = Trainer(default_root_dir=args.root, max_epochs=args.max_epochs, max_steps=args.max_steps,
                       precision=args.precision, accumulate_grad_batches=args.accumulate, callbacks=callbacks,
                       logger=False, enable_progress_bar=False)

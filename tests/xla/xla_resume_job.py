@@ -50,7 +50,7 @@ def train(root: str, max_steps: int, ckpt_path: str | None = None, parallel_load
     data = TensorDataset(torch.randn(40, 4, generator=g), torch.randn(40, 1, generator=g))
     module = DropoutTiedNet()
     checkpoints = ModelCheckpoint(dirpath=os.path.join(root, "checkpoints"), every_n_train_steps=CHECKPOINT_EVERY,
-                                  every_n_epochs=None, save_last=False)
+                                  save_top_k=-1)
     trainer = Trainer(strategy=XLAStrategy(parallel_loader=parallel_loader), max_steps=max_steps,
                       callbacks=[checkpoints], logger=False, enable_progress_bar=False, default_root_dir=root)
     trainer.fit(module, DataLoader(data, batch_size=8, shuffle=True), ckpt_path=ckpt_path)
