@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from callbacks import checkpoint_naming as naming
+from framework.exceptions import MisconfigurationException
 
 if TYPE_CHECKING:
     from framework.trainer import Trainer
@@ -54,7 +55,7 @@ class CheckpointKeeping:
                        f"metrics: {list(candidates)}. HINT: Did you call `log({self.monitor!r}, value)` in the "
                        "`TrainModule`?")
             if self._validation_ran:
-                raise KeyError(message)
+                raise MisconfigurationException(message)
             _warn_once(self, message)
             return
         current = candidates[self.monitor]

@@ -19,6 +19,7 @@ from hypothesis import strategies as st
 from callbacks import ModelCheckpoint
 from framework.checkpoint import list_checkpoints, read_manifest, read_state, tensor_files, verify_checkpoint
 from framework.checkpoint.owner import OWNER_PREFIX, owner_record
+from framework.exceptions import MisconfigurationException
 
 BATCHES_PER_EPOCH = 5  # make_loader(): 20 samples, batch_size 4
 
@@ -214,7 +215,7 @@ def test_nan_score_ranks_worst(make_trainer, scored_module_cls, make_loader, tmp
 def test_missing_monitor_fails_once_validation_ran(make_trainer, tiny_module_cls, make_loader):
     trainer = make_trainer(max_epochs=1, enable_checkpointing=True,
                            callbacks=[ModelCheckpoint(monitor="val_acc", save_top_k=1)])
-    with pytest.raises(KeyError, match=r"monitor='val_acc'.*train_loss.*val_loss"):
+    with pytest.raises(MisconfigurationException, match=r"monitor='val_acc'.*could not find.*'val_loss'"):
         trainer.fit(tiny_module_cls(), make_loader(), make_loader())
 
 
