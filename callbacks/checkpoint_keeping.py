@@ -159,9 +159,10 @@ class CheckpointKeeping:
                     _remove(path)
             if self.total_limit is not None:
                 self._apply_total_limit()
-            for logger in getattr(trainer, "loggers", ()):
-                if hasattr(logger, "after_save_checkpoint"):
-                    logger.after_save_checkpoint(self)
+            if link is None:  # Lightning tells loggers about saves, not links
+                for logger in getattr(trainer, "loggers", ()):
+                    if hasattr(logger, "after_save_checkpoint"):
+                        logger.after_save_checkpoint(self)
 
     def _apply_total_limit(self) -> None:
         """Kiln's ``total_limit``: delete all but the newest k checkpoints of dirpath (best and last are kept too)."""

@@ -258,7 +258,7 @@ def test_a_rank_killed_during_a_ddp_save_leaves_the_previous_checkpoint_loadable
     with job.changed:
         assert wait_gone(job.pids.values(), ENDS_WITHIN), job.pids
     last = find_last(str(dirpath))
-    assert last is not None and Path(last).name == "epoch=0-step=2", os.listdir(dirpath)
+    assert last is not None and Path(last).name == "epoch=0-step=2.ckpt", os.listdir(dirpath)
     manifest = verify_checkpoint(last)
     assert manifest.world_size == 2 and {"rank-0", "rank-1", "model", "trainer"} <= set(manifest.state_names())
     assert visible(dirpath) == complete(dirpath), os.listdir(dirpath)
