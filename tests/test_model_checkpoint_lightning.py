@@ -365,3 +365,17 @@ def test_no_saves_outside_fit_and_no_repeat_at_the_same_step(tmp_path):
     trainer.test(BoringModule())
     assert names(tmp_path) == before == {"step=1.ckpt", "step=2.ckpt"}
     time.sleep(0)  # nothing pending
+
+
+def test_save_weights_only_keeps_the_model_and_drops_training_state(tmp_path):
+    callback = ModelCheckpoint(dirpath=tmp_path, save_weights_only=True)
+    module = BoringModule()
+    trainer_for(tmp_path, callback, max_epochs=1, limit_train_batches=2, limit_val_batches=1).fit(module)
+    manifest = read_manifest(callback.best_model_path)
+    assert manifest.metadata["weights_only"] is True and manifest.global_step == 2
+    state = read_state(callback.best_model_path, "trainer")
+    assert not state.get("optimizers") and "callbacks" not in state and "schedulers" not in state
+    fresh = BoringModule()
+    trainer_for(tmp_path / "eval", ModelCheckpoint(dirpath=tmp_path / "eval"), limit_val_batches=1).validate(
+        fresh, ckpt_path=callback.best_model_path)
+    assert all(torch.equal(a, b) for a, b in zip(fresh.state_dict().values(), module.state_dict().values()))
