@@ -214,7 +214,7 @@ class Trainer(TrainerViews):
                 from framework.checkpoint.trainer_state import restore_trainer_checkpoint
 
                 self.ckpt_path = restore_trainer_checkpoint(self, ckpt_path, training=stage == "fit")
-            self.profiler.setup(stage, self.local_rank, self.log_dir)
+            self.profiler.setup(stage, self.local_rank if self.world_size > 1 else None, self.log_dir)
             with self.profiler.profile(f"run_{stage}"), torch.autograd.set_detect_anomaly(self.detect_anomaly):
                 result = self._run_stage(stage, hooks, data, keep)
             self.profiler.teardown(stage)
@@ -226,6 +226,7 @@ class Trainer(TrainerViews):
             hooks.datamodule_hook("on_exception", exc)
             for logger in self.loggers:
                 logger.finalize("failed")
+            self.profiler.teardown(stage)  # a torch.profiler run and its module hooks end with the stage
             self.strategy.teardown()
             raise
         for logger in self.loggers:

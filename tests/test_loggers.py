@@ -11,6 +11,7 @@ import fsspec
 import pytest
 import torch
 import yaml
+from conftest import TinyModule
 from torch.utils.data import DataLoader, TensorDataset
 
 from framework import Trainer, TrainModule
@@ -429,3 +430,16 @@ def test_fit_without_logger_writes_nothing(tmp_path):
 def test_trainer_rejects_bad_logger():
     with pytest.raises(TypeError, match="`logger`"):
         Trainer(max_epochs=1, logger="tensorboard")
+
+
+class WithHparams(TinyModule):
+    def __init__(self, lr: float = 0.1, width: int = 4) -> None:
+        super().__init__(lr=lr)
+        self.save_hyperparameters()
+
+
+def test_hyperparameters_reach_the_loggers(make_trainer, make_loader, tmp_path):
+    logger = CSVLogger(tmp_path / "logs")
+    make_trainer(max_epochs=1, logger=logger).fit(WithHparams(lr=0.05), make_loader())
+    with open(os.path.join(logger.log_dir, "hparams.yaml")) as f:
+        assert yaml.safe_load(f) == {"lr": 0.05, "width": 4}

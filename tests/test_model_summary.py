@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import TinyModule
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
@@ -145,3 +146,11 @@ def test_lightning_rich_callbacks_name_the_kiln_way(name, kiln_way):
 
     with pytest.raises(ImportError, match=kiln_way):
         getattr(callbacks, name)
+
+
+def test_model_summary_printed_when_enabled(make_trainer, make_loader, capsys):
+    make_trainer(max_epochs=1, enable_model_summary=True).fit(TinyModule(), make_loader())  # Trainer default
+    out = capsys.readouterr().out
+    assert "0 | layer | Linear | 5      | train" in out and "5         Total params" in out
+    make_trainer(max_epochs=1, enable_model_summary=False).fit(TinyModule(), make_loader())
+    assert "Total params" not in capsys.readouterr().out

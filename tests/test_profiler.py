@@ -8,6 +8,7 @@ import time
 
 import pytest
 import torch
+from conftest import TinyModule
 
 from framework.profiler import (
     AdvancedProfiler,
@@ -184,3 +185,48 @@ def test_report_survives_teardown_until_described(name, tmp_path, capsys):
     assert "FIT Profiler Report" in out and "run_training_batch" in out
     profiler.describe()  # described once: the next stage starts afresh
     assert capsys.readouterr().out == ""
+
+
+# ---- through a real Trainer ----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", ["simple", "advanced", "pytorch"])
+def test_trainer_profiler_reports_lightning_actions(make_trainer, make_loader, capsys, name):
+    trainer = make_trainer(max_epochs=1, profiler=name)
+    trainer.fit(TinyModule(), make_loader(), make_loader())
+    out = capsys.readouterr().out
+    assert "FIT Profiler Report" in out
+    assert "run_training_batch" in out
+
+
+def test_trainer_profiler_off_by_default(make_trainer, make_loader, capsys):
+    from framework.profiler import PassThroughProfiler
+
+    trainer = make_trainer(max_epochs=1)
+    trainer.fit(TinyModule(), make_loader())
+    assert isinstance(trainer.profiler, PassThroughProfiler)
+    assert "Profiler Report" not in capsys.readouterr().out
+
+
+def test_pytorch_profiler_trace_under_log_dir(make_trainer, make_loader, tmp_path):
+    from framework.profiler import PyTorchProfiler
+
+    profiler = PyTorchProfiler(filename="perf")
+    make_trainer(max_epochs=1, profiler=profiler).fit(TinyModule(), make_loader())
+    assert profiler.trace_path is not None and os.path.exists(profiler.trace_path)
+    assert os.path.basename(profiler.trace_path) == "fit-perf.pt.trace.json"
+
+
+def test_failed_fit_ends_the_torch_profiler(make_trainer, make_loader):
+    import torch
+
+    class Fails(TinyModule):
+        def training_step(self, batch, batch_idx):
+            if batch_idx == 1:
+                raise RuntimeError("boom")
+            return super().training_step(batch, batch_idx)
+
+    with pytest.raises(RuntimeError, match="boom"):
+        make_trainer(max_epochs=1, profiler="pytorch").fit(Fails(), make_loader())
+    assert torch.nn.modules.module._global_forward_pre_hooks == {}
+    assert torch.autograd.profiler._is_profiler_enabled is False

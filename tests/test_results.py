@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
+from conftest import TinyModule
 
 from framework.results import format_results_table, print_results
 
@@ -57,4 +59,22 @@ def test_printed_on_global_zero_only(capsys):
     out = capsys.readouterr().out
     assert "Test metric" in out and "loss" in out
     print_results([{}], "test")
+    assert capsys.readouterr().out == ""
+
+
+# ---- through a real Trainer ----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("stage", ["validate", "test"])
+def test_results_table_printed_unless_quiet(make_trainer, make_loader, capsys, stage):
+    trainer = make_trainer()
+    module = TinyModule()
+    results = getattr(trainer, stage)(module, make_loader())
+    out = capsys.readouterr().out
+    title = "Validate metric" if stage == "validate" else "Test metric"
+    metric = "val_loss" if stage == "validate" else "test_loss"
+    assert title in out and "DataLoader 0" in out
+    (row,) = [line for line in out.splitlines() if metric in line]
+    assert row.split() == [metric, str(results[0][metric])]
+    getattr(trainer, stage)(module, make_loader(), verbose=False)
     assert capsys.readouterr().out == ""

@@ -10,7 +10,6 @@ from torch.optim.swa_utils import SWALR, update_bn
 
 from callbacks.lambda_function import LambdaCallback
 from callbacks.stochastic_weight_avg import StochasticWeightAveraging
-from framework import Trainer
 
 
 class Scheduled(TinyModule):
@@ -54,7 +53,6 @@ class WithBatchNorm(TinyModule):
         self.layer = nn.Sequential(nn.Linear(4, 8), nn.BatchNorm1d(8), nn.Linear(8, 1))
 
 
-@pytest.mark.skipif(not hasattr(Trainer, "train_dataloader"), reason="needs trainer.train_dataloader (loop branch)")
 def test_batch_norm_statistics_match_the_averaged_weights(make_trainer, make_loader):
     module = WithBatchNorm()
     loader = make_loader(num_samples=16)
