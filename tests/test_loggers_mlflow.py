@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import filecmp
 import os
 import types
 import uuid
@@ -126,3 +127,26 @@ def test_fit_logs_to_mlflow(sqlite_uri, tmp_path):
     assert steps == [1, 2, 3, 4]
     assert client(sqlite_uri).get_run(logger.run_id).info.status == "FINISHED"
     assert not os.path.exists(tmp_path / "mlruns")
+
+
+@pytest.mark.parametrize("log_model", ["all", True])
+def test_fit_uploads_model_checkpoints(sqlite_uri, tmp_path, log_model):
+    from callbacks import ModelCheckpoint
+
+    logger = MLFlowLogger(experiment_name=f"ckpt-{log_model}", tracking_uri=sqlite_uri, log_model=log_model,
+                          artifact_location=str(tmp_path / "art"))
+    checkpoint = ModelCheckpoint(dirpath=str(tmp_path / "ckpts"), save_top_k=-1)
+    data = TensorDataset(torch.randn(16, 4), torch.randn(16, 1))
+    trainer = Trainer(max_epochs=2, logger=logger, callbacks=[checkpoint], enable_progress_bar=False,
+                      enable_model_summary=False, default_root_dir=tmp_path)
+    trainer.fit(Tiny(), DataLoader(data, batch_size=4))
+    saved = sorted(os.listdir(tmp_path / "ckpts"))
+    assert len(saved) == 2
+    uploaded = sorted(f.path for f in client(sqlite_uri).list_artifacts(logger.run_id))
+    assert uploaded == saved
+    for name in saved:  # every file of each checkpoint directory, byte for byte
+        fetched = client(sqlite_uri).download_artifacts(logger.run_id, name, str(tmp_path / "fetched"))
+        comparison = filecmp.dircmp(tmp_path / "ckpts" / name, fetched)
+        assert comparison.left_list == comparison.right_list and comparison.left_list
+        assert filecmp.cmpfiles(tmp_path / "ckpts" / name, fetched, comparison.left_list, shallow=False)[0] == \
+            comparison.left_list
