@@ -188,11 +188,8 @@ class TrainModule(HyperparametersMixin, ModuleUtilities, ModuleHooks, DataHooks,
         trainer = self.trainer
         trainer._call_hooks("on_before_backward", loss)
         if trainer.hooks.module_overrides("backward"):
-            self.backward(trainer.precision_plugin.scale_loss(loss), *args, **kwargs)
-        elif args or kwargs:
-            _backward_with_args(trainer.strategy, loss, args, kwargs)
-        else:
-            trainer.strategy.backward(loss)
+            kwargs["backward_fn"] = self.backward
+        trainer.strategy.backward(loss, *args, **kwargs)
         trainer._call_hooks("on_after_backward")
 
     @restricted_classmethod
@@ -230,18 +227,6 @@ class TrainModule(HyperparametersMixin, ModuleUtilities, ModuleHooks, DataHooks,
         state["_trainer"] = None
         return state
 
-
-def _backward_with_args(strategy: Any, loss: torch.Tensor, args: tuple, kwargs: dict[str, Any]) -> None:
-    """``strategy.backward(loss, *args, **kwargs)``; a strategy whose backward takes no extra arguments is
-    refused clearly rather than having them dropped."""
-    import inspect
-
-    params = inspect.signature(strategy.backward).parameters.values()
-    if not any(p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD) for p in params):
-        raise TypeError(f"manual_backward(loss, *{args!r}, **{kwargs!r}): {type(strategy).__name__}.backward takes "
-                        "no extra arguments to pass on to Tensor.backward; call self.manual_backward(loss) "
-                        "without them.")
-    strategy.backward(loss, *args, **kwargs)
 
 
 def _is_metric(value: Any) -> bool:

@@ -10,7 +10,7 @@ Strings (contract): "32-true" (alias "32"), "64-true", "16-mixed", "bf16-mixed",
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, contextmanager, nullcontext
 from typing import Any
 
@@ -42,8 +42,15 @@ class Precision:
         """Context wrapping forward passes (training, evaluation and prediction steps)."""
         return _NULL_CONTEXT
 
-    def backward(self, loss: torch.Tensor) -> None:
-        self.scale_loss(loss).backward()
+    def backward(self, loss: torch.Tensor, *args: Any, backward_fn: Callable[..., Any] | None = None,
+                 **kwargs: Any) -> None:
+        """Backpropagate the scaled loss; ``backward_fn`` is the module's ``backward`` when it overrides it, and
+        ``args``/``kwargs`` go on to it (e.g. ``retain_graph=True`` from ``manual_backward``)."""
+        scaled = self.scale_loss(loss)
+        if backward_fn is None:
+            scaled.backward(*args, **kwargs)
+        else:
+            backward_fn(scaled, *args, **kwargs)
 
     def scale_loss(self, loss: torch.Tensor) -> torch.Tensor:
         """The loss as backward must see it (scaled by the fp16 loss scaler; unchanged otherwise)."""
@@ -151,9 +158,6 @@ class MixedPrecision(Precision):
             return loss
         self.finish_step()  # gradients of a new iteration are scaled with the updated scale
         return self.scaler.scale(loss)
-
-    def backward(self, loss: torch.Tensor) -> None:
-        self.scale_loss(loss).backward()
 
     def unscale_gradients(self, optimizer: torch.optim.Optimizer) -> None:
         if self.scaler is not None and id(optimizer) not in self._unscaled:

@@ -122,8 +122,9 @@ class Strategy:
         """Context for a micro-batch's forward+backward; ``skip_sync`` inside an accumulation window."""
         return _NULL
 
-    def backward(self, loss: torch.Tensor) -> None:
-        self.precision.backward(loss)
+    def backward(self, loss: torch.Tensor, *args: Any, **kwargs: Any) -> None:
+        """Backward through the precision plugin; ``args``/``kwargs`` (incl. ``backward_fn``) go on to it."""
+        self.precision.backward(loss, *args, **kwargs)
 
     def clip_gradients(self, optimizer: torch.optim.Optimizer, clip_val: float, algorithm: str) -> torch.Tensor | None:
         """Clip this optimizer's true (unscaled) gradients by ``"norm"`` or ``"value"``.

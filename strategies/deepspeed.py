@@ -104,9 +104,13 @@ class DeepSpeedPrecision(Precision):
             return _NULL
         return torch.autocast(self.device_type, dtype=self.dtype)
 
-    def backward(self, loss: torch.Tensor) -> None:
+    def backward(self, loss: torch.Tensor, *args: Any, backward_fn: Any = None, **kwargs: Any) -> None:
         """``engine.backward``: scales fp16 losses and reduces/partitions gradients as its ZeRO stage does."""
-        self._engine().backward(loss)
+        if backward_fn is not None or args:
+            raise ValueError("DeepSpeed runs backward inside its engine, so a backward() override on the module (or "
+                             "positional backward arguments) cannot be honoured; remove the override, or use "
+                             "strategy='ddp'/'fsdp'. Keyword arguments such as retain_graph=True are passed on.")
+        self._engine().backward(loss, **kwargs)
 
     def optimizer_step(self, optimizer: torch.optim.Optimizer) -> bool:
         """``engine.step()``: unscale, clip, step and clear gradients; False when an fp16 overflow skipped it."""

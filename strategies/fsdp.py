@@ -121,13 +121,13 @@ class FSDPStrategy(ParallelStrategy):
             self._sync_disabled = skip_sync
         return _NULL
 
-    def backward(self, loss: torch.Tensor) -> None:
+    def backward(self, loss: torch.Tensor, *args: Any, **kwargs: Any) -> None:
         if self._manual:
             # Manual optimization runs backward inside the root's forward, before FSDP's post-forward has
             # hooked the outputs; hook the loss so the root's pre-backward (unshard, final reduce-scatter
             # callback) still runs.
             self.model._get_fsdp_state()._register_pre_backward_hook(loss)
-        super().backward(loss)
+        super().backward(loss, *args, **kwargs)
 
     def clip_gradients(self, optimizer: torch.optim.Optimizer, clip_val: float, algorithm: str) -> torch.Tensor | None:
         """Clip by the norm over all shards (DTensor gradients); returns that total norm."""

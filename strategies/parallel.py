@@ -169,10 +169,10 @@ class ParallelStrategy(Strategy):
         self._skip_sync = skip_sync
         return _NULL
 
-    def backward(self, loss: torch.Tensor) -> None:
+    def backward(self, loss: torch.Tensor, *args: Any, **kwargs: Any) -> None:
         if self._uneven is not None and self._uneven.step_is_ghost:
             loss = loss * 0  # a ghost step (uneven data) contributes nothing, manual optimization included
-        self.precision.backward(loss)
+        self.precision.backward(loss, *args, **kwargs)
         self._after_backward()
         if self._uneven is not None and not self._skip_sync:
             factor = self._uneven.gradient_factor()

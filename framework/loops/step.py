@@ -97,7 +97,7 @@ class AutomaticStep:
                 if self.any["on_before_backward"]:
                     hooks.both("on_before_backward", loss)
                 if self.custom["backward"]:
-                    self.module.backward(self.precision.scale_loss(loss))
+                    strategy.backward(loss, backward_fn=self.module.backward)  # gets the scaled loss
                 else:
                     strategy.backward(loss)
                 if self.any["on_after_backward"]:
