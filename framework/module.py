@@ -129,9 +129,13 @@ class TrainModule(HyperparametersMixin, ModuleUtilities, ModuleHooks, DataHooks,
             object.__setattr__(self, "_kiln_metric_attributes", found)
         if id(metric) not in found:
             known = sorted(found.values())
-            raise ValueError(f"self.log({name!r}, <{type(metric).__name__}>): the metric is not an attribute of "
-                             f"{type(self).__name__}, so its state could not be checkpointed. Assign it to an "
-                             f"attribute in __init__, or pass metric_attribute=<name>{f' (one of {known})' if known else ''}.")
+            from framework.exceptions import MisconfigurationException
+
+            hint = f" (one of {known})" if known else ""
+            raise MisconfigurationException(
+                f"self.log({name!r}, <{type(metric).__name__}>): the metric is not an attribute of "
+                f"{type(self).__name__}, so its state could not be checkpointed. Assign it to an attribute in "
+                f"__init__, or pass metric_attribute=<name>{hint}.")
         return found[id(metric)]
 
     # ---- trainer-backed properties -------------------------------------------------------------------

@@ -405,3 +405,16 @@ def test_no_host_sync_per_validation_step(make_trainer, make_loader, tiny_module
     trainer = make_trainer(callbacks=[probe])
     trainer.validate(tiny_module_cls(), make_loader(40, batch_size=4))  # val_loss logged every step
     assert len(set(probe.at_val_start)) == 1 and len(probe.at_val_start) == 10
+
+
+def test_a_logged_metric_must_be_an_attribute_of_the_module(make_trainer):
+    from framework.exceptions import MisconfigurationException
+
+    class Stray(Stats):
+        def validation_step(self, batch, batch_idx):
+            stray = torchmetrics.MeanMetric()  # not held by the module: its state could not be checkpointed
+            stray.update(batch[0])
+            self.log("stray", stray)
+
+    with pytest.raises(MisconfigurationException, match="'stray'.*not an attribute of Stray.*mean_metric"):
+        make_trainer().validate(Stray(), ranged_loader())

@@ -12,6 +12,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from framework.exceptions import MisconfigurationException
 from framework.metrics import RULES, MetricCollector, infer_batch_size
 from framework.metrics.rules import EPOCH, EVAL_STEP, TRAIN_STEP
 
@@ -144,7 +145,7 @@ def test_defaults_and_refusals_per_hook(fx):
     collector.current_fx = fx
     rule = RULES[fx]
     if rule is None:
-        with pytest.raises(RuntimeError, match=f"cannot be called inside {fx}"):
+        with pytest.raises(MisconfigurationException, match=f"cannot be called inside {fx}"):
             collector.log("x", 1.0)
         return
     collector.log("x", 1.0)
@@ -152,7 +153,7 @@ def test_defaults_and_refusals_per_hook(fx):
     assert (entry.on_step, entry.on_epoch) == (rule.default_on_step, rule.default_on_epoch)
     assert rule in (TRAIN_STEP, EVAL_STEP, EPOCH)
     if rule is EPOCH:
-        with pytest.raises(ValueError, match=f"on_step=True.*not allowed inside {fx}"):
+        with pytest.raises(MisconfigurationException, match=f"on_step=True.*not allowed inside {fx}"):
             collector.log("y", 1.0, on_step=True)
         with pytest.raises(ValueError, match="on_epoch=False"):
             collector.log("z", 1.0, on_epoch=False)

@@ -24,6 +24,7 @@ from typing import Any
 
 import torch
 
+from framework.exceptions import MisconfigurationException
 from framework.metrics.batch_size import infer_batch_size
 from framework.metrics.entry import REDUCTIONS, Entry, is_metric, parse_reduce_fx
 from framework.metrics.rules import EPOCH, RULES, resolve_levels
@@ -77,7 +78,7 @@ class MetricCollector:
         if in_steps:
             self._stepping = True
         if add_dataloader_idx and "/dataloader_idx_" in name:
-            raise ValueError(f"self.log({name!r}, ...): the name already holds '/dataloader_idx_'; Kiln adds that "
+            raise MisconfigurationException(f"self.log({name!r}, ...): the name already holds '/dataloader_idx_'; Kiln adds that "
                              "suffix itself. Drop it from the name, or pass add_dataloader_idx=False.")
         try:
             reduce = REDUCTIONS[reduce_fx]
@@ -121,7 +122,7 @@ class MetricCollector:
                 enable_graph=enable_graph, sync=sync, add_dataloader_idx=add_dataloader_idx,
                 metric_attribute=metric_attribute, is_tensor=is_tensor)
         elif entry.options != options or entry.is_tensor != is_tensor:
-            raise ValueError(f"self.log({name!r}, ...) was called twice in {fx}() with different options (or a "
+            raise MisconfigurationException(f"self.log({name!r}, ...) was called twice in {fx}() with different options (or a "
                              "different kind of value); log one name with one set of options per hook, or use "
                              "another name.")
         entry.group = sync_dist_group

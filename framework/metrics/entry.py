@@ -18,6 +18,8 @@ from typing import Any
 
 import torch
 
+from framework.exceptions import MisconfigurationException
+
 REDUCTIONS: dict[Any, str] = {
     "mean": "mean", "avg": "mean", "sum": "sum", "max": "max", "min": "min",
     torch.mean: "mean", torch.sum: "sum", sum: "sum", torch.max: "max", max: "max", torch.min: "min", min: "min",
@@ -34,7 +36,7 @@ def parse_reduce_fx(name: str, reduce_fx: Any) -> str:
         key = reduce_fx.lower() if isinstance(reduce_fx, str) else reduce_fx
         return REDUCTIONS[key]
     except (KeyError, TypeError):
-        raise ValueError(f"self.log({name!r}, reduce_fx={reduce_fx!r}) is not supported; use 'mean', 'sum', 'max' or "
+        raise MisconfigurationException(f"self.log({name!r}, reduce_fx={reduce_fx!r}) is not supported; use 'mean', 'sum', 'max' or "
                          "'min' (or torch.mean/sum/max/min). For another reduction log a torchmetrics.Metric.") from None
 
 

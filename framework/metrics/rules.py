@@ -10,6 +10,8 @@ from __future__ import annotations
 
 from typing import NamedTuple
 
+from framework.exceptions import MisconfigurationException
+
 
 class LogRule(NamedTuple):
     """Allowed and default ``on_step``/``on_epoch`` values of ``self.log`` inside one hook."""
@@ -57,14 +59,15 @@ RULES: dict[str, LogRule | None] = {
 
 
 def rule_for(fx: str) -> LogRule:
-    """The rule of hook ``fx``; raises where Lightning refuses ``self.log``."""
+    """The rule of hook ``fx``; raises where Lightning refuses ``self.log`` (MisconfigurationException, a
+    ValueError; RuntimeError for a function that is no hook at all, as there)."""
     try:
         rule = RULES[fx]
     except KeyError:
         raise RuntimeError(f"self.log() was called inside {fx!r}, a function Kiln does not know how to log from; "
                            "log from a step or epoch hook (see framework.metrics.rules.RULES).") from None
     if rule is None:
-        raise RuntimeError(f"self.log() cannot be called inside {fx}(): it runs outside any step or epoch. Log "
+        raise MisconfigurationException(f"self.log() cannot be called inside {fx}(): it runs outside any step or epoch. Log "
                            "from a step or epoch hook, or write to the logger directly (self.logger.log_metrics or "
                            "self.logger.experiment).")
     return rule
@@ -76,11 +79,11 @@ def resolve_levels(fx: str, name: str, on_step: bool | None, on_epoch: bool | No
     step = rule.default_on_step if on_step is None else on_step
     epoch = rule.default_on_epoch if on_epoch is None else on_epoch
     if step not in rule.allowed_on_step:
-        raise ValueError(f"self.log({name!r}, on_step={step}) is not allowed inside {fx}(): there on_step must be "
+        raise MisconfigurationException(f"self.log({name!r}, on_step={step}) is not allowed inside {fx}(): there on_step must be "
                          f"one of {rule.allowed_on_step}.")
     if epoch not in rule.allowed_on_epoch:
-        raise ValueError(f"self.log({name!r}, on_epoch={epoch}) is not allowed inside {fx}(): there on_epoch must "
+        raise MisconfigurationException(f"self.log({name!r}, on_epoch={epoch}) is not allowed inside {fx}(): there on_epoch must "
                          f"be one of {rule.allowed_on_epoch}.")
     if not (step or epoch):
-        raise ValueError(f"self.log({name!r}, on_step=False, on_epoch=False) would log nothing; set one to True.")
+        raise MisconfigurationException(f"self.log({name!r}, on_step=False, on_epoch=False) would log nothing; set one to True.")
     return step, epoch
