@@ -26,6 +26,7 @@ from framework.module import TrainModule
 from framework.optim import LRSchedulerConfig, parse_optimizers
 from framework.pitfalls import FitGuard, check_optimizer_params
 from framework.precision import resolve_precision
+from framework.rank_zero import sync_rank
 from framework.run_settings import run_settings
 from framework.trainer_views import TrainerViews
 from strategies.registry import resolve_strategy
@@ -200,6 +201,7 @@ class Trainer(TrainerViews):
         self.callback_list = CallbackList(merge_configured_callbacks(self._trainer_callbacks,
                                                                      module.configure_callbacks()))
         self.strategy.setup_environment()
+        sync_rank(self.global_rank)  # rank_zero_only follows this process's rank from here on
         hooks = self.hooks = HookCaller(self, module, self.callback_list, datamodule)
         self._prepare_data(hooks)
         fn = "fit" if stage == "fit" else stage

@@ -93,13 +93,13 @@ class FitLoop:
         """Sanity check, then train until max_epochs/max_steps/max_time or ``trainer.should_stop``."""
         t = self.t
         self.hooks = hooks
-        self.sanity_check(hooks, data)
+        self.sanity_check(hooks, data)  # requests the validation loaders when it runs (Lightning's order)
+        self.train_feed = data.train_feed()
+        self.attach_data_state()
         self.val_feeds = data.feeds("validate") if t.validation_enabled else []
         if not t.validation_enabled and t.limits["validate"] != 0 and data.loaders_given("validate"):
             warnings.warn(f"trainer.fit() got validation data but {type(t.module).__name__} defines no "
                           "validation_step(); validation is skipped. Define validation_step to validate.", stacklevel=5)
-        self.train_feed = data.train_feed()
-        self.attach_data_state()
         module = t.module
         self.step = AutomaticStep(t, self, hooks) if module.automatic_optimization else ManualStep(t, hooks)
         self.transfer = LoopTransfer(module, t.datamodule, t.strategy, t.precision_plugin)
