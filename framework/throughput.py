@@ -7,6 +7,7 @@ over its last ``window_size`` updates; ``measure_flops`` counts a forward (and b
 
 from __future__ import annotations
 
+import re
 from collections import deque
 from collections.abc import Callable
 from typing import Any
@@ -49,9 +50,13 @@ def get_available_flops(device: torch.device, dtype: torch.dtype) -> float | Non
     """Peak FLOP/s of ``device`` for ``dtype`` (float32 counts as TF32 when matmuls allow it); None if unknown."""
     if device.type != "cuda":
         return None
-    name = torch.cuda.get_device_name(device).lower()
+    return _peak_for_name(torch.cuda.get_device_name(device), dtype)
+
+
+def _peak_for_name(device_name: str, dtype: torch.dtype) -> float | None:
+    tokens = set(re.split(r"[\s\-_]+", device_name.lower()))  # "NVIDIA A100-SXM4-80GB" -> {..., "a100", ...}
     for key, table in _CUDA_PEAK.items():
-        if key in name.split() or f" {key}" in name or name.startswith(key):
+        if key in tokens:
             if dtype is torch.float32 and torch.get_float32_matmul_precision() != "highest" and "tf32" in table:
                 return table["tf32"]
             return table.get(dtype)

@@ -55,6 +55,24 @@ def test_measure_flops_of_a_linear_layer():
     assert get_available_flops(torch.device("cpu"), torch.float32) is None
 
 
+@pytest.mark.parametrize(("name", "dtype", "peak"), [
+    ("NVIDIA H200", torch.bfloat16, 989.4e12), ("NVIDIA A100-SXM4-80GB", torch.float16, 312e12),
+    ("Tesla T4", torch.float16, 65e12), ("NVIDIA L4", torch.bfloat16, 121e12),
+    ("NVIDIA L40S", torch.bfloat16, None), ("NVIDIA A10G", torch.float64, None)])
+def test_peak_flops_by_device_name(name, dtype, peak):
+    from framework.throughput import _peak_for_name
+
+    assert _peak_for_name(name, dtype) == peak
+    old = torch.get_float32_matmul_precision()
+    try:
+        torch.set_float32_matmul_precision("high")  # TF32 matmuls: the tensor-core peak counts
+        assert _peak_for_name("NVIDIA A100-PCIE-40GB", torch.float32) == 156e12
+        torch.set_float32_matmul_precision("highest")
+        assert _peak_for_name("NVIDIA A100-PCIE-40GB", torch.float32) == 19.5e12
+    finally:
+        torch.set_float32_matmul_precision(old)
+
+
 def read_rows(logger):
     with open(os.path.join(logger.log_dir, "metrics.csv")) as f:
         return list(csv.DictReader(f))
