@@ -154,22 +154,12 @@ def flag(name: str, value: Any) -> bool:
 
 def max_time(value: Any) -> float | None:
     """``max_time`` in seconds: "DD:HH:MM:SS", a dict of timedelta fields, or a ``timedelta`` (Lightning's forms)."""
-    from datetime import timedelta
+    from callbacks.timer import parse_duration
 
-    if value is None:
-        return None
-    fix = 'use "DD:HH:MM:SS" (e.g. "00:12:00:00"), a dict like {"hours": 12}, or a datetime.timedelta'
-    try:
-        if isinstance(value, str):
-            days, hours, minutes, seconds = (int(part) for part in value.strip().split(":"))
-            value = timedelta(days=days, hours=hours, minutes=minutes, seconds=seconds)
-        elif isinstance(value, dict):
-            value = timedelta(**value)
-    except (TypeError, ValueError) as exc:
-        raise ValueError(f"max_time={value!r} is not valid; {fix}.") from exc
-    if not isinstance(value, timedelta) or value.total_seconds() <= 0:
-        raise ValueError(f"max_time={value!r} is not valid; {fix}, longer than zero.")
-    return value.total_seconds()
+    seconds = parse_duration(value, "max_time")
+    if seconds is not None and seconds <= 0:
+        raise ValueError(f"max_time={value!r} is not valid; give a duration longer than zero.")
+    return seconds
 
 
 def refuse_unsupported(*, model_registry: Any) -> None:

@@ -213,3 +213,24 @@ def test_max_time_forms():
 
     assert max_time("00:01:00:30") == 3630 and max_time({"minutes": 2}) == 120
     assert max_time(timedelta(seconds=5)) == 5 and max_time(None) is None
+
+
+def test_max_time_stops_cleanly_and_the_checkpoint_resumes(tmp_path, tiny_module_cls, make_loader):
+    import time
+
+    from callbacks import ModelCheckpoint
+
+    class Slow(tiny_module_cls):
+        def training_step(self, batch, batch_idx):
+            time.sleep(0.05)
+            return super().training_step(batch, batch_idx)
+
+    checkpoints = ModelCheckpoint(dirpath=str(tmp_path / "ckpt"), save_last=True)
+    trainer = Trainer(max_time={"seconds": 1}, max_epochs=-1, callbacks=[checkpoints], logger=False,
+                      enable_progress_bar=False, enable_model_summary=False, default_root_dir=str(tmp_path))
+    trainer.fit(Slow(), make_loader(400, batch_size=4))  # 100 batches of 50 ms: the clock stops it first
+    assert trainer.should_stop and 5 <= trainer.global_step < 100 and trainer.current_epoch == 0
+    resumed = Trainer(max_epochs=1, logger=False, enable_progress_bar=False, enable_model_summary=False,
+                      enable_checkpointing=False, default_root_dir=str(tmp_path))
+    resumed.fit(tiny_module_cls(), make_loader(400, batch_size=4), ckpt_path=checkpoints.last_model_path)
+    assert resumed.global_step == 100  # went on from the stopping point to the end of the epoch
