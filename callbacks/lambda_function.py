@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-from callbacks.base import Callback
+from framework.hooks import Callback
 
 
 def _hook_names() -> tuple[str, ...]:

@@ -11,7 +11,7 @@ import warnings
 from collections import Counter
 from typing import TYPE_CHECKING, Any
 
-from callbacks.base import Callback
+from framework.hooks import Callback
 
 if TYPE_CHECKING:
     import torch

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from callbacks.base import Callback
+from framework.hooks import Callback
 
 if TYPE_CHECKING:
     from framework.module import TrainModule

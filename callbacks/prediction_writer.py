@@ -9,7 +9,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
-from callbacks.base import Callback
+from framework.hooks import Callback
 
 if TYPE_CHECKING:
     from framework.module import TrainModule

@@ -11,7 +11,7 @@ import sys
 from time import monotonic
 from typing import TYPE_CHECKING, Any
 
-from callbacks.base import Callback
+from framework.hooks import Callback
 
 if TYPE_CHECKING:
     from framework.module import TrainModule

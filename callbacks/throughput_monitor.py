@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from callbacks.base import Callback
+from framework.hooks import Callback
 from framework.throughput import Throughput, get_available_flops
 
 if TYPE_CHECKING:

@@ -10,7 +10,7 @@ import time
 from datetime import timedelta
 from typing import TYPE_CHECKING, Any
 
-from callbacks.base import Callback
+from framework.hooks import Callback
 
 if TYPE_CHECKING:
     from framework.module import TrainModule

@@ -8,8 +8,8 @@ import pickle
 import pytest
 from conftest import TinyModule
 
-from callbacks.base import Callback
 from callbacks.lambda_function import LambdaCallback
+from framework.hooks import Callback
 
 
 def test_hooks_run_in_a_fit(make_trainer, make_loader):
