@@ -15,6 +15,7 @@ _EXPORTS = {
     "Trainer": "framework.trainer",
     "seed_everything": "framework.seed",
     "DistributedState": "framework.state",
+    "Callback": "framework.hooks",
     "AttributeDict": "framework.hparams",
     "rank_zero_only": "framework.rank_zero",
     "rank_zero_info": "framework.rank_zero",
@@ -24,11 +25,12 @@ _EXPORTS = {
 
 _PACKAGES = ("callbacks", "strategies")
 
-__all__ = ["TrainModule", "DataModule", "Trainer", "seed_everything", "DistributedState", "AttributeDict",
+__all__ = ["TrainModule", "DataModule", "Trainer", "Callback", "seed_everything", "DistributedState", "AttributeDict",
            "rank_zero_only", "rank_zero_info", "rank_zero_warn", "rank_zero_debug", "cli_lightning_logo"]
 
 if TYPE_CHECKING:
     from framework.datamodule import DataModule
+    from framework.hooks import Callback
     from framework.hparams import AttributeDict
     from framework.module import TrainModule
     from framework.rank_zero import rank_zero_debug, rank_zero_info, rank_zero_only, rank_zero_warn
