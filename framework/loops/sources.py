@@ -81,7 +81,7 @@ class StageData:
             loaders = [_without_shuffle(loader) for loader in loaders]
         feeds = [DataFeed(t.strategy.process_dataloader(
             loader, stage=stage, seed=self.seed, use_distributed_sampler=t.use_distributed_sampler,
-            even_batches=t.even_batches), limit, LIMIT_NAMES[stage]) for loader in loaders]
+            even_batches=t.even_batches, limit_batches=limit), limit, LIMIT_NAMES[stage]) for loader in loaders]
         counts = [feed.num_batches for feed in feeds]
         if stage == "validate":
             t.num_val_batches = counts
