@@ -4,12 +4,14 @@ The parts, leaf first (no module imports one that comes after it):
 
 - :mod:`~framework.checkpoint.storage`        local paths and fsspec URLs, credential redaction
 - :mod:`~framework.checkpoint.serialization`  state trees <-> tensors + JSON skeleton (no pickle)
-- :mod:`~framework.checkpoint.tensor_files`   checksums; safetensors and opt-in torch.save files
+- :mod:`~framework.checkpoint.tensor_files`   checksums; safetensors (the library) and opt-in torch.save files
+- :mod:`~framework.checkpoint.owner`          which process writes a staging dir, and whether it ended
 - :mod:`~framework.checkpoint.format`         the manifest and the errors
 - :mod:`~framework.checkpoint.save` / ``load``  writing (staging, atomic commit) and verified reading
 - :mod:`~framework.checkpoint.discovery`      listing, ``"last"``, removal, stale staging cleanup
-- :mod:`~framework.checkpoint.async_writer`   snapshot now, write in the background
+- :mod:`~framework.checkpoint.async_writer`   snapshot overlapping the next step, write in the background
 - :mod:`~framework.checkpoint.consolidate`    model weights of any layout as one state dict / file
+- :mod:`~framework.checkpoint.trainer_state`  what a Trainer checkpoint holds and putting it back
 """
 
 from framework.checkpoint.async_writer import AsyncCheckpointWriter
