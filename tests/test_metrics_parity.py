@@ -88,17 +88,14 @@ def test_explicit_batch_sizes_report_lightnings_numbers(runs):
     assert_same_report({k: after_fit_kiln[k] for k in after_fit_lightning}, after_fit_lightning)
 
 
-def _loop_wiring() -> dict[str, bool]:
-    """Which collector calls the current loop makes (the lead wires them into the new loop)."""
-    seen = {}
-
+def _runs_start_empty() -> bool:
+    """Whether Trainer._run calls MetricCollector.reset_metrics() (Lightning clears the metrics per run)."""
     class Probe(TrainModule):
         def __init__(self):
             super().__init__()
             self.w = torch.nn.Parameter(torch.zeros(()))
 
         def training_step(self, batch, batch_idx):
-            seen["batch"] = self.trainer._metrics._batch is not None
             self.log("fit_value", 1.0)
             return (self.w * batch[0]).sum()
 
@@ -113,21 +110,19 @@ def _loop_wiring() -> dict[str, bool]:
     module = Probe()
     trainer.fit(module, loader)
     trainer.validate(module, loader)
-    return {"batches": seen["batch"], "reset": "fit_value" not in trainer.callback_metrics}
+    return "fit_value" not in trainer.callback_metrics
 
 
-WIRING = _loop_wiring() if LIGHTNING is not None else {}
+RUNS_START_EMPTY = _runs_start_empty() if LIGHTNING is not None else False
 
 
-@pytest.mark.xfail(not WIRING.get("batches"), strict=True,
-                   reason="the loop does not call MetricCollector.on_batch_start(batch) yet (lead: loop rewrite)")
 def test_inferred_batch_sizes_report_lightnings_numbers(runs):
     kiln, _ = _split_validate_after_fit(runs[("kiln", False)])
     lightning, _ = _split_validate_after_fit(runs[("lightning", False)])
     assert_same_report(kiln, lightning)
 
 
-@pytest.mark.xfail(not WIRING.get("reset"), strict=True,
+@pytest.mark.xfail(not RUNS_START_EMPTY, strict=True,
                    reason="Trainer._run does not call MetricCollector.reset_metrics() yet (lead: loop rewrite)")
 def test_each_trainer_run_starts_with_empty_callback_metrics(runs):
     _, kiln = _split_validate_after_fit(runs[("kiln", True)])

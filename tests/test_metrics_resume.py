@@ -3,8 +3,6 @@ values after the resume equal the uninterrupted run's, in a Trainer that shares 
 
 from __future__ import annotations
 
-import importlib.util
-
 import pytest
 import torch
 from torch.utils.data import DataLoader, TensorDataset
@@ -55,12 +53,6 @@ def epoch_values(trainer: Trainer) -> dict[str, torch.Tensor]:
     return {k: v for k, v in trainer.callback_metrics.items() if k != "loss_step"}
 
 
-# The fit loop stores MetricCollector.state_dict() with each rank's checkpoint state from the loop rewrite on
-# (framework/checkpoint/trainer_state.py); before it, a resumed epoch restarts its sums and this test fails.
-LOOP_SAVES_METRICS = importlib.util.find_spec("framework.checkpoint.trainer_state") is not None
-
-
-@pytest.mark.xfail(not LOOP_SAVES_METRICS, strict=True, reason="checkpoints do not carry the metric state yet")
 @pytest.mark.parametrize("batch", [0, 3])
 def test_resume_mid_epoch_continues_the_running_metrics_bit_exactly(tmp_path, batch):
     kwargs = dict(max_epochs=1, logger=False, enable_checkpointing=False, enable_progress_bar=False)
