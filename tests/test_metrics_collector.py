@@ -358,3 +358,13 @@ def test_validation_inside_a_training_epoch_sees_the_latest_training_values():
     collector.log("train_mean", 3.0, on_epoch=True)  # the training epoch goes on where it was
     collector.epoch_end_reached()
     assert float(collector.reduce_epoch()["train_mean_epoch"]) == 2.0
+
+
+def test_a_prediction_stage_refuses_logging_as_lightning_does():
+    collector = MetricCollector()
+    collector.start_stage("train")
+    collector.start_stage("predict")  # a loop that runs predict as a stage gets predict_step's refusal
+    with pytest.raises(MisconfigurationException, match="inside predict_step"):
+        collector.log("p", 1.0)
+    collector.end_stage()
+    assert collector.stage == "train"

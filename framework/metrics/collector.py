@@ -30,8 +30,9 @@ from framework.metrics.entry import REDUCTIONS, Entry, is_metric, parse_reduce_f
 from framework.metrics.rules import EPOCH, RULES, resolve_levels
 
 _TRAIN = "train"
-_STEP_FX = {"train": "training_step", "validate": "validation_step", "test": "test_step"}
-_EPOCH_FX = {"train": "on_train_epoch_end", "validate": "on_validation_epoch_end", "test": "on_test_epoch_end"}
+_STEP_FX = {"train": "training_step", "validate": "validation_step", "test": "test_step", "predict": "predict_step"}
+_EPOCH_FX = {"train": "on_train_epoch_end", "validate": "on_validation_epoch_end", "test": "on_test_epoch_end",
+             "predict": "on_predict_epoch_end"}
 _FLOATS = (torch.float32, torch.float64)
 _warned: set[str] = set()
 
