@@ -18,6 +18,7 @@ TARGET_LABELS = {  # key -> (benchmark, measurement)
     "resume cost flat in position": ("resume", "Resume cost at batch 10,000 vs batch 10 of an epoch"),
     "DDP per step (2 processes)": ("ddp", "DDP per step, 2 CPU processes (gloo)"),
     "FSDP memory per rank (params + optimizer)": ("ddp", "FSDP vs DDP per-rank params + optimizer memory"),
+    "Compiled step, transformer block": ("compile", "Compiled step, transformer block: `compile=` vs raw compiled loop"),
     "2x2 mesh memory per rank (params + optimizer)": (
         "model_parallel", "2x2 mesh (FSDP2 x TP) vs DDP per-rank params + optimizer memory, 4 processes"),
 }
@@ -208,7 +209,7 @@ def _gpu(r: dict[str, Any]) -> list[dict[str, Any]]:
 
 
 READERS = {"overhead": _overhead, "import": _import, "checkpoint": _checkpoint, "resume": _resume,
-           "ddp": _checks, "gpu": _gpu, "model_parallel": _checks}
+           "ddp": _checks, "gpu": _gpu, "compile": _checks, "model_parallel": _checks}
 
 
 def summary_rows(entries: list[dict[str, Any]]) -> list[dict[str, Any]]:

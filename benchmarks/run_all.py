@@ -28,7 +28,7 @@ from report import MISS_NOTES, detail_sections, summary_rows, write_chart
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 KNOWN = ("bench_overhead", "bench_import", "bench_checkpoint", "bench_resume", "bench_ddp", "bench_gpu",
-         "bench_model_parallel")
+         "bench_compile", "bench_model_parallel")
 QUICK_ARGS = {  # tiny sizes: proves every script runs end to end (tests/test_benchmarks_smoke.py)
     "bench_overhead": ["--steps", "10", "--warmup", "3", "--repeats", "1", "--only", "raw", "kiln"],
     "bench_import": ["--repeats", "5"],
@@ -36,6 +36,7 @@ QUICK_ARGS = {  # tiny sizes: proves every script runs end to end (tests/test_be
     "bench_resume": ["--quick"],
     "bench_ddp": ["--quick"],
     "bench_gpu": ["--quick"],
+    "bench_compile": ["--steps", "5", "--warmup", "3", "--repeats", "1", "--backend", "aot_eager"],
     "bench_model_parallel": ["--quick"],
 }
 

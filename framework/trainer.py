@@ -14,6 +14,7 @@ from typing import Any
 import torch
 
 from framework import arguments
+from framework.compile import CompileSetup
 from framework.hooks import Callback, CallbackList, HookCaller, merge_configured_callbacks
 from framework.loggers import log_run_start, resolve_loggers
 from framework.loops.evaluation import EvaluationLoop
@@ -34,7 +35,8 @@ from strategies.registry import resolve_strategy
 
 class Trainer(TrainerViews):
     """Runs a TrainModule's training, evaluation and prediction; arguments mean what they mean in Lightning
-    2.x (DESIGN.md §2), plus Kiln's ``even_batches``, ``on_preempt``, ``nan_policy``."""
+    2.x (DESIGN.md §2), plus Kiln's ``even_batches``, ``on_preempt``, ``nan_policy`` and ``compile`` (None, True
+    or a dict of ``torch.compile`` arguments: see ``framework.compile``)."""
 
     def __init__(
         self, *, accelerator: str = "auto", strategy: Any = "auto", devices: Any = "auto", num_nodes: int = 1,
@@ -54,6 +56,7 @@ class Trainer(TrainerViews):
         sync_batchnorm: bool = False, reload_dataloaders_every_n_epochs: int = 0,
         default_root_dir: str | os.PathLike | None = None, model_registry: str | None = None,
         even_batches: bool = True, on_preempt: str | None = "auto", nan_policy: str = "ignore",
+        compile: bool | dict[str, Any] | None = None,
     ) -> None:
         arguments.refuse_unsupported(model_registry=model_registry)
         run = run_settings(
@@ -90,6 +93,7 @@ class Trainer(TrainerViews):
         self.strategy = resolve_strategy(strategy, accelerator=accelerator, devices=devices, num_nodes=num_nodes)
         self.precision_plugin = self.strategy.connect_precision(
             resolve_precision(precision, self.strategy.root_device.type))
+        self._compile = CompileSetup(compile, self.strategy)  # refuses strategies that cannot take it
         self.loggers = [] if run.logger is False else resolve_loggers(run.logger, self.default_root_dir)
         self.profiler = arguments.profiler(profiler, self.default_root_dir)
         self.accumulation, user_callbacks = arguments.callbacks(
@@ -127,7 +131,7 @@ class Trainer(TrainerViews):
     def fit(self, model: TrainModule | None = None, train_dataloaders: Any = None, val_dataloaders: Any = None,
             datamodule: Any = None, ckpt_path: str | None = None, *, module: TrainModule | None = None) -> None:
         """Train; ``ckpt_path`` (a path, URL, "last" or "best") resumes exactly where a checkpoint left off."""
-        model = arguments.one_module(model, module, "fit")
+        model = self._compile.adopt(arguments.one_module(model, module, "fit"))  # torch.compile(m) → m
         train_dataloaders, datamodule = arguments.split_datamodule(train_dataloaders, datamodule, "train_dataloaders")
         arguments.check_module(model, "fit")
         self._run("fit", model, {"fit": train_dataloaders, "validate": val_dataloaders}, datamodule, ckpt_path)
@@ -187,7 +191,7 @@ class Trainer(TrainerViews):
 
     def _run(self, stage: str, module: TrainModule | None, loaders: dict[str, Any], datamodule: Any,
              ckpt_path: str | None, keep: bool = True) -> Any:
-        module = module if module is not None else self.module
+        module = self._compile.adopt(module) if module is not None else self.module
         if module is None:
             raise ValueError(f"trainer.{stage}() needs a model: pass trainer.{stage}(model, ...) (no model has been "
                              "fit with this Trainer yet).")
@@ -277,6 +281,7 @@ class Trainer(TrainerViews):
                 torch.nn.SyncBatchNorm.convert_sync_batchnorm(module)
             self.optimizers = []
             self.strategy.setup_module(module)
+            self._compile.apply(module)  # each block's forward, after TP/FSDP/DDP wrapping (framework.compile)
         if stage == "fit" and not self.optimizers:  # also after an evaluation-only run on this module
             optimizers, configs = parse_optimizers(module.configure_optimizers())
             check_optimizer_params(module, optimizers)  # before a strategy wraps them (DeepSpeed)

@@ -67,7 +67,7 @@ def test_run_all_writes_the_report_and_chart(quick_run) -> None:
     assert "run_all.py --quick" in report  # the exact command
     assert (out / "ratios.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert set(entries) == {"bench_overhead", "bench_checkpoint", "bench_resume", "bench_ddp", "bench_gpu",
-                            "bench_model_parallel"}
+                            "bench_compile", "bench_model_parallel"}
 
 
 @pytest.mark.parametrize("name, equivalent", [
@@ -77,6 +77,7 @@ def test_run_all_writes_the_report_and_chart(quick_run) -> None:
     ("bench_ddp", lambda r: r["weights_match"] and r["memory_weights_match"] and r["max_weight_diff"] == 0),
     ("bench_gpu", lambda r: r["skipped"] != torch.cuda.is_available()
      and (r["skipped"] == ("CUDA is not available" in r.get("reason", "")))),
+    ("bench_compile", lambda r: r["weights_match"] and r["backend"] == "aot_eager"),
     ("bench_model_parallel", lambda r: r["weights_match"] and r["checks"][0]["ratio"] < 0.5),
 ])
 def test_each_benchmark_ran_and_its_contenders_agree(quick_run, name: str, equivalent) -> None:

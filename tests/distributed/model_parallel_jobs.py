@@ -2,8 +2,9 @@
 
 One job covers several checks so that the suite starts four processes once: equivalence with a
 one-process run on the global batch (SGD with clipping, AdamW), data sharding over data_parallel only,
-metric reduction, activation checkpointing, bf16-mixed, a 2 x 2 checkpoint resumed bit-exactly on 2 x 2
-and loaded on 4 x 1, the refusal of TP without configure_model, and the README's Parallelism example.
+metric reduction, a 2 x 2 checkpoint resumed bit-exactly on 2 x 2 and loaded on 4 x 1, compiled runs
+(2 x 2, and DDP with accumulation windows), the refusal of TP without configure_model, and the
+README's Parallelism example.
 """
 
 from __future__ import annotations
@@ -215,6 +216,51 @@ def checkpoints(root: str) -> None:
         torch.save(saver.model, os.path.join(root, "mp-step3.pt"))
 
 
+class SyncProbe(Callback):
+    """Records whether DDP would all-reduce in each backward (False inside an accumulation window)."""
+
+    def __init__(self) -> None:
+        self.syncs: list[bool] = []
+
+    def on_after_backward(self, trainer, module):
+        self.syncs.append(trainer.strategy.model.require_backward_grad_sync)
+
+
+def compiled() -> None:
+    """compile (aot_eager) == one process: on the 2 x 2 mesh (each FSDP block's forward compiled after TP),
+    under FSDP on 4 ranks (per block), and under DDP on 4 ranks with accumulation windows (no_sync still
+    skips the all-reduce)."""
+    from torch.nn.parallel import DistributedDataParallel
+
+    from strategies import DDPStrategy, FSDPStrategy
+
+    aot = {"backend": "aot_eager"}
+    module = TPModel("sgd")
+    t = trainer(strategy=mesh(), devices=4, max_steps=4, compile=aot)
+    t.fit(module, loader())
+    assert all(hasattr(b.forward, "_torchdynamo_orig_callable") for b in module.blocks)
+    state = t.strategy.module_state_dict()
+    assert not any("_orig_mod" in k for k in state)
+    assert_close(state, reference("sgd", global_batches(t, module)))
+
+    module = TPModel("sgd", tp=False)  # plain FSDP over 4 ranks, one shard group per block: blocks compiled
+    t = trainer(strategy=FSDPStrategy(auto_wrap_policy={Block}), devices=4, max_steps=2, compile=aot)
+    t.fit(module, loader())
+    assert all(hasattr(b.forward, "_torchdynamo_orig_callable") for b in module.blocks)
+    seen = t.strategy.all_gather_object(module.seen)
+    assert_close(t.strategy.module_state_dict(), reference("sgd", [sum(step, []) for step in zip(*seen)]))
+
+    module, probe = TPModel("adamw", tp=False), SyncProbe()
+    t = trainer(strategy=DDPStrategy(), devices=4, max_steps=2, accumulate_grad_batches=2, compile=aot,
+                callbacks=[probe])
+    t.fit(module, loader())
+    assert type(t.strategy.model) is DistributedDataParallel and hasattr(module.forward, "_torchdynamo_orig_callable")
+    assert probe.syncs == [False, True] * 2, probe.syncs
+    seen = t.strategy.all_gather_object(module.seen)
+    steps = [sum((rank[i] + rank[i + 1] for rank in seen), []) for i in range(0, 4, 2)]
+    assert_close({k: v for k, v in module.state_dict().items()}, reference("adamw", steps))
+
+
 class NoConfigure(TPModel):
     configure_model = TrainModule.configure_model
 
@@ -242,5 +288,6 @@ def readme_example(root: str) -> None:
 def mesh_job(root: str) -> None:
     equivalence(root)
     checkpoints(root)
+    compiled()
     refusal()
     readme_example(root)
