@@ -17,6 +17,7 @@ from framework import arguments
 from framework.compile import CompileSetup
 from framework.hooks import Callback, CallbackList, HookCaller, merge_configured_callbacks
 from framework.loggers import log_run_start, resolve_loggers
+from framework.loops.batch_indices import PredictionIndices
 from framework.loops.evaluation import EvaluationLoop
 from framework.loops.fit import FitLoop
 from framework.loops.logging import MetricLogging
@@ -112,6 +113,7 @@ class Trainer(TrainerViews):
         self._metrics = MetricCollector()
         self.metric_logging = MetricLogging(self)
         self.fit_loop = FitLoop(self)
+        self.predict_loop = PredictionIndices()
         self.hooks: HookCaller | None = None
         self.fit_guard: FitGuard | None = None
         self.logged_metrics: dict[str, torch.Tensor] = {}

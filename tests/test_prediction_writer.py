@@ -50,3 +50,26 @@ def test_missing_write_method_and_bad_interval(make_trainer, make_loader):
         BasePredictionWriter("step")
     with pytest.raises(NotImplementedError, match="write_on_batch_end"):
         make_trainer(callbacks=[BasePredictionWriter()]).predict(TinyModule(), make_loader())
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_batch_indices_are_the_dataset_indices_of_each_batch(make_trainer, make_loader, workers):
+    seen = []
+
+    class Indices(BasePredictionWriter):
+        def write_on_batch_end(self, trainer, pl_module, prediction, batch_indices, batch, batch_idx, dataloader_idx):
+            seen.append(batch_indices)
+
+        def write_on_epoch_end(self, trainer, pl_module, predictions, batch_indices):
+            self.epoch_indices = batch_indices
+
+    writer = Indices("batch_and_epoch")
+    loader = make_loader(num_samples=10, batch_size=4, shuffle=True, num_workers=workers)
+    module = TinyModule()
+    outputs = make_trainer(callbacks=[writer]).predict(module, loader)
+    assert sorted(i for batch in seen for i in batch) == list(range(10)) and [len(b) for b in seen] == [4, 4, 2]
+    assert writer.epoch_indices == [seen]
+    data = loader.dataset.tensors[0]
+    with torch.no_grad():
+        for batch, output in zip(seen, outputs):  # each output was computed from the samples its indices name
+            torch.testing.assert_close(output, module(data[batch]))

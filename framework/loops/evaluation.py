@@ -39,6 +39,8 @@ class EvaluationLoop:
         predicting = self.stage == "predict"
         if self.in_fit:
             hooks.module_hook("on_validation_model_zero_grad")
+        if predicting:
+            t.predict_loop.epoch_batch_indices = []
         module.eval()
         hooks.module_hook(f"on_{name}_model_eval")
         try:
@@ -84,9 +86,12 @@ class EvaluationLoop:
         batch_start, batch_end = hooks.overridden(f"on_{name}_batch_start"), hooks.overridden(f"on_{name}_batch_end")
         outputs: list[Any] = []
         keep = self.stage == "predict" and self.return_predictions
+        indices = t.predict_loop if self.stage == "predict" and t.predict_loop.track(feed.dataloader) else None
         for batch_idx, batch, _ in feed.epoch_batches(t.current_epoch, 0):
             if self.max_batches is not None and batch_idx >= self.max_batches:
                 break
+            if indices is not None:
+                indices.next_batch()
             batch = transfer(batch, loader_idx)
             metrics.on_batch_start(batch, dataloader_idx)
             if batch_start:
