@@ -15,6 +15,7 @@ import torch
 
 from framework import arguments
 from framework.compile import CompileSetup
+from framework.elastic import check_resume, resolve_ckpt_path
 from framework.hooks import Callback, CallbackList, HookCaller, merge_configured_callbacks
 from framework.loggers import log_run_start, resolve_loggers
 from framework.loops.batch_indices import PredictionIndices
@@ -36,8 +37,9 @@ from strategies.registry import resolve_strategy
 
 class Trainer(TrainerViews):
     """Runs a TrainModule's training, evaluation and prediction; arguments mean what they mean in Lightning
-    2.x (DESIGN.md §2), plus Kiln's ``even_batches``, ``on_preempt``, ``nan_policy`` and ``compile`` (None, True
-    or a dict of ``torch.compile`` arguments: see ``framework.compile``)."""
+    2.x (DESIGN.md §2), plus Kiln's ``even_batches``, ``on_preempt``, ``nan_policy``, ``compile`` (None, True
+    or a dict of ``torch.compile`` arguments: see ``framework.compile``) and ``resume`` (framework.elastic: after a
+    torchrun restart or a SLURM requeue, ``fit`` resumes from the newest checkpoint)."""
 
     def __init__(
         self, *, accelerator: str = "auto", strategy: Any = "auto", devices: Any = "auto", num_nodes: int = 1,
@@ -58,6 +60,7 @@ class Trainer(TrainerViews):
         default_root_dir: str | os.PathLike | None = None, model_registry: str | None = None,
         even_batches: bool = True, on_preempt: str | None = "auto", nan_policy: str = "ignore",
         compile: bool | dict[str, Any] | None = None,
+        resume: str | None = "auto",
     ) -> None:
         arguments.refuse_unsupported(model_registry=model_registry)
         run = run_settings(
@@ -84,6 +87,7 @@ class Trainer(TrainerViews):
             "reload_dataloaders_every_n_epochs", reload_dataloaders_every_n_epochs)
         self.default_root_dir = str(default_root_dir) if default_root_dir is not None else os.getcwd()
         self.even_batches = bool(even_batches)
+        self.resume = check_resume(resume)
         self.use_distributed_sampler = bool(use_distributed_sampler)
         self.inference_mode = arguments.flag("inference_mode", inference_mode)
         self.detect_anomaly = arguments.flag("detect_anomaly", detect_anomaly)
@@ -218,6 +222,9 @@ class Trainer(TrainerViews):
             self._setup_module(module, stage)
             log_run_start(self.loggers, module, datamodule)
             data = StageData(self, loaders, datamodule, self._data_seed())
+            if stage == "fit":  # a restarted job (torchrun, SLURM requeue) resumes from its newest checkpoint
+                ckpt_path = resolve_ckpt_path(ckpt_path, self.resume, getattr(self.checkpoint_callback, "dirpath", None),
+                                              rank=self.global_rank, broadcast=self.strategy.broadcast)
             if ckpt_path is not None:
                 from framework.checkpoint.trainer_state import restore_trainer_checkpoint
 

@@ -77,7 +77,7 @@ TRAINER_ARGS = ["accelerator", "strategy", "devices", "num_nodes", "precision", 
                 "check_val_every_n_epoch", "limit_train_batches", "limit_val_batches", "limit_test_batches",
                 "limit_predict_batches", "log_every_n_steps", "enable_checkpointing", "enable_progress_bar",
                 "even_batches", "use_distributed_sampler", "deterministic", "on_preempt", "nan_policy", "callbacks",
-                "logger"]
+                "logger", "resume"]
 
 
 @fuzz(150)

@@ -113,14 +113,8 @@ def main(argv: list[str] | None = None) -> None:
     trainer = Trainer(default_root_dir=args.root, max_epochs=args.max_epochs, devices=args.devices,
                       num_nodes=args.num_nodes, strategy=args.strategy, callbacks=callbacks, logger=False,
                       enable_progress_bar=False)
-    # Interim, until Trainer(resume="auto") calls it in fit once the process group exists (see the issue note).
-    from framework.elastic import resolve_ckpt_path
-
-    trainer.strategy.setup_environment()
-    ckpt_path = resolve_ckpt_path(args.ckpt, "auto", os.path.join(args.root, "checkpoints"),
-                                  rank=trainer.global_rank, broadcast=trainer.strategy.broadcast)
     try:
-        trainer.fit(module, loader, ckpt_path=ckpt_path)
+        trainer.fit(module, loader, ckpt_path=args.ckpt)  # resume="auto" (the default) resumes a restarted attempt
     except SystemExit as exc:  # Ctrl-C / preemption: every rank says how it ends
         print(f"rank {trainer.global_rank} exits with {exc.code}", flush=True)
         raise
