@@ -14,6 +14,7 @@ from framework.checkpoint import (
     MODEL,
     TRAINER,
     AsyncCheckpointWriter,
+    list_checkpoints,
     read_manifest,
     read_state,
     save_checkpoint,
@@ -233,9 +234,10 @@ def test_trainer_async_checkpoints_hold_the_step_boundary_state(tmp_path):
     data = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(torch.randn(24, 4)), batch_size=4)
     record = Record()
     trainer = Trainer(max_epochs=1, logger=False, enable_progress_bar=False, default_root_dir=str(tmp_path),
-                      callbacks=[record, ModelCheckpoint(every_n_train_steps=1, every_n_epochs=None, async_save=True,
-                                                         filename="step={step}", total_limit=None)])
+                      callbacks=[record, ModelCheckpoint(dirpath=str(tmp_path / "checkpoints"), every_n_train_steps=1,
+                                                         save_top_k=-1, async_save=True)])
     trainer.fit(Net(), data)
-    for step in range(1, 7):
-        saved = read_state(str(tmp_path / "checkpoints" / f"step={step}"), MODEL)
-        assert_trees_equal(dict(saved), dict(record.states[step]))
+    saved = {m.global_step: m.path for m in list_checkpoints(str(tmp_path / "checkpoints"))}
+    assert sorted(saved) == list(range(1, 7))
+    for step, path in saved.items():
+        assert_trees_equal(dict(read_state(path, MODEL)), dict(record.states[step]))

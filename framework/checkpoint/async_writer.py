@@ -109,7 +109,7 @@ class AsyncCheckpointWriter:
 
         Containers are copied now (an optimizer's state_dict shares its inner dicts with the live
         optimizer); tied tensors stay tied. Without ``module``/``optimizers`` every tensor is copied before
-        this returns. With them, parameters of ``module`` and tensors in the optimizers' state are copied
+        this returns. With ``optimizers``, parameters of ``module`` and tensors in the optimizers' state are copied
         in the background; until that copy completes the snapshot's tensors must not be read (``submit``
         and :meth:`wait_for_snapshot` wait for it) and the optimizers' ``step`` waits for it.
         """
@@ -117,7 +117,7 @@ class AsyncCheckpointWriter:
         if not self.reuse_buffers:
             self._buffers = {}
         optimizers = list(optimizers)
-        deferrable = _identities(module, optimizers)
+        deferrable = _identities(module, optimizers) if optimizers else set()  # no step to guard: copy all now
         copies: dict[tuple, torch.Tensor] = {}
         devices: set[torch.device] = set()
         deferred: list[tuple[torch.Tensor, torch.Tensor | None, tuple]] = []
