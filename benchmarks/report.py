@@ -320,6 +320,18 @@ def _details(r: dict[str, Any]) -> list[str]:
             else:
                 out += ["", f"{part}: {r[part].get('reason') or r[part].get('stderr')}"]
         return out
+    if kind == "compile":
+        return [f"Transformer block, batch {'×'.join(map(str, r['batch_shape']))}, backend {r['backend']}, "
+                f"{r['steps']} timed steps after {r['warmup']} (compilation), {r['repeats']} rounds, 1 thread; "
+                f"weights == raw: {'yes' if r['weights_match'] else 'NO'} (max Δ {r['max_weight_diff']:.1e})", ""] + _table(
+            ["contender", "µs/step", "CPU µs/step"],
+            [[n, v, r["cpu_us_per_step"][n]] for n, v in r["us_per_step"].items()])
+    if kind == "model_parallel":
+        return [f"{r['blocks']} MLP blocks of width {r['width']}, AdamW, {r['steps']} steps on {r['world_size']} processes; "
+                f"2x2 full weights == DDP's: {'yes' if r['weights_match'] else 'NO'} (max Δ {r['weight_diff']:.1e})",
+                ""] + _table(["rank", "strategy", "params", "optimizer state"], [
+                    [rank, s, fmt_bytes(m["param_bytes"]), fmt_bytes(m["optimizer_bytes"])]
+                    for rank, per in enumerate(r["memory_by_rank"]) for s, m in per.items()])
     return ["```", str(r)[:4000], "```"]
 
 
