@@ -52,7 +52,7 @@ class ModelCheckpoint(CheckpointKeeping, Callback):
                  save_on_train_epoch_end: bool | None = None, enable_version_counter: bool = True, *,
                  total_limit: int | None = None, safe_serialization: bool = True, async_save: bool = False) -> None:
         if mode not in ("min", "max"):
-            raise MisconfigurationException(f"`mode` can be min, max but got {mode!r} (ModelCheckpoint(mode=...)).")
+            raise MisconfigurationException(f"`mode` can be min, max but got {mode} (ModelCheckpoint(mode=...)).")
         if save_last not in (None, True, False, "link"):
             raise ValueError(f"ModelCheckpoint(save_last={save_last!r}) is not valid; use None/False, True or 'link'.")
         _check_int("save_top_k", save_top_k, minimum=-1)

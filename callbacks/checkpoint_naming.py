@@ -110,19 +110,36 @@ def is_local(path: str) -> bool:
 
 
 def link_last(target: str, link: str) -> None:
-    """Point the symlink ``link`` at ``target`` atomically (a reader sees the old or the new link).
+    """Point ``link`` at ``target`` atomically (a reader sees the old or the new entry, never a partial one).
 
-    The link is relative, so the folder can move as a whole; ModelCheckpoint only links siblings in dirpath.
+    A relative symlink, so the folder can move as a whole (ModelCheckpoint only links siblings in dirpath).
+    Where symlinks are not allowed (Windows without the privilege) it falls back to a copy, as Lightning does,
+    made under a hidden name and renamed into place.
     """
-    tmp = join(os.path.dirname(link), f".{os.path.basename(link)}.tmp-link")
-    if os.path.lexists(tmp):
-        os.remove(tmp)
-    os.symlink(os.path.relpath(target, os.path.dirname(link) or "."), tmp)
-    if os.path.isdir(link) and not os.path.islink(link):  # a full "last" saved before with save_last=True
+    import shutil
+
+    folder, name = os.path.dirname(link) or ".", os.path.basename(link)
+    tmp = os.path.join(folder, f".{name}.tmp-link")
+    _remove_entry(tmp)
+    try:
+        os.symlink(os.path.relpath(target, folder), tmp)
+    except OSError:
+        if os.path.isdir(target):
+            shutil.copytree(target, tmp, symlinks=True)
+        else:
+            shutil.copy2(target, tmp)
+    if os.path.isdir(link) and not os.path.islink(link):  # os.replace cannot replace a directory
+        _remove_entry(link)
+    os.replace(tmp, link)
+
+
+def _remove_entry(path: str) -> None:
+    if os.path.islink(path) or os.path.isfile(path):
+        os.remove(path)
+    elif os.path.isdir(path):
         from framework.checkpoint import remove_checkpoint
 
-        remove_checkpoint(link, force=True)
-    os.replace(tmp, link)
+        remove_checkpoint(path, force=True)  # hidden first, then deleted: never half a checkpoint visible
 
 
 def resolve_best(trainer: Trainer, fn: str = "fit") -> str:

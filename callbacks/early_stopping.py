@@ -45,7 +45,7 @@ class EarlyStopping(Callback):
         if not isinstance(monitor, str) or not monitor:
             raise TypeError(f"EarlyStopping(monitor={monitor!r}) must be a logged metric name, e.g. 'val_loss'.")
         if mode not in self.mode_dict:
-            raise MisconfigurationException(f"`mode` can be min, max, got {mode!r} (EarlyStopping(mode=...)).")
+            raise MisconfigurationException(f"`mode` can be min, max, got {mode} (EarlyStopping(mode=...)).")
         if isinstance(patience, bool) or not isinstance(patience, int) or patience < 0:
             raise ValueError(f"EarlyStopping(patience={patience!r}) must be an int >= 0 (checks without improvement).")
         if isinstance(min_delta, bool) or not isinstance(min_delta, (int, float)) or math.isnan(min_delta):

@@ -181,5 +181,5 @@ def test_log_info_rank_prefix(caplog, rank_zero_only, world_size, rank, expected
 
 
 def test_mode_options():
-    with pytest.raises(ValueError, match="`mode` can be min, max, got 'unknown_option'"):
+    with pytest.raises(ValueError, match="`mode` can be min, max, got unknown_option"):
         EarlyStopping(monitor="foo", mode="unknown_option")

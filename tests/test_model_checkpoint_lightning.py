@@ -82,7 +82,7 @@ def test_state_key_names_the_schedule_like_lightning():
     (dict(every_n_train_steps=-3), "every_n_train_steps=-3"),
     (dict(every_n_train_steps=1, every_n_epochs=2), "Combination of parameters every_n_train_steps"),
     (dict(train_time_interval=timedelta(minutes=1), every_n_epochs=2), "Combination of parameters"),
-    (dict(mode="unknown_option"), "`mode` can be .* but got 'unknown_option'"),
+    (dict(mode="unknown_option"), "`mode` can be .* but got unknown_option"),
 ])
 def test_invalid_arguments_raise_at_construction(tmp_path, kwargs, match):
     with pytest.raises(MisconfigurationException, match=match):  # Lightning's name; a ValueError
@@ -379,3 +379,18 @@ def test_save_weights_only_keeps_the_model_and_drops_training_state(tmp_path):
     trainer_for(tmp_path / "eval", ModelCheckpoint(dirpath=tmp_path / "eval"), limit_val_batches=1).validate(
         fresh, ckpt_path=callback.best_model_path)
     assert all(torch.equal(a, b) for a, b in zip(fresh.state_dict().values(), module.state_dict().values()))
+
+
+def test_link_checkpoint_replaces_files_links_and_folders_and_falls_back_to_a_copy(tmp_path, monkeypatch):
+    trainer = Trainer(default_root_dir=str(tmp_path), logger=False, enable_progress_bar=False)
+    (tmp_path / "a").touch()
+    (tmp_path / "b").mkdir()
+    (tmp_path / "link").write_text("a plain file")
+    (tmp_path / "dir_link").mkdir()
+    for target, link in (("a", "link"), ("b", "link"), ("b", "dir_link"), ("a", "dir_link")):
+        ModelCheckpoint._link_checkpoint(trainer, filepath=str(tmp_path / target), linkpath=str(tmp_path / link))
+        assert os.path.islink(tmp_path / link) and os.readlink(tmp_path / link) == target  # relative
+    monkeypatch.setattr(os, "symlink", lambda *a, **k: (_ for _ in ()).throw(OSError("no privilege")))
+    ModelCheckpoint._link_checkpoint(trainer, filepath=str(tmp_path / "a"), linkpath=str(tmp_path / "copied"))
+    assert os.path.isfile(tmp_path / "copied") and not os.path.islink(tmp_path / "copied")
+    assert not [n for n in os.listdir(tmp_path) if n.startswith(".")]  # no staging leftovers
