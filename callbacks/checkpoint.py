@@ -98,9 +98,6 @@ class ModelCheckpoint(CheckpointKeeping, Callback):
                               join=self.CHECKPOINT_JOIN_CHAR, equals=self.CHECKPOINT_EQUALS_CHAR,
                               extension=self.FILE_EXTENSION)
         self.dirpath = naming.check_dirpath(dirpath or None)  # "" means "not given", as in Lightning
-        if save_last == "link" and self.dirpath is not None and not naming.is_local(self.dirpath):
-            raise ValueError(f"`ModelCheckpoint(save_last='link')` is only supported for local file paths, got "
-                             f"`dirpath={self.dirpath}`. Use save_last=True for remote storage.")
         self.filename = filename
         self.current_score: torch.Tensor | None = None
         self.best_k_models: dict[str, torch.Tensor] = {}
