@@ -132,7 +132,7 @@ class ModelCheckpoint(CheckpointKeeping, Callback):
         return f"{type(self).__qualname__}{key!r}"
 
     # ---- hooks -----------------------------------------------------------------------------------------
-    def setup(self, trainer: Trainer, module: TrainModule, stage: str) -> None:
+    def setup(self, trainer: Trainer, pl_module: TrainModule, stage: str) -> None:
         if self.dirpath is None:
             # Kiln differs from Lightning here: not under the logger's version folder, which changes every run,
             # so that ckpt_path="last" (preemption, elastic restarts) finds the previous run's checkpoints.
@@ -160,10 +160,10 @@ class ModelCheckpoint(CheckpointKeeping, Callback):
 
             self._writer = AsyncCheckpointWriter()
 
-    def on_train_start(self, trainer: Trainer, module: TrainModule) -> None:
+    def on_train_start(self, trainer: Trainer, pl_module: TrainModule) -> None:
         self._last_time_checked = time.monotonic()
 
-    def on_train_batch_end(self, trainer: Trainer, module: TrainModule, outputs: Any, batch: Any,
+    def on_train_batch_end(self, trainer: Trainer, pl_module: TrainModule, outputs: Any, batch: Any,
                            batch_idx: int) -> None:
         n = self._every_n_train_steps
         if (n < 1 and self._train_time_interval is None) or not trainer.sync_gradients:
@@ -193,14 +193,14 @@ class ModelCheckpoint(CheckpointKeeping, Callback):
         self._save_topk_checkpoint(trainer, candidates)
         self._save_last_checkpoint(trainer, candidates)
 
-    def on_train_epoch_end(self, trainer: Trainer, module: TrainModule) -> None:
+    def on_train_epoch_end(self, trainer: Trainer, pl_module: TrainModule) -> None:
         if not self._should_skip_saving_checkpoint(trainer) and self._should_save_on_train_epoch_end(trainer):
             candidates = self._monitor_candidates(trainer)
             if self._every_n_epochs >= 1 and (trainer.current_epoch + 1) % self._every_n_epochs == 0:
                 self._save_topk_checkpoint(trainer, candidates)
             self._save_last_checkpoint(trainer, candidates)
 
-    def on_validation_end(self, trainer: Trainer, module: TrainModule) -> None:
+    def on_validation_end(self, trainer: Trainer, pl_module: TrainModule) -> None:
         if not getattr(trainer, "sanity_checking", False):
             self._validation_ran = True
         if self._should_skip_saving_checkpoint(trainer) or self._should_save_on_train_epoch_end(trainer):
@@ -214,7 +214,7 @@ class ModelCheckpoint(CheckpointKeeping, Callback):
         self._save_topk_checkpoint(trainer, candidates)
         self._save_last_checkpoint(trainer, candidates)
 
-    def on_exception(self, trainer: Trainer, module: TrainModule, exception: BaseException) -> None:
+    def on_exception(self, trainer: Trainer, pl_module: TrainModule, exception: BaseException) -> None:
         if self.save_on_exception and not getattr(trainer, "fast_dev_run", False) and not getattr(
                 trainer, "sanity_checking", False) and self._last_global_step_saved != trainer.global_step:
             self.wait(trainer, quiet=True)
@@ -227,14 +227,14 @@ class ModelCheckpoint(CheckpointKeeping, Callback):
                      f"{filepath}")
         self.wait(trainer, quiet=True)
 
-    def on_train_end(self, trainer: Trainer, module: TrainModule) -> None:
+    def on_train_end(self, trainer: Trainer, pl_module: TrainModule) -> None:
         if self.save_last and not self._last_checkpoint_saved and not getattr(trainer, "fast_dev_run", False):
             self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
 
-    def on_fit_end(self, trainer: Trainer, module: TrainModule) -> None:
+    def on_fit_end(self, trainer: Trainer, pl_module: TrainModule) -> None:
         self.wait(trainer)
 
-    def teardown(self, trainer: Trainer, module: TrainModule, stage: str) -> None:
+    def teardown(self, trainer: Trainer, pl_module: TrainModule, stage: str) -> None:
         self.wait(trainer)
 
     # ---- when to save -----------------------------------------------------------------------------------

@@ -83,7 +83,7 @@ class EarlyStopping(Callback):
         return self._check_on_train_epoch_end
 
     # ---- when to check -------------------------------------------------------------------------------
-    def setup(self, trainer: Trainer, module: TrainModule, stage: str) -> None:
+    def setup(self, trainer: Trainer, pl_module: TrainModule, stage: str) -> None:
         if self._check_on_train_epoch_end is None:
             # Validation more often than once per epoch, or less often: check after each validation instead.
             once_per_epoch = trainer.val_check_interval in (None, 1.0)
@@ -92,11 +92,11 @@ class EarlyStopping(Callback):
     def _should_skip_check(self, trainer: Trainer) -> bool:
         return trainer.stage != "fit" or bool(getattr(trainer, "sanity_checking", False))
 
-    def on_train_epoch_end(self, trainer: Trainer, module: TrainModule) -> None:
+    def on_train_epoch_end(self, trainer: Trainer, pl_module: TrainModule) -> None:
         if self._check_on_train_epoch_end and not self._should_skip_check(trainer):
             self._run_early_stopping_check(trainer)
 
-    def on_validation_end(self, trainer: Trainer, module: TrainModule) -> None:
+    def on_validation_end(self, trainer: Trainer, pl_module: TrainModule) -> None:
         if not self._check_on_train_epoch_end and not self._should_skip_check(trainer):
             self._run_early_stopping_check(trainer)
 
