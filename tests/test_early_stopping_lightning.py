@@ -22,7 +22,25 @@ from framework.checkpoint import read_state
 from framework.testing import BoringModule
 
 
-class Logs(BoringModule):
+class Boring(BoringModule):
+    """BoringModule pinned to what these tests count on: 32 batches of 2 per epoch, train_loss/val_loss logged."""
+
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(**{"batch_size": 2, "length": 64, **kwargs})
+
+    def _loss(self, batch: Any) -> torch.Tensor:
+        return self(batch[0] if isinstance(batch, (list, tuple)) else batch).pow(2).mean()
+
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        loss = self._loss(batch)
+        self.log("train_loss", loss)
+        return loss
+
+    def validation_step(self, batch: Any, batch_idx: int) -> None:
+        self.log("val_loss", self._loss(batch))
+
+
+class Logs(Boring):
     """Logs ``values[epoch]`` as ``name`` at the end of each validation epoch (or training epoch)."""
 
     def __init__(self, name: str, values: list[Any], in_training: bool = False, **kwargs: Any) -> None:
@@ -39,7 +57,7 @@ class Logs(BoringModule):
             self.log(self.name, self.values[self.current_epoch])
 
 
-def fit(tmp_path, module: BoringModule, callbacks: list, **kwargs: Any) -> Trainer:
+def fit(tmp_path, module: Boring, callbacks: list, **kwargs: Any) -> Trainer:
     defaults = dict(default_root_dir=str(tmp_path), logger=False, enable_progress_bar=False, max_epochs=20,
                     limit_train_batches=2, limit_val_batches=1, enable_checkpointing=False)
     trainer = Trainer(callbacks=callbacks, **{**defaults, **kwargs})
@@ -88,7 +106,7 @@ def test_non_finite_monitor_stops(tmp_path, bad):
 def test_the_first_of_several_callbacks_to_stop_wins(tmp_path, check_on_train_epoch_end, flip):
     """'abc' never improves (patience 3 -> stops at epoch 3); 'cba' keeps improving."""
 
-    class Two(BoringModule):
+    class Two(Boring):
         def _log_both(self) -> None:
             self.log("abc", 1.0)
             self.log("cba", 10.0 - self.current_epoch)
@@ -116,7 +134,7 @@ def test_checks_after_each_validation_when_it_is_not_once_per_epoch(tmp_path, ca
             calls.append(current)
             return len(calls) == 2, "B" if len(calls) == 2 else "A"
 
-    class Module(BoringModule):
+    class Module(Boring):
         def validation_step(self, batch: Any, batch_idx: int) -> None:
             self.log("foo", 1.0)
 

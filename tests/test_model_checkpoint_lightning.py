@@ -24,6 +24,24 @@ from framework.exceptions import MisconfigurationException
 from framework.testing import BoringModule
 
 
+class Boring(BoringModule):
+    """BoringModule pinned to what these tests count on: 32 batches of 2 per epoch, train_loss/val_loss logged."""
+
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(**{"batch_size": 2, "length": 64, **kwargs})
+
+    def _loss(self, batch: Any) -> torch.Tensor:
+        return self(batch[0] if isinstance(batch, (list, tuple)) else batch).pow(2).mean()
+
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        loss = self._loss(batch)
+        self.log("train_loss", loss)
+        return loss
+
+    def validation_step(self, batch: Any, batch_idx: int) -> None:
+        self.log("val_loss", self._loss(batch))
+
+
 def trainer_for(tmp_path, callback: ModelCheckpoint, **kwargs: Any) -> Trainer:
     defaults = dict(default_root_dir=str(tmp_path), logger=False, enable_progress_bar=False, max_epochs=2)
     return Trainer(callbacks=[callback], **{**defaults, **kwargs})
@@ -38,7 +56,7 @@ def saved_state(path: str, callback: ModelCheckpoint) -> dict[str, Any]:
     return read_state(path, "trainer")["callbacks"][callback.state_key]
 
 
-class Scripted(BoringModule):
+class Scripted(Boring):
     """Logs ``values[epoch]`` as ``name`` at the end of each validation (or training, ``in_training``) epoch."""
 
     def __init__(self, name: str, values: list[float], in_training: bool = False, **kwargs: Any) -> None:
@@ -129,7 +147,7 @@ def test_file_extension_can_be_changed(tmp_path):
     class Other(ModelCheckpoint):
         FILE_EXTENSION = ".tpkc"
 
-    trainer_for(tmp_path, Other(dirpath=tmp_path / "c", save_last=True), max_steps=1).fit(BoringModule())
+    trainer_for(tmp_path, Other(dirpath=tmp_path / "c", save_last=True), max_steps=1).fit(Boring())
     assert names(tmp_path / "c") == {"epoch=0-step=1.tpkc", "last.tpkc"}
 
 
@@ -138,7 +156,7 @@ def test_file_extension_can_be_changed(tmp_path):
 
 def test_every_epoch_by_default_keeping_the_newest(tmp_path):
     callback = ModelCheckpoint(dirpath=tmp_path)
-    trainer_for(tmp_path, callback, max_epochs=3, limit_train_batches=4, limit_val_batches=1).fit(BoringModule())
+    trainer_for(tmp_path, callback, max_epochs=3, limit_train_batches=4, limit_val_batches=1).fit(Boring())
     assert names(tmp_path) == {"epoch=2-step=12.ckpt"}
     assert callback.best_model_path == str(tmp_path / "epoch=2-step=12.ckpt")  # no monitor: the newest
     assert callback.best_model_score is None and callback.best_k_models == {}
@@ -147,7 +165,7 @@ def test_every_epoch_by_default_keeping_the_newest(tmp_path):
 @pytest.mark.parametrize("every_n_epochs", [0, 1, 2, 3])
 def test_every_n_epochs(tmp_path, every_n_epochs):
     callback = ModelCheckpoint(dirpath=tmp_path, filename="{epoch}", save_top_k=-1, every_n_epochs=every_n_epochs)
-    trainer_for(tmp_path, callback, max_epochs=5, limit_train_batches=1, limit_val_batches=1).fit(BoringModule())
+    trainer_for(tmp_path, callback, max_epochs=5, limit_train_batches=1, limit_val_batches=1).fit(Boring())
     expected = {f"epoch={e}.ckpt" for e in range(5) if every_n_epochs and (e + 1) % every_n_epochs == 0}
     assert names(tmp_path) == expected
 
@@ -155,7 +173,7 @@ def test_every_n_epochs(tmp_path, every_n_epochs):
 def test_every_n_train_steps(tmp_path):
     callback = ModelCheckpoint(dirpath=tmp_path, filename="{step}", every_n_epochs=0, every_n_train_steps=4,
                                save_top_k=-1)
-    trainer_for(tmp_path, callback, max_epochs=2, limit_train_batches=10).fit(BoringModule())
+    trainer_for(tmp_path, callback, max_epochs=2, limit_train_batches=10).fit(Boring())
     assert names(tmp_path) == {f"step={s}.ckpt" for s in range(4, 21, 4)}
 
 
@@ -169,14 +187,14 @@ def test_train_time_interval(tmp_path, monkeypatch):
     monkeypatch.setattr(module, "time", SimpleNamespace(monotonic=lambda: float(next(clock))))
     callback = ModelCheckpoint(dirpath=tmp_path, filename="{step}", train_time_interval=timedelta(minutes=1),
                                save_top_k=-1)
-    trainer_for(tmp_path, callback, max_epochs=1).fit(BoringModule())  # 32 batches
+    trainer_for(tmp_path, callback, max_epochs=1).fit(Boring())  # 32 batches
     # on_train_start reads t=0; batch k ends at 7k s: saves at the first batch >= 60 s after the previous save
     assert names(tmp_path) == {"step=9.ckpt", "step=18.ckpt", "step=27.ckpt"}
 
 
 def test_top_k_all_with_monitor_epoch(tmp_path):
     callback = ModelCheckpoint(dirpath=tmp_path, filename="{epoch}", monitor="epoch", mode="max", save_top_k=-1)
-    trainer_for(tmp_path, callback, max_epochs=3, limit_train_batches=2, limit_val_batches=1).fit(BoringModule())
+    trainer_for(tmp_path, callback, max_epochs=3, limit_train_batches=2, limit_val_batches=1).fit(Boring())
     assert callback.best_model_path == str(tmp_path / "epoch=2.ckpt") and callback.best_model_score == 2
     assert set(callback.best_k_models) == {str(tmp_path / f"epoch={i}.ckpt") for i in range(3)}
     assert names(tmp_path) == {f"epoch={i}.ckpt" for i in range(3)}
@@ -185,7 +203,7 @@ def test_top_k_all_with_monitor_epoch(tmp_path):
 
 def test_top_k_zero_saves_only_last_as_a_full_checkpoint(tmp_path):
     callback = ModelCheckpoint(dirpath=tmp_path, save_top_k=0, save_last="link")
-    trainer_for(tmp_path, callback, limit_train_batches=2, limit_val_batches=1).fit(BoringModule())
+    trainer_for(tmp_path, callback, limit_train_batches=2, limit_val_batches=1).fit(Boring())
     assert names(tmp_path) == {"last.ckpt"}
     assert callback.best_model_path == "" and callback.best_k_models == {} and callback.kth_best_model_path == ""
     assert not os.path.islink(tmp_path / "last.ckpt")  # nothing to link to
@@ -196,7 +214,7 @@ def test_top_k_zero_saves_only_last_as_a_full_checkpoint(tmp_path):
 def test_save_last_keeps_one_last_checkpoint(tmp_path, save_last):
     callback = ModelCheckpoint(dirpath=tmp_path, monitor="val_loss", save_top_k=-1, save_last=save_last)
     callback.CHECKPOINT_NAME_LAST = "last-{epoch}"
-    trainer_for(tmp_path, callback, max_epochs=3, limit_train_batches=10, limit_val_batches=2).fit(BoringModule())
+    trainer_for(tmp_path, callback, max_epochs=3, limit_train_batches=10, limit_val_batches=2).fit(Boring())
     assert callback.last_model_path == str(tmp_path / "last-epoch=2.ckpt")
     assert names(tmp_path) == {"epoch=0-step=10.ckpt", "epoch=1-step=20.ckpt", "epoch=2-step=30.ckpt",
                                "last-epoch=2.ckpt"}
@@ -209,7 +227,7 @@ def test_save_last_keeps_one_last_checkpoint(tmp_path, save_last):
 
 def test_save_last_without_monitor_and_every_checkpoint(tmp_path):
     callback = ModelCheckpoint(dirpath=tmp_path, save_top_k=-1, save_last=True)
-    trainer_for(tmp_path, callback, limit_train_batches=10, limit_val_batches=2).fit(BoringModule())
+    trainer_for(tmp_path, callback, limit_train_batches=10, limit_val_batches=2).fit(Boring())
     assert callback.best_model_path == str(tmp_path / "epoch=1-step=20.ckpt")
     assert callback.last_model_path == str(tmp_path / "last.ckpt")
     assert names(tmp_path) == {"epoch=0-step=10.ckpt", "epoch=1-step=20.ckpt", "last.ckpt"}
@@ -218,19 +236,19 @@ def test_save_last_without_monitor_and_every_checkpoint(tmp_path):
 def test_save_last_gets_a_version_in_a_second_run(tmp_path):
     for _ in range(2):
         callback = ModelCheckpoint(dirpath=tmp_path, save_top_k=0, save_last=True)
-        trainer_for(tmp_path, callback, limit_train_batches=1, limit_val_batches=0).fit(BoringModule())
+        trainer_for(tmp_path, callback, limit_train_batches=1, limit_val_batches=0).fit(Boring())
     assert names(tmp_path) == {"last.ckpt", "last-v1.ckpt"}
 
 
 def test_versions_after_a_rerun_and_without_the_counter(tmp_path):
     for run in range(2):
         callback = ModelCheckpoint(dirpath=tmp_path / "counted", save_top_k=-1, monitor="epoch", filename="{epoch}")
-        trainer_for(tmp_path, callback, limit_train_batches=1, limit_val_batches=1).fit(BoringModule())
+        trainer_for(tmp_path, callback, limit_train_batches=1, limit_val_batches=1).fit(Boring())
         want = {"epoch=0-v1.ckpt", "epoch=1-v1.ckpt"} if run else {"epoch=0.ckpt", "epoch=1.ckpt"}
         assert {os.path.basename(p) for p in callback.best_k_models} == want
         plain = ModelCheckpoint(dirpath=tmp_path / "plain", save_top_k=-1, monitor="epoch", filename="{epoch}",
                                 save_last=True, enable_version_counter=False)
-        trainer_for(tmp_path, plain, limit_train_batches=1, limit_val_batches=1).fit(BoringModule())
+        trainer_for(tmp_path, plain, limit_train_batches=1, limit_val_batches=1).fit(Boring())
     assert names(tmp_path / "counted") == {"epoch=0.ckpt", "epoch=1.ckpt", "epoch=0-v1.ckpt", "epoch=1-v1.ckpt"}
     assert names(tmp_path / "plain") == {"epoch=0.ckpt", "epoch=1.ckpt", "last.ckpt"}
 
@@ -238,7 +256,7 @@ def test_versions_after_a_rerun_and_without_the_counter(tmp_path):
 def test_none_monitor_does_not_alternate_names(tmp_path):
     seen = []
 
-    class Lister(BoringModule):
+    class Lister(Boring):
         def on_train_epoch_start(self) -> None:
             seen.append(sorted(os.listdir(tmp_path)))
 
@@ -297,7 +315,7 @@ def test_nan_as_the_first_score_is_replaced(tmp_path, mode, values, best):
 def test_missing_monitor_raises_once_validation_ran(tmp_path):
     callback = ModelCheckpoint(dirpath=tmp_path, monitor="nope")
     with pytest.raises(MisconfigurationException, match=r"could not find the monitored key.*HINT: Did you call `log\('nope', value\)`"):
-        trainer_for(tmp_path, callback, limit_train_batches=1, limit_val_batches=1).fit(BoringModule())
+        trainer_for(tmp_path, callback, limit_train_batches=1, limit_val_batches=1).fit(Boring())
 
 
 # ---- state and resume -----------------------------------------------------------------------------------------
@@ -320,11 +338,11 @@ def test_state_restores_only_best_model_path_from_another_dirpath(tmp_path):
 def test_resuming_elsewhere_keeps_the_old_folders_checkpoints(tmp_path):
     kwargs = dict(filename="{step}", monitor="step", mode="max", save_last=True, save_top_k=2, every_n_train_steps=1)
     trainer_for(tmp_path, ModelCheckpoint(**kwargs), max_epochs=1, limit_train_batches=3,
-                limit_val_batches=0).fit(BoringModule())
+                limit_val_batches=0).fit(Boring())
     assert names(tmp_path / "checkpoints") == {"last.ckpt", "step=2.ckpt", "step=3.ckpt"}
     trainer = trainer_for(tmp_path, ModelCheckpoint(dirpath=tmp_path / "new", **kwargs), max_epochs=2,
                           limit_train_batches=3, limit_val_batches=0)
-    trainer.fit(BoringModule(), ckpt_path=str(tmp_path / "checkpoints" / "step=2.ckpt"))
+    trainer.fit(Boring(), ckpt_path=str(tmp_path / "checkpoints" / "step=2.ckpt"))
     assert names(tmp_path / "checkpoints") == {"last.ckpt", "step=2.ckpt", "step=3.ckpt"}
     assert names(tmp_path / "new") == {"last.ckpt", "step=5.ckpt", "step=6.ckpt"}
 
@@ -332,19 +350,19 @@ def test_resuming_elsewhere_keeps_the_old_folders_checkpoints(tmp_path):
 def test_best_and_last_paths_resume_and_load(tmp_path):
     callback = ModelCheckpoint(monitor="val_loss", save_last=True)
     trainer = trainer_for(tmp_path, callback, max_epochs=2, limit_train_batches=3, limit_val_batches=2)
-    trainer.fit(BoringModule())
+    trainer.fit(Boring())
     for path in (callback.best_model_path, callback.last_model_path):
         resumed = trainer_for(tmp_path / "again", ModelCheckpoint(dirpath=tmp_path / "again"), max_epochs=3,
                               limit_train_batches=3, limit_val_batches=2)
-        resumed.fit(BoringModule(), ckpt_path=path)
+        resumed.fit(Boring(), ckpt_path=path)
         assert resumed.global_step == 9
-    if hasattr(BoringModule, "load_from_checkpoint"):
-        loaded = BoringModule.load_from_checkpoint(callback.best_model_path)
-        assert isinstance(loaded, BoringModule)
+    if hasattr(Boring, "load_from_checkpoint"):
+        loaded = Boring.load_from_checkpoint(callback.best_model_path)
+        assert isinstance(loaded, Boring)
 
 
 def test_save_on_exception(tmp_path):
-    class Troubled(BoringModule):
+    class Troubled(Boring):
         def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
             if self.global_step == 3:
                 raise RuntimeError("boom")
@@ -359,23 +377,23 @@ def test_save_on_exception(tmp_path):
 def test_no_saves_outside_fit_and_no_repeat_at_the_same_step(tmp_path):
     callback = ModelCheckpoint(dirpath=tmp_path, every_n_train_steps=1, save_top_k=-1, filename="{step}")
     trainer = trainer_for(tmp_path, callback, max_epochs=1, limit_train_batches=2, limit_val_batches=1)
-    trainer.fit(BoringModule())
+    trainer.fit(Boring())
     before = names(tmp_path)
-    trainer.validate(BoringModule())
-    trainer.test(BoringModule())
+    trainer.validate(Boring())
+    trainer.test(Boring())
     assert names(tmp_path) == before == {"step=1.ckpt", "step=2.ckpt"}
     time.sleep(0)  # nothing pending
 
 
 def test_save_weights_only_keeps_the_model_and_drops_training_state(tmp_path):
     callback = ModelCheckpoint(dirpath=tmp_path, save_weights_only=True)
-    module = BoringModule()
+    module = Boring()
     trainer_for(tmp_path, callback, max_epochs=1, limit_train_batches=2, limit_val_batches=1).fit(module)
     manifest = read_manifest(callback.best_model_path)
     assert manifest.metadata["weights_only"] is True and manifest.global_step == 2
     state = read_state(callback.best_model_path, "trainer")
     assert not state.get("optimizers") and "callbacks" not in state and "schedulers" not in state
-    fresh = BoringModule()
+    fresh = Boring()
     trainer_for(tmp_path / "eval", ModelCheckpoint(dirpath=tmp_path / "eval"), limit_val_batches=1).validate(
         fresh, ckpt_path=callback.best_model_path)
     assert all(torch.equal(a, b) for a, b in zip(fresh.state_dict().values(), module.state_dict().values()))
