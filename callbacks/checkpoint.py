@@ -18,6 +18,7 @@ import logging
 import math
 import os
 import time
+import typing
 from datetime import timedelta
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -142,10 +143,6 @@ class ModelCheckpoint(CheckpointKeeping, Callback):
         if self.save_last == "link" and not naming.is_local(self.dirpath):
             raise ValueError(f"`ModelCheckpoint(save_last='link')` is only supported for local file paths, got "
                              f"`dirpath={self.dirpath}`. Use save_last=True for remote storage.")
-        if self.save_weights_only and not _accepts(trainer.save_checkpoint, "weights_only"):
-            raise ValueError("ModelCheckpoint(save_weights_only=True) needs trainer.save_checkpoint(path, "
-                             "weights_only=True), which this Trainer does not offer yet; save full checkpoints "
-                             "(save_weights_only=False) and load weights with load_from_checkpoint.")
         self._validation_ran = self._warned_missing = False
         if stage == "fit" and trainer.is_global_zero:
             from framework.checkpoint import cleanup_stale
@@ -373,20 +370,14 @@ class ModelCheckpoint(CheckpointKeeping, Callback):
         self.best_model_path = state_dict.get("best_model_path", self.best_model_path)
 
 
+# Resolved types, not postponed strings, in the constructor's signature: tools that read it directly
+# (jsonargparse, CLI parsers) then see the types Lightning's signature shows.
+ModelCheckpoint.__init__.__annotations__.update(typing.get_type_hints(ModelCheckpoint.__init__))
+
 def _check_int(name: str, value: Any, *, minimum: int) -> None:
     if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
         raise MisconfigurationException(f"Invalid value for {name}={value!r}. Must be >= {minimum}, an int "
                                         f"(ModelCheckpoint({name}=...)).")
-
-
-def _accepts(fn: Any, name: str) -> bool:
-    import inspect
-
-    try:
-        params = inspect.signature(fn).parameters
-    except (TypeError, ValueError):
-        return True
-    return name in params or any(p.kind is p.VAR_KEYWORD for p in params.values())
 
 
 def _is_last_batch(trainer: Trainer, batch_idx: int) -> bool:

@@ -31,6 +31,9 @@ class CheckpointKeeping:
     mode: str
     save_top_k: int
     save_last: Any
+    save_weights_only: bool
+    safe_serialization: bool
+    _writer: Any
     total_limit: int | None
     dirpath: str | None
     verbose: bool
@@ -143,11 +146,14 @@ class CheckpointKeeping:
         self._last_checkpoint_saved = filepath
         # A background save commits (and rotates, mutating state) later: finish it before snapshotting this one.
         self.wait(trainer)
-        kwargs: dict[str, Any] = {"safe_serialization": self.safe_serialization, "writer": self._writer,
-                                  "on_committed": lambda: self._after_commit(trainer, filepath, list(remove))}
-        if self.save_weights_only:
-            kwargs["weights_only"] = True
-        trainer.save_checkpoint(filepath, **kwargs)
+        if self._writer is None and self.safe_serialization:
+            # Lightning's call, argument for argument; a synchronous save has committed when it returns.
+            trainer.save_checkpoint(filepath, self.save_weights_only)
+            self._after_commit(trainer, filepath, list(remove))
+            return
+        trainer.save_checkpoint(filepath, self.save_weights_only, safe_serialization=self.safe_serialization,
+                                writer=self._writer,
+                                on_committed=lambda: self._after_commit(trainer, filepath, list(remove)))
 
     def _after_commit(self, trainer: Trainer, filepath: str, remove: list[str], link: str | None = None) -> None:
         """Once ``filepath`` is complete (maybe in the writer's thread): rank 0 links and deletes what it replaced."""

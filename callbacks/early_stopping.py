@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import math
+import typing
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
@@ -173,3 +174,8 @@ class EarlyStopping(Callback):
         self.stopped_epoch = int(state_dict["stopped_epoch"])
         self.best_score = torch.as_tensor(state_dict["best_score"], dtype=torch.float32).clone()
         self.patience = int(state_dict.get("patience", self.patience))
+
+
+# Resolved types, not postponed strings, in the constructor's signature: tools that read it directly
+# (jsonargparse, CLI parsers) then see the types Lightning's signature shows.
+EarlyStopping.__init__.__annotations__.update(typing.get_type_hints(EarlyStopping.__init__))

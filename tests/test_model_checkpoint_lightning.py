@@ -412,3 +412,25 @@ def test_link_checkpoint_replaces_files_links_and_folders_and_falls_back_to_a_co
     ModelCheckpoint._link_checkpoint(trainer, filepath=str(tmp_path / "a"), linkpath=str(tmp_path / "copied"))
     assert os.path.isfile(tmp_path / "copied") and not os.path.islink(tmp_path / "copied")
     assert not [n for n in os.listdir(tmp_path) if n.startswith(".")]  # no staging leftovers
+
+
+@pytest.mark.parametrize(("value", "expected"), [("yes", True), ("false", False), ("link", "link")])
+def test_save_last_parses_from_the_command_line(value, expected):
+    from inspect import signature
+
+    jsonargparse = pytest.importorskip("jsonargparse")
+    parser = jsonargparse.ArgumentParser()
+    parser.add_argument("--a", type=signature(ModelCheckpoint).parameters["save_last"].annotation)
+    assert parser.parse_args(["--a", value]).a == expected
+
+
+def test_default_saves_call_trainer_save_checkpoint_like_lightning(tmp_path, monkeypatch):
+    trainer = trainer_for(tmp_path, ModelCheckpoint(), max_epochs=3, limit_train_batches=5, limit_val_batches=5)
+    calls = []
+    real = trainer.save_checkpoint
+    monkeypatch.setattr(trainer, "save_checkpoint", lambda *args, **kwargs: (calls.append((args, kwargs)),
+                                                                             real(*args, **kwargs)))
+    trainer.fit(Boring())
+    folder = tmp_path / "checkpoints"
+    assert calls == [((str(folder / f"epoch={e}-step={5 * (e + 1)}.ckpt"), False), {}) for e in range(3)]
+    assert names(folder) == {"epoch=2-step=15.ckpt"}
