@@ -205,6 +205,8 @@ class Trainer(TrainerViews):
         if datamodule is not None:
             arguments.check_datamodule(datamodule, loaders, stage)
         self.stage, self.should_stop, self.datamodule = stage, False, datamodule
+        self._metrics.reset_metrics()  # every run starts with empty callback/logged metrics (Lightning's rule)
+        self.logged_metrics.clear()
         object.__setattr__(module, "_trainer", self)
         if datamodule is not None:
             object.__setattr__(datamodule, "trainer", self)

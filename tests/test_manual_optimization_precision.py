@@ -20,12 +20,12 @@ def small_data(n: int = 24, seed: int = 0) -> TensorDataset:
 class Manual(TrainModule):
     """Manual loop: backward, step, zero_grad; checks the gradients it sees at every stage."""
 
-    def __init__(self, bad_batch: int = -1, step_scheduler: bool = False) -> None:
+    def __init__(self, bad_batch: int = -1, step_scheduler: bool = False, clip: float | None = None) -> None:
         super().__init__()
         torch.manual_seed(0)
         self.automatic_optimization = False
         self.layer = torch.nn.Linear(4, 1)
-        self.bad_batch, self.step_scheduler = bad_batch, step_scheduler
+        self.bad_batch, self.step_scheduler, self.clip = bad_batch, step_scheduler, clip
         self.true_grads: list[list[torch.Tensor]] = []
         self.backward_grads: list[list[torch.Tensor]] = []
         self.scales: list[float] = []
@@ -46,6 +46,8 @@ class Manual(TrainModule):
         self.manual_backward(loss)
         self.backward_grads.append([p.grad.clone() for p in params])
         self.params_before.append([p.detach().clone() for p in params])
+        if self.clip is not None:  # Lightning's way under manual optimization: clip by hand before stepping
+            self.clip_gradients(opt, gradient_clip_val=self.clip, gradient_clip_algorithm="norm")
         opt.step()
         opt.zero_grad()
         self.params_after.append([p.detach().clone() for p in params])
@@ -100,8 +102,11 @@ def test_manual_optimization_leaves_schedulers_to_the_user(make_trainer, step_sc
 
 
 def test_manual_clipping_on_true_gradients(make_trainer):
-    module = Manual()
-    trainer = make_trainer(precision="16-mixed", gradient_clip_val=1e-3)
+    with pytest.raises(ValueError, match=r"gradient_clip_val=0.001 does nothing under manual optimization.*"
+                                         r"self.clip_gradients"):
+        make_trainer(gradient_clip_val=1e-3).fit(Manual(), DataLoader(small_data(), batch_size=4))
+    module = Manual(clip=1e-3)
+    trainer = make_trainer(precision="16-mixed")
     trainer.fit(module, DataLoader(small_data(), batch_size=4))
     true_norm = torch.linalg.vector_norm(torch.stack([g.norm() for g in module.true_grads[-1]]))
     torch.testing.assert_close(trainer.grad_norm, true_norm, rtol=1e-2, atol=0)

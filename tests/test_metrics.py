@@ -418,3 +418,19 @@ def test_a_logged_metric_must_be_an_attribute_of_the_module(make_trainer):
 
     with pytest.raises(MisconfigurationException, match="'stray'.*not an attribute of Stray.*mean_metric"):
         make_trainer().validate(Stray(), ranged_loader())
+
+
+def test_evaluation_step_values_reach_the_loggers_and_predict_refuses_logging(make_trainer):
+    class StepLogs(Stats):
+        def validation_step(self, batch, batch_idx, dataloader_idx=0):
+            self.log("val_step_value", float(batch_idx), on_step=True, on_epoch=False)
+
+        def predict_step(self, batch, batch_idx, dataloader_idx=0):
+            self.log("nope", 1.0)
+
+    logger = RecordingLogger()
+    make_trainer(logger=logger).validate(StepLogs(), ranged_loader(), verbose=False)  # 3 batches
+    rows = [(step, m["val_step_value"]) for step, m in logger.records if "val_step_value" in m]
+    assert rows == [(0, 0.0), (1, 1.0), (2, 2.0)]
+    with pytest.raises(ValueError, match="predict_step"):
+        make_trainer().predict(StepLogs(), ranged_loader())

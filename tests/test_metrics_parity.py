@@ -17,10 +17,6 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
-from torch.utils.data import DataLoader, TensorDataset
-
-from framework import Trainer, TrainModule
 
 SCRIPT = Path(__file__).parent / "scripts" / "log_parity.py"
 ROOT = Path(__file__).resolve().parents[1]
@@ -88,42 +84,12 @@ def test_explicit_batch_sizes_report_lightnings_numbers(runs):
     assert_same_report({k: after_fit_kiln[k] for k in after_fit_lightning}, after_fit_lightning)
 
 
-def _runs_start_empty() -> bool:
-    """Whether Trainer._run calls MetricCollector.reset_metrics() (Lightning clears the metrics per run)."""
-    class Probe(TrainModule):
-        def __init__(self):
-            super().__init__()
-            self.w = torch.nn.Parameter(torch.zeros(()))
-
-        def training_step(self, batch, batch_idx):
-            self.log("fit_value", 1.0)
-            return (self.w * batch[0]).sum()
-
-        def validation_step(self, batch, batch_idx):
-            self.log("v", 1.0)
-
-        def configure_optimizers(self):
-            return torch.optim.SGD(self.parameters(), lr=0.0)
-
-    loader = DataLoader(TensorDataset(torch.zeros(2)), batch_size=2)
-    trainer = Trainer(max_epochs=1, logger=False, enable_checkpointing=False, enable_progress_bar=False)
-    module = Probe()
-    trainer.fit(module, loader)
-    trainer.validate(module, loader)
-    return "fit_value" not in trainer.callback_metrics
-
-
-RUNS_START_EMPTY = _runs_start_empty() if LIGHTNING is not None else False
-
-
 def test_inferred_batch_sizes_report_lightnings_numbers(runs):
     kiln, _ = _split_validate_after_fit(runs[("kiln", False)])
     lightning, _ = _split_validate_after_fit(runs[("lightning", False)])
     assert_same_report(kiln, lightning)
 
 
-@pytest.mark.xfail(not RUNS_START_EMPTY, strict=True,
-                   reason="Trainer._run does not call MetricCollector.reset_metrics() yet (lead: loop rewrite)")
 def test_each_trainer_run_starts_with_empty_callback_metrics(runs):
     _, kiln = _split_validate_after_fit(runs[("kiln", True)])
     _, lightning = _split_validate_after_fit(runs[("lightning", True)])

@@ -191,3 +191,15 @@ def test_on_save_checkpoint_keys_come_back_and_reserved_keys_are_guarded(make_tr
     trainer.fit(Replaces(), make_loader(8))
     with pytest.raises(ValueError, match=r"on_save_checkpoint replaced or removed \['state_dict'\]"):
         trainer.save_checkpoint(str(tmp_path / "bad"))
+
+
+def test_manual_optimization_refuses_trainer_accumulation(make_trainer, tiny_module_cls, make_loader):
+    class Manual(tiny_module_cls):
+        automatic_optimization = False
+
+        def training_step(self, batch, batch_idx):
+            self.manual_backward(self.loss(batch))
+            self.optimizers().step()
+
+    with pytest.raises(ValueError, match=r"accumulate_grad_batches=\{0: 2\} does nothing under manual optimization"):
+        make_trainer(accumulate_grad_batches=2).fit(Manual(), make_loader(8))

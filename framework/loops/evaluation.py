@@ -86,6 +86,8 @@ class EvaluationLoop:
         batch_start, batch_end = hooks.overridden(f"on_{name}_batch_start"), hooks.overridden(f"on_{name}_batch_end")
         outputs: list[Any] = []
         keep = self.stage == "predict" and self.return_predictions
+        if self.stage == "predict":
+            metrics.current_fx = "predict_step"  # self.log there is refused, as in Lightning
         indices = t.predict_loop if self.stage == "predict" and t.predict_loop.track(feed.dataloader) else None
         for batch_idx, batch, _ in feed.epoch_batches(t.current_epoch, 0):
             if self.max_batches is not None and batch_idx >= self.max_batches:
@@ -101,9 +103,12 @@ class EvaluationLoop:
             if batch_end:
                 hooks.both(f"on_{name}_batch_end", output, batch, batch_idx, *extra)
             metrics.on_batch_end()
+            if metrics.step_values:  # values logged with on_step=True in an evaluation step (Lightning writes them)
+                t.metric_logging.log(metrics.step_values, step=batch_idx)
             if keep:
                 outputs.append(output)
         if self.stage == "predict":
+            metrics.current_fx = None
             return outputs
         metrics.epoch_end_reached()
         return metrics.reduce_epoch()

@@ -101,6 +101,8 @@ class FitLoop:
             warnings.warn(f"trainer.fit() got validation data but {type(t.module).__name__} defines no "
                           "validation_step(); validation is skipped. Define validation_step to validate.", stacklevel=5)
         module = t.module
+        if not module.automatic_optimization:
+            _check_manual_optimization(t)
         self.step = AutomaticStep(t, self, hooks) if module.automatic_optimization else ManualStep(t, hooks)
         self.transfer = LoopTransfer(module, t.datamodule, t.strategy, t.precision_plugin)
         hooks.both("on_train_start")
@@ -270,3 +272,17 @@ def _profiled(profiler: Any, action: str, fn: Any) -> Any:
             return fn(*args)
 
     return run
+
+
+def _check_manual_optimization(t: Trainer) -> None:
+    """Under manual optimization the step is the user's: Trainer-driven accumulation or clipping would be ignored."""
+    from callbacks.gradient_accumulation_scheduler import GradientAccumulationScheduler
+
+    if any(k != 1 for _, k in t.accumulation.schedule) and not isinstance(t.accumulation, GradientAccumulationScheduler):
+        raise ValueError(f"accumulate_grad_batches={dict(t.accumulation.schedule)} does nothing under manual "
+                         "optimization (automatic_optimization = False): step the optimizer every N batches "
+                         "yourself in training_step, or use automatic optimization.")
+    if t.gradient_clip_val:
+        raise ValueError(f"gradient_clip_val={t.gradient_clip_val} does nothing under manual optimization: call "
+                         "self.clip_gradients(optimizer, gradient_clip_val=..., gradient_clip_algorithm=...) in "
+                         "training_step before optimizer.step(), or use automatic optimization.")

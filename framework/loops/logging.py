@@ -41,7 +41,8 @@ class MetricLogging:
             merged.update(metrics)
         self.log(merged)
 
-    def log(self, metrics: dict[str, torch.Tensor]) -> None:
+    def log(self, metrics: dict[str, torch.Tensor], step: int | None = None) -> None:
+        """Write ``metrics`` at ``step`` (default: ``global_step``)."""
         t = self.t
         if not metrics:
             return
@@ -50,4 +51,4 @@ class MetricLogging:
             floats = to_floats(metrics)  # one host transfer for the whole dict
             floats.setdefault("epoch", float(t.current_epoch))
             for logger in t.loggers:
-                logger.log_metrics(floats, step=t.global_step)
+                logger.log_metrics(floats, step=t.global_step if step is None else step)

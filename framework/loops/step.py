@@ -217,14 +217,13 @@ class KilnOptimizer:
 
 
 def manual_step(t: Trainer, optimizer: torch.optim.Optimizer) -> None:
-    """A step under manual optimization: hooks, clipping, the step on true gradients; counted in global_step.
+    """A step under manual optimization: hooks and the step on true gradients; counted in global_step (clipping is
+    the user's call there: ``self.clip_gradients``).
 
     LR schedulers are not stepped: in manual optimization that is the user's call (``self.lr_schedulers()``).
     """
     t.precision_plugin.unscale_gradients(optimizer)
     t.hooks.both("on_before_optimizer_step", optimizer)
-    if t.gradient_clip_val:
-        t.grad_norm = t.strategy.clip_gradients(optimizer, t.gradient_clip_val, t.gradient_clip_algorithm)
     stepped = t.strategy.optimizer_step(optimizer)
     t.fit_loop.after_optimizer_step(stepped, schedulers=False)
 

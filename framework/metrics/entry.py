@@ -160,7 +160,11 @@ class Entry:
     def reset(self, reset_metric: bool = True) -> None:
         """Start a new epoch: refill the accumulator in place, reset the Metric (Lightning resets both)."""
         if self.acc is not None:
-            self.acc.fill_(_INITIAL[self.reduce])
+            if self.acc.is_inference() and not torch.is_inference_mode_enabled():
+                # made inside an evaluation's inference mode: such a tensor cannot change in place out here
+                self.acc = torch.full_like(self.acc, _INITIAL[self.reduce])
+            else:
+                self.acc.fill_(_INITIAL[self.reduce])
         self.weight = 0
         self.step = self.computed = None
         if self.metric is not None and reset_metric:
