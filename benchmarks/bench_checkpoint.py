@@ -258,7 +258,7 @@ def kiln_trainer(root: str, max_steps: int, callbacks: list | None = None) -> An
     from framework import DistributedState, Trainer
 
     DistributedState._reset_state()  # each Trainer in this process starts from a clean topology
-    return Trainer(accelerator=DEVICE, max_steps=max_steps, logger=False, enable_checkpointing=False,
+    return Trainer(enable_model_summary=False, accelerator=DEVICE, max_steps=max_steps, logger=False, enable_checkpointing=False,
                    enable_progress_bar=False, default_root_dir=root, callbacks=callbacks)
 
 

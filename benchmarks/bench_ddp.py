@@ -159,7 +159,7 @@ def run_kiln(cfg: Config, data: TensorDataset, root: str) -> tuple[tuple[float, 
 
     clock = Clock(cfg)
     module = kiln_module(make_mlp(), "sgd", clock)
-    trainer = Trainer(strategy="ddp", accelerator=DEVICE, devices=WORLD, max_steps=cfg.total_steps,
+    trainer = Trainer(enable_model_summary=False, strategy="ddp", accelerator=DEVICE, devices=WORLD, max_steps=cfg.total_steps,
                       enable_checkpointing=False, default_root_dir=root, log_every_n_steps=cfg.log_every_n_steps)
     trainer.fit(module, DataLoader(data, batch_size=BATCH, shuffle=False))
     return clock.per_step(), flat(module.net.parameters())
@@ -181,7 +181,7 @@ def memory_run(strategy: str, data: TensorDataset, root: str) -> dict[str, Any]:
     from framework import Trainer
 
     module = kiln_module(make_mlp(MEMORY_WIDTH), "adamw")
-    trainer = Trainer(strategy=strategy, accelerator=DEVICE, devices=WORLD, max_steps=MEMORY_STEPS,
+    trainer = Trainer(enable_model_summary=False, strategy=strategy, accelerator=DEVICE, devices=WORLD, max_steps=MEMORY_STEPS,
                       enable_checkpointing=False, logger=False, enable_progress_bar=False, default_root_dir=root)
     trainer.fit(module, DataLoader(data, batch_size=BATCH, shuffle=False))
     optimizer = trainer.optimizers[0]

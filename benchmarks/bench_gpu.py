@@ -133,7 +133,7 @@ def gpu_kiln(cfg: Config, data: PreBatched, root: str) -> tuple[float, torch.Ten
     from framework import DistributedState, Trainer, TrainModule
 
     module = _step_module(TrainModule, cfg)
-    trainer = Trainer(accelerator=DEVICE, devices=1, max_steps=cfg.total_steps, enable_checkpointing=False,
+    trainer = Trainer(enable_model_summary=False, accelerator=DEVICE, devices=1, max_steps=cfg.total_steps, enable_checkpointing=False,
                       default_root_dir=root, log_every_n_steps=cfg.log_every_n_steps)
     trainer.fit(module, make_loader(data))
     DistributedState._reset_state()

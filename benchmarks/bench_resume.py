@@ -85,7 +85,7 @@ def kiln_module() -> type:
 def trainer(root: str, max_steps: int, callbacks: list | None = None) -> Any:
     from framework import Trainer
 
-    return Trainer(max_steps=max_steps, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+    return Trainer(enable_model_summary=False, max_steps=max_steps, logger=False, enable_checkpointing=False, enable_progress_bar=False,
                    default_root_dir=root, callbacks=callbacks)
 
 

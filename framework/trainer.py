@@ -300,7 +300,8 @@ class Trainer(TrainerViews):
                                                              gradient_clip_algorithm=self.gradient_clip_algorithm)
             self.lr_scheduler_configs = configs
             self._manual_optimizers = [KilnOptimizer(o, trainer=self) for o in self.optimizers]
-        self._metrics.reduce = self.strategy.all_reduce if self.strategy.world_size > 1 else None
+        # Logged values reduce over the data-parallel replicas (all ranks, except under tensor parallelism).
+        self._metrics.reduce = self.strategy.reduce_metric if self.strategy.world_size > 1 else None
 
     def _data_seed(self) -> int:
         seed = int(os.environ.get("KILN_GLOBAL_SEED", torch.initial_seed() % 2**31))

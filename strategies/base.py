@@ -110,7 +110,9 @@ class Strategy:
         return getattr(self.module, name)
 
     def batch_to_device(self, batch: Any) -> Any:
-        return move_to_device(batch, self.root_device)
+        from framework.batch_transfer import move_data_to_device
+
+        return move_data_to_device(batch, self.root_device)
 
     @property
     def needs_batch_transfer(self) -> bool:
@@ -160,6 +162,10 @@ class Strategy:
     # ---- collectives (identity on one process) -------------------------------------------------------
     def all_reduce(self, tensor: torch.Tensor, op: str = "mean") -> torch.Tensor:
         return tensor
+
+    def reduce_metric(self, tensor: torch.Tensor, op: str = "mean") -> torch.Tensor:
+        """Reduce a logged value with ``sync_dist`` over the ranks that hold different data (all of them here)."""
+        return self.all_reduce(tensor, op)
 
     def all_gather(self, tensor: torch.Tensor) -> torch.Tensor:
         """Gather to a new leading dimension of size world_size."""
@@ -385,22 +391,6 @@ def _discard_staging(staging: Any) -> None:
         locate(staging.dir).remove_tree()
     except Exception as exc:  # the write error is the one to report
         warnings.warn(f"could not remove the partial checkpoint files in {staging.dir}: {exc}", stacklevel=3)
-
-
-def move_to_device(batch: Any, device: torch.device) -> Any:
-    """Recursively move tensors in a batch (tensors, mappings, sequences, namedtuples, dataclass-like)."""
-    if isinstance(batch, torch.Tensor):
-        return batch.to(device, non_blocking=device.type == "cuda")
-    if isinstance(batch, dict):
-        return type(batch)((k, move_to_device(v, device)) for k, v in batch.items())
-    if isinstance(batch, tuple) and hasattr(batch, "_fields"):
-        return type(batch)(*(move_to_device(v, device) for v in batch))
-    if isinstance(batch, (list, tuple)):
-        return type(batch)(move_to_device(v, device) for v in batch)
-    to = getattr(batch, "to", None)
-    if callable(to):
-        return to(device)
-    return batch
 
 
 def _local(tensor: torch.Tensor) -> torch.Tensor:

@@ -26,7 +26,8 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch.utils.data import DataLoader, IterableDataset
 
-from strategies.base import Strategy, move_to_device
+from framework.batch_transfer import move_data_to_device
+from strategies.base import Strategy
 
 if TYPE_CHECKING:
     from framework.module import TrainModule
@@ -342,4 +343,4 @@ def _inline_batches(cpu_loader: DataLoader, device: torch.device) -> Any:
 
     for batch in cpu_loader:
         torch_xla.sync()  # the cut ParallelLoader makes before each batch, first included (see the module doc)
-        yield move_to_device(batch, device)
+        yield move_data_to_device(batch, device)
