@@ -2,6 +2,10 @@
 
 Run from the repository root with `nox -s demo` or `python examples/digits.py`. Checkpoints and
 TensorBoard logs land under `runs/`; the script exits non-zero if validation accuracy < 0.95.
+
+The same model and data through the config-driven CLI (the `kiln[cli]` extra):
+`python examples/digits.py fit --trainer.max_epochs=3` (also `validate`/`test`/`predict`, `--config`,
+`--print_config`, `--model.lr=1e-3`, `--optimizer=SGD`, `--ckpt_path last`).
 """
 
 from __future__ import annotations
@@ -16,7 +20,7 @@ from torch.utils.data import DataLoader, TensorDataset
 from torchmetrics.classification import MulticlassAccuracy
 
 from callbacks import ModelCheckpoint
-from framework import Trainer, TrainModule, seed_everything
+from framework import DataModule, Trainer, TrainModule, seed_everything
 
 NUM_CLASSES = 10
 MIN_ACCURACY = 0.95
@@ -25,9 +29,9 @@ MIN_ACCURACY = 0.95
 class DigitsCNN(TrainModule):
     """Two 3x3 convolutions, one pooling, one hidden dense layer: ~40k parameters."""
 
-    def __init__(self, epochs: int, lr: float = 3e-3) -> None:
+    def __init__(self, epochs: int | None = None, lr: float = 3e-3) -> None:
         super().__init__()
-        self.epochs = epochs  # the cosine schedule's length
+        self.epochs = epochs  # the cosine schedule's length; None: the Trainer's max_epochs
         self.lr = lr
         self.net = nn.Sequential(
             nn.Conv2d(1, 16, kernel_size=3, padding=1), nn.ReLU(),
@@ -58,7 +62,8 @@ class DigitsCNN(TrainModule):
 
     def configure_optimizers(self):
         optimizer = torch.optim.AdamW(self.parameters(), lr=self.lr, weight_decay=1e-4)
-        scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=self.epochs)
+        epochs = self.epochs or max(self.trainer.max_epochs or 1, 1)
+        scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=epochs)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "epoch"}}
 
 
@@ -75,7 +80,44 @@ def digits_loaders(batch_size: int, seed: int) -> tuple[DataLoader, DataLoader]:
     return train, val
 
 
+class DigitsData(DataModule):
+    """The digits split as a DataModule, so the CLI can build it from `--data.batch_size` / `--data.seed`."""
+
+    def __init__(self, batch_size: int = 32, seed: int = 0) -> None:
+        super().__init__()
+        self.batch_size, self.seed = batch_size, seed
+
+    def setup(self, stage: str) -> None:
+        self.train_loader, self.val_loader = digits_loaders(self.batch_size, self.seed)
+
+    def train_dataloader(self) -> DataLoader:
+        return self.train_loader
+
+    def val_dataloader(self) -> DataLoader:
+        return self.val_loader
+
+    def test_dataloader(self) -> DataLoader:
+        return self.val_loader
+
+    def predict_dataloader(self) -> DataLoader:
+        return self.val_loader
+
+
+def cli_main(argv: list[str]) -> int:
+    """`python examples/digits.py fit|validate|test|predict [--config ...] [--trainer.* / --model.* ...]`."""
+    from framework.cli import LightningCLI
+
+    torch.set_num_threads(1)
+    LightningCLI(DigitsCNN, DigitsData, args=argv, seed_everything_default=0, trainer_defaults={
+        "max_epochs": 15, "default_root_dir": "runs", "log_every_n_steps": 10,
+        "callbacks": [ModelCheckpoint(monitor="val_acc", mode="max", save_top_k=1, save_last=True)]})
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv and argv[0] in ("fit", "validate", "test", "predict"):
+        return cli_main(argv)
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--epochs", type=int, default=15)
     parser.add_argument("--batch-size", type=int, default=32)
