@@ -1,4 +1,4 @@
-"""Nox sessions: tests, lint, demo, bench, and xla (its own, large environment).
+"""Nox sessions: tests, lint, demo, docs, bench, and xla (its own, large environment).
 
 Every session that needs torch installs the pinned CPU build first, and passes the same
 constraints file to every later install so that no dependency can swap it for another build.
@@ -50,6 +50,14 @@ def demo(session: nox.Session) -> None:
     """Train the example classifier on scikit-learn's bundled digits (no download)."""
     _install_torch_and_project(session, "examples")
     session.run("python", "examples/digits.py", *session.posargs)
+
+
+@nox.session
+def docs(session: nox.Session) -> None:
+    """Build the documentation site into site/ with `mkdocs build --strict` (broken links, missing API
+    references and any other warning fail). The API pages import the packages, hence torch."""
+    _install_torch_and_project(session, "docs,cli")
+    session.run("mkdocs", "build", "--strict", *session.posargs, env={"NO_MKDOCS_2_WARNING": "1"})
 
 
 @nox.session

@@ -1,7 +1,8 @@
-"""README "Testing your code": its code blocks, in order, form a test file that must pass as written.
+"""The docs' "Testing your code" page (docs/concepts/testing.md): its code blocks, in order, form a test file
+that must pass as written.
 
 The file is run by pytest in a fresh interpreter from an empty folder, as a user would run it, so the
-README cannot drift from the API.
+page cannot drift from the API.
 """
 
 from __future__ import annotations
@@ -14,25 +15,25 @@ from pathlib import Path
 
 import pytest
 
-README = Path(__file__).resolve().parent.parent / "README.md"
-SECTION = "## Testing your code"
+PAGE = Path(__file__).resolve().parent.parent / "docs" / "concepts" / "testing.md"
+TITLE = "# Testing your code"
 
 
 def readme_test_file() -> str:
-    text = README.read_text(encoding="utf-8")
-    assert SECTION in text, f"README.md lost its {SECTION!r} section"
-    section = text.split(SECTION, 1)[1].split("\n## ", 1)[0]
-    blocks = re.findall(r"```python\n(.*?)```", section, flags=re.DOTALL)
-    assert blocks, f"no python code blocks under {SECTION!r}"
+    text = PAGE.read_text(encoding="utf-8")
+    assert text.startswith(TITLE), f"{PAGE} lost its {TITLE!r} title"
+    blocks = re.findall(r"```python\n(.*?)```", text, flags=re.DOTALL)
+    assert blocks, f"no python code blocks in {PAGE}"
+    assert "not-run:" not in text, "every block of the testing page is part of the test file: none may be skipped"
     return "\n\n".join(blocks)
 
 
 def test_the_readme_layout_covers_the_recommended_kinds_of_test():
     code = readme_test_file()
-    compile(code, "README.md", "exec")
+    compile(code, str(PAGE), "exec")
     for needle in ("run_distributed(", "@require_distributed", "ckpt_path=", "assert_checkpoints_equal(",
                    "accumulate_grad_batches=", "BoringModule()"):
-        assert needle in code, f"the README's testing example no longer shows {needle}"
+        assert needle in code, f"the docs' testing example no longer shows {needle}"
 
 
 @pytest.mark.distributed  # its multi-process example starts a 2-process job

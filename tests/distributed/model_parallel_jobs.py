@@ -276,13 +276,14 @@ def refusal() -> None:
 
 
 def readme_example(root: str) -> None:
-    """The README's Parallelism section, run as written (its ``python`` block under 'Parallelism')."""
+    """The docs' 2-D parallelism example, run as written (docs/concepts/strategies.md, its ``python`` block under
+    'Tensor and data parallelism')."""
     os.chdir(root)  # the example writes logs and checkpoints to the working directory
-    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
-    section = readme.split("## Parallelism", 1)[1]
+    page = (Path(__file__).resolve().parents[2] / "docs" / "concepts" / "strategies.md").read_text()
+    section = page.split("## Tensor and data parallelism", 1)[1]
     code = re.search(r"```python\n(.*?)```", section, re.S).group(1)
     namespace: dict[str, Any] = {"__name__": "readme_example"}
-    exec(compile(code, "README.md#parallelism", "exec"), namespace)
+    exec(compile(code, "docs/concepts/strategies.md#tensor-and-data-parallelism", "exec"), namespace)
 
 
 def mesh_job(root: str) -> None:

@@ -1,0 +1,52 @@
+"""Every fenced ``python`` block in docs/**/*.md and README.md runs: a page's blocks, in order, form one script
+run by a fresh interpreter in an empty folder, as a reader would paste them. A block that cannot run here is
+marked right before it with ``<!-- not-run: <reason> -->``; only that marker skips a block, and it needs a reason.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+PAGES = sorted((ROOT / "docs").rglob("*.md")) + [ROOT / "README.md"]
+BLOCK = re.compile(r"(?:<!--\s*not-run:(?P<reason>[^>]*?)-->\s*\n)?```python\n(?P<code>.*?)```", re.DOTALL)
+
+
+def page_blocks(text: str) -> tuple[list[str], list[str]]:
+    """(blocks to run, reasons of the skipped ones) of one markdown page, in order."""
+    run, skipped = [], []
+    for match in BLOCK.finditer(text):
+        if match.group("reason") is None:
+            run.append(match.group("code"))
+        else:
+            skipped.append(match.group("reason").strip())
+    return run, skipped
+
+
+def test_the_marker_is_the_only_way_to_skip_a_block():
+    run, skipped = page_blocks("<!-- not-run: needs 4 processes -->\n```python\na = 1\n```\n\n```python\nb = 2\n```\n")
+    assert run == ["b = 2\n"] and skipped == ["needs 4 processes"]
+    run, skipped = page_blocks("<!-- some other comment -->\n```python\nc = 3\n```\n")
+    assert run == ["c = 3\n"] and skipped == []
+
+
+@pytest.mark.parametrize("page", PAGES, ids=lambda p: str(p.relative_to(ROOT)))
+def test_the_python_blocks_of_a_docs_page_run(page, tmp_path):
+    run, skipped = page_blocks(page.read_text(encoding="utf-8"))
+    assert all(skipped), f"{page.name}: a not-run marker without a reason"
+    if not run:
+        pytest.skip(f"{page.name} has no runnable python block")
+    script = tmp_path / "page.py"
+    script.write_text("\n\n".join(run), encoding="utf-8")
+    env = {k: v for k, v in os.environ.items()
+           if not k.startswith(("KILN_", "RANK", "WORLD_SIZE", "LOCAL_", "MASTER_", "PYTEST_"))}
+    env.update(PYTHONPATH=f"{ROOT}{os.pathsep}{env.get('PYTHONPATH', '')}", OMP_NUM_THREADS="1")
+    result = subprocess.run([sys.executable, str(script)], cwd=tmp_path, env=env, capture_output=True, text=True,
+                            timeout=240)
+    assert result.returncode == 0, f"{page.relative_to(ROOT)}:\n{result.stdout[-2000:]}\n{result.stderr[-6000:]}"
