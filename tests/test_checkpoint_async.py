@@ -195,8 +195,8 @@ def test_step_hooks_are_removed_and_cost_nothing_after_the_copy():
     assert len(opt._optimizer_step_pre_hooks) == 0
 
 
-def test_first_async_save_blocks_no_longer_than_the_copy_free_part():
-    """Buffers are allocated by the background copy: the first snapshot returns before any parameter is copied."""
+def test_snapshot_buffers_are_allocated_by_the_background_copy_and_reused():
+    """The first snapshot allocates its buffers on the copier thread (not in the loop); later ones reuse them."""
     model = torch.nn.Linear(512, 512)
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     writer = AsyncCheckpointWriter()
