@@ -33,7 +33,7 @@ from framework.testing import (
     require_xla,
     run_distributed,
 )
-from framework.testing_compare import state_differences
+from framework.testing.compare import state_differences
 
 
 # ---- skip decorators ------------------------------------------------------------------------------
@@ -150,7 +150,7 @@ def test_random_iterable_dataset_yields_each_row_once_across_workers(num_workers
 
 
 def test_random_iterable_dataset_shards_between_ranks(monkeypatch):
-    import framework.testing_boring as boring
+    import framework.testing.boring as boring
 
     dataset = RandomIterableDataset(size=2, count=7)
     shards = []

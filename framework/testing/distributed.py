@@ -1,21 +1,9 @@
-"""Testing helpers for Kiln users (and Kiln itself): real multi-process jobs, hardware skips, a tiny
-module with random data, and bit-identity assertions.
-
-``run_distributed`` starts a real job of ``nproc`` processes on this machine with torchrun's
-environment (``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``, ``MASTER_ADDR``, ``MASTER_PORT``, ...), so the code
-under test runs exactly as it would under ``torchrun --nproc-per-node=N``. Each rank's output is
-streamed with a ``[rank i]`` prefix; a failing or hanging job raises with every failing rank's stderr.
-
-The ``require_*`` decorators skip a test (with the reason) when hardware or a package is missing.
-
-``BoringModule``, ``RandomDataset`` and ``RandomIterableDataset`` (from ``framework.testing_boring``) make
-smoke tests one line; ``assert_modules_equal``, ``assert_checkpoints_equal`` and ``assert_state_equal``
-(from ``framework.testing_compare``) fail with the entry that differs and by how much.
-"""
+"""``run_distributed``: a real job of ``nproc`` processes on this machine with torchrun's environment, each
+rank's output streamed with a ``[rank i]`` prefix; a failing or hanging job raises with every failing rank's
+stderr."""
 
 from __future__ import annotations
 
-import importlib.util
 import inspect
 import os
 import pickle
@@ -25,27 +13,12 @@ import sys
 import tempfile
 import threading
 import time
-import unittest
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from framework.launch import find_free_port, torchrun_environment
-from framework.testing_boring import BoringModule, RandomDataset, RandomIterableDataset
-from framework.testing_compare import (
-    assert_checkpoints_equal,
-    assert_modules_equal,
-    assert_state_equal,
-    state_differences,
-)
-
-__all__ = [
-    "DistributedJobError", "RankResult", "run_distributed", "require_cuda", "require_multi_device",
-    "require_fp16", "require_bf16", "require_deepspeed", "require_xla", "require_distributed",
-    "BoringModule", "RandomDataset", "RandomIterableDataset",
-    "assert_modules_equal", "assert_checkpoints_equal", "assert_state_equal", "state_differences",
-]
 
 _FAILURE_GRACE_S = 10.0  # after one rank fails, how long the others get to fail (or finish) on their own
 _TAIL_CHARS = 4000
@@ -211,72 +184,3 @@ def _command(script_or_fn: Any, args: Sequence[Any], tmp: Path) -> list[str]:
 
 
 # ---- skip decorators ------------------------------------------------------------------------------
-def _has_module(name: str) -> bool:
-    return importlib.util.find_spec(name) is not None
-
-
-def _cuda_count() -> int:
-    import torch
-
-    return torch.cuda.device_count() if torch.cuda.is_available() else 0
-
-
-def _dtype_works(dtype_name: str) -> bool:
-    """A half-precision matmul under autocast works on the default accelerator (CUDA, else CPU)."""
-    import torch
-
-    dtype = getattr(torch, dtype_name)
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    if device == "cuda" and dtype is torch.bfloat16 and not torch.cuda.is_bf16_supported():
-        return False
-    try:
-        with torch.autocast(device, dtype=dtype):
-            out = torch.ones(2, 2, device=device) @ torch.ones(2, 2, device=device)
-        return out.dtype == dtype
-    except (RuntimeError, TypeError):
-        return False
-
-
-def _dist_available() -> bool:
-    import torch.distributed as dist
-
-    return dist.is_available() and dist.is_gloo_available()
-
-
-def _skip_unless(condition: Callable[[], bool], reason: str) -> Callable[[Callable], Callable]:
-    return unittest.skipUnless(condition(), reason)
-
-
-def require_cuda(test: Callable) -> Callable:
-    """Skip unless a CUDA device is available."""
-    return _skip_unless(lambda: _cuda_count() > 0, "needs a CUDA device")(test)
-
-
-def require_multi_device(test: Callable) -> Callable:
-    """Skip unless at least two accelerator devices (CUDA) are available."""
-    return _skip_unless(lambda: _cuda_count() > 1, "needs at least two CUDA devices")(test)
-
-
-def require_fp16(test: Callable) -> Callable:
-    """Skip unless float16 autocast works on the default accelerator."""
-    return _skip_unless(lambda: _dtype_works("float16"), "needs float16 autocast support")(test)
-
-
-def require_bf16(test: Callable) -> Callable:
-    """Skip unless bfloat16 autocast works on the default accelerator."""
-    return _skip_unless(lambda: _dtype_works("bfloat16"), "needs bfloat16 support")(test)
-
-
-def require_deepspeed(test: Callable) -> Callable:
-    """Skip unless deepspeed is installed."""
-    return _skip_unless(lambda: _has_module("deepspeed"), "needs deepspeed (pip install 'kiln[deepspeed]')")(test)
-
-
-def require_xla(test: Callable) -> Callable:
-    """Skip unless torch_xla is installed."""
-    return _skip_unless(lambda: _has_module("torch_xla"), "needs torch_xla (pip install 'kiln[xla]')")(test)
-
-
-def require_distributed(test: Callable) -> Callable:
-    """Skip unless torch.distributed with the gloo backend is available (multi-process CPU tests)."""
-    return _skip_unless(_dist_available, "needs torch.distributed with gloo")(test)
