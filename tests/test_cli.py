@@ -92,15 +92,28 @@ def test_run_false_builds_without_running(tmp_path):
         from cli_run import Points, Regressor
     finally:
         sys.path.remove(str(SCRIPT.parent))
-    built = LightningCLI(Regressor, Points, run=False, args=[
-        "--trainer.max_epochs=2", f"--trainer.default_root_dir={tmp_path}", "--trainer.precision=bf16-mixed",
-        "--model.lr=1e-3", "--data.size=8", "--optimizer=SGD", "--optimizer.lr=0.3", "--seed_everything=5"])
+    with pytest.warns(UserWarning, match="configure_optimizers` is replaced by the CLI"):  # never silent
+        built = LightningCLI(Regressor, Points, run=False, args=[
+            "--trainer.max_epochs=2", f"--trainer.default_root_dir={tmp_path}", "--trainer.precision=bf16-mixed",
+            "--model.lr=1e-3", "--data.size=8", "--optimizer=SGD", "--optimizer.lr=0.3", "--seed_everything=5"])
     assert LightningCLI is KilnCLI and built.subcommand is None
     assert built.trainer.max_epochs == 2 and built.model.lr == 1e-3 and built.datamodule.size == 8
     assert built.config["seed_everything"] == 5 and built.config["trainer"]["precision"] == "bf16-mixed"
     optimizer = built.model.configure_optimizers()
     assert isinstance(optimizer, __import__("torch").optim.SGD) and optimizer.defaults["lr"] == 0.3
     assert built.trainer.global_step == 0 and not (tmp_path / "checkpoints").exists()
+
+
+def test_subclass_mode_takes_the_module_by_class_path(tmp_path, monkeypatch):
+    monkeypatch.syspath_prepend(str(SCRIPT.parent))
+    from framework import TrainModule
+
+    args = ["--model=cli_run.Regressor", "--model.hidden=3", "--trainer.max_steps=1", "--seed_everything=0",
+            f"--trainer.default_root_dir={tmp_path}"]
+    for built in (LightningCLI(TrainModule, subclass_mode_model=True, run=False, args=args),
+                  LightningCLI(run=False, args=args)):  # no class: any TrainModule by class path
+        assert type(built.model).__name__ == "Regressor" and built.model.net[0].out_features == 3
+        assert built.datamodule is None
 
 
 def test_closest_key_hint():
