@@ -326,7 +326,9 @@ def preemption_callbacks(callbacks: list[Callback], on_preempt: Any) -> list[Cal
             raise ValueError(f"on_preempt={on_preempt!r} was given together with a PreemptionHandler callback; "
                              "configure preemption in one place.")
         return callbacks
-    has_checkpoint = any(type(cb).__name__ == "ModelCheckpoint" for cb in callbacks)
+    from callbacks.checkpoint import ModelCheckpoint
+
+    has_checkpoint = any(isinstance(cb, ModelCheckpoint) for cb in callbacks)
     if on_preempt == "auto" and not has_checkpoint:  # Ctrl-C still stops cleanly; SIGTERM keeps its default
         return [*callbacks, PreemptionHandler("exit", signals=(signal.SIGINT,))]
     if on_preempt == "auto":

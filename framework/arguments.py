@@ -7,6 +7,7 @@ import warnings
 from typing import Any
 
 from callbacks.accumulation import GradientAccumulation
+from framework.exceptions import MisconfigurationException
 from framework.hooks import Callback
 
 DEFAULT_MAX_EPOCHS = 1000
@@ -127,12 +128,13 @@ def callbacks(given: Any, accumulate_grad_batches: Any, enable_checkpointing: bo
     if enable_checkpointing and not has_checkpoint:
         result.append(ModelCheckpoint())
     elif not enable_checkpointing and has_checkpoint:
-        raise ValueError("enable_checkpointing=False contradicts the ModelCheckpoint in callbacks; remove one.")
+        raise MisconfigurationException("enable_checkpointing=False contradicts the ModelCheckpoint in callbacks; "
+                                        "remove one.")
     has_bar = any(isinstance(cb, ProgressBar) for cb in result)
     if enable_progress_bar and not has_bar:
         result.append(ProgressBar())
     elif not enable_progress_bar and has_bar:
-        raise ValueError("enable_progress_bar=False contradicts the ProgressBar in callbacks; remove one.")
+        raise MisconfigurationException("enable_progress_bar=False contradicts the ProgressBar in callbacks; remove one.")
     return accumulation, result
 
 

@@ -105,6 +105,22 @@ class TrainerViews:
 
         return not isinstance(self.profiler, PassThroughProfiler)
 
+    @property
+    def limit_train_batches(self) -> int | float | None:
+        return self.limits["fit"]
+
+    @property
+    def limit_val_batches(self) -> int | float | None:
+        return self.limits["validate"]
+
+    @property
+    def limit_test_batches(self) -> int | float | None:
+        return self.limits["test"]
+
+    @property
+    def limit_predict_batches(self) -> int | float | None:
+        return self.limits["predict"]
+
     # ---- callbacks, loggers, metrics -----------------------------------------------------------------------
     @property
     def callbacks(self) -> list[Callback]:

@@ -203,3 +203,25 @@ def test_manual_optimization_refuses_trainer_accumulation(make_trainer, tiny_mod
 
     with pytest.raises(ValueError, match=r"accumulate_grad_batches=\{0: 2\} does nothing under manual optimization"):
         make_trainer(accumulate_grad_batches=2).fit(Manual(), make_loader(8))
+
+
+def test_a_hook_that_only_adds_keys_never_builds_the_model_state(make_trainer, tiny_module_cls, make_loader, tmp_path):
+    class AddsOnly(Callback):
+        def on_save_checkpoint(self, trainer, pl_module, checkpoint):
+            checkpoint["note"] = "x"
+
+    trainer = make_trainer(callbacks=[AddsOnly()])
+    trainer.fit(tiny_module_cls(), make_loader(8))
+    calls = []
+    original = trainer.strategy.module_state_dict
+    trainer.strategy.module_state_dict = lambda: calls.append(1) or original()
+    trainer.save_checkpoint(str(tmp_path / "ckpt"))
+    assert calls == [1]  # the strategy's own save only; the hook's view never built a second one
+
+
+def test_callback_metrics_is_the_live_dict_and_limits_are_visible(make_trainer, tiny_module_cls, make_loader):
+    trainer = make_trainer(limit_train_batches=3, limit_val_batches=0.5)
+    trainer.fit(tiny_module_cls(), make_loader(8))
+    trainer.callback_metrics["set_by_a_callback"] = torch.tensor(1.0)
+    assert trainer.callback_metrics["set_by_a_callback"] == 1.0
+    assert (trainer.limit_train_batches, trainer.limit_val_batches) == (3, 0.5)

@@ -87,50 +87,81 @@ def _run_save_hooks(t: Trainer, state: dict[str, Any]) -> dict[str, Any]:
     if hooks is None or not hooks.overridden("on_save_checkpoint"):
         return {}
     view = lightning_view(t, state)
-    before = {key: view[key] for key in view}
+    reserved = set(view)
     hooks.both("on_save_checkpoint", view)
-    changed = [key for key in before if key not in view or view[key] is not before[key]]
+    changed = sorted(reserved & view.touched) + sorted(reserved - set(view))
     if changed:
         raise ValueError(f"on_save_checkpoint replaced or removed {changed}: Kiln writes these through the strategy "
                          "(sharded, checksummed), so change the module or optimizer before saving instead; add your "
                          "own keys to the dict to store extra data.")
-    return {key: value for key, value in view.items() if key not in before}
+    return {key: view[key] for key in view if key not in reserved}
+
+
+class CheckpointView(dict):
+    """The checkpoint dict hooks see. ``state_dict`` and ``optimizer_states`` are built when first read (a full
+    gather under FSDP/DeepSpeed: a hook that only adds keys costs nothing); ``touched`` records reserved keys a
+    hook assigned."""
+
+    def __init__(self, items: dict[str, Any], lazy: dict[str, Any]) -> None:
+        super().__init__(items)
+        self._lazy = lazy
+        for key in lazy:
+            super().__setitem__(key, None)
+        self.reserved = set(self)
+        self.touched: set[str] = set()
+
+    def __getitem__(self, key: str) -> Any:
+        if key in self._lazy:
+            super().__setitem__(key, self._lazy.pop(key)())
+        return super().__getitem__(key)
+
+    def __setitem__(self, key: str, value: Any) -> None:
+        self._lazy.pop(key, None)
+        if key in self.reserved:
+            self.touched.add(key)
+        super().__setitem__(key, value)
+
+    def get(self, key: str, default: Any = None) -> Any:
+        return self[key] if key in self else default
+
+    def values(self) -> Any:
+        return [self[key] for key in self]
+
+    def items(self) -> Any:
+        return [(key, self[key]) for key in self]
 
 
 def lightning_view(t: Trainer, state: dict[str, Any], model_state: dict[str, Any] | None = None,
-                   optimizer_states: list[Any] | None = None) -> dict[str, Any]:
+                   optimizer_states: list[Any] | None = None) -> CheckpointView:
     """The checkpoint as Lightning's hooks see it (model and optimizer states are references, not copies)."""
     loop = state.get("loop") or {}
     view = {
         "epoch": loop.get("epoch", t.current_epoch),
         "global_step": loop.get("global_step", t.global_step),
         "pytorch-lightning_version": "2.5 (kiln)",
-        "state_dict": model_state if model_state is not None else t.strategy.module_state_dict(),
         "loops": {"fit_loop": state.get("loop", {})},
         "callbacks": dict(state.get("callbacks", {})),
-        "optimizer_states": optimizer_states if optimizer_states is not None else [
-            t.strategy.optimizer_state_dict(o) for o in t.optimizers],
         "lr_schedulers": list(state.get("schedulers", [])),
     }
+    lazy = {"state_dict": (lambda: model_state) if model_state is not None else t.strategy.module_state_dict,
+            "optimizer_states": (lambda: optimizer_states) if optimizer_states is not None else (
+                lambda: [t.strategy.optimizer_state_dict(o) for o in t.optimizers])}
     for key in ("hyper_parameters", "hparams_name", "datamodule_hyper_parameters", "datamodule_hparams_name"):
         if key in state:
             view[key] = state[key]
     if t.datamodule is not None:
         name = type(t.datamodule).__qualname__
         view[name] = state.get(name, {})
-    return view
+    return CheckpointView(view, lazy)
 
 
 # ---- restore -------------------------------------------------------------------------------------------------
 def resolve_ckpt_path(t: Trainer, ckpt_path: str) -> str | None:
     """A path/URL as given; "last": the newest complete checkpoint; "best": the checkpoint callback's best."""
     if ckpt_path == "best":
-        callback = t.checkpoint_callback
-        best = getattr(callback, "best_model_path", "") if callback is not None else ""
-        if not best:
-            raise ValueError('ckpt_path="best" needs a ModelCheckpoint that has saved a checkpoint in this Trainer '
-                             "(its best_model_path is empty); pass a path, or \"last\".")
-        return best
+        from callbacks.checkpoint_naming import resolve_best
+
+        return resolve_best(t, t.stage or "fit")
     if ckpt_path != "last":
         return str(ckpt_path)
     candidates = _last_candidates(t)

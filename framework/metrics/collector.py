@@ -266,9 +266,10 @@ class MetricCollector:
         return {e.step_name: e.step for e in self._valid() if e.on_step and e.logger and e.step is not None}
 
     def callback_metrics(self) -> dict[str, torch.Tensor]:
-        """Every key's newest value: step values while batches run, epoch values once they are done."""
+        """Every key's newest value: step values while batches run, epoch values once they are done. The dict
+        itself, as in Lightning: a value a callback sets there stays until a newer one is logged."""
         self._fold(self._view(self._stepping))
-        return dict(self._callback)
+        return self._callback
 
     def progress_bar_metrics(self) -> dict[str, torch.Tensor]:
         """The ``prog_bar=True`` subset (tensors: converting them is the progress bar's, once per refresh)."""
