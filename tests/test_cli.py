@@ -134,3 +134,12 @@ def test_the_digits_example_has_a_cli_entry(tmp_path):
     saved = yaml.safe_load(next(tmp_path.glob("lightning_logs/version_*/config.yaml")).read_text())
     assert saved["trainer"]["max_epochs"] == 1 and saved["model"]["lr"] == 3e-3
     assert (tmp_path / "checkpoints" / "last.ckpt").exists()
+
+
+@pytest.mark.distributed
+def test_a_ddp_run_from_the_cli_relaunches_with_the_same_arguments(tmp_path):
+    cli(tmp_path, "fit", "--trainer.strategy=ddp", "--trainer.devices=2", "--trainer.accelerator=cpu",
+        "--trainer.max_epochs=1", f"--trainer.default_root_dir={tmp_path / 'run'}", *QUIET)
+    result = report(tmp_path)  # rank 0's (written last by either rank: both must agree)
+    assert result["global_step"] == 2  # 16 samples / 2 ranks / batches of 4
+    assert [p.parent.name for p in (tmp_path / "run").rglob("config.yaml")] == ["version_0"]
