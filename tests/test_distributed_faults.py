@@ -48,9 +48,9 @@ def test_a_killed_rank_0_does_not_leave_rank_1_waiting(tmp_path):
 
 @require_distributed
 def test_a_hung_rank_makes_the_others_fail_after_the_collective_timeout(tmp_path, monkeypatch):
-    import framework.testing
+    import framework.testing.distributed
 
-    monkeypatch.setattr(framework.testing, "_FAILURE_GRACE_S", 2.0)  # the hung rank is killed sooner
+    monkeypatch.setattr(framework.testing.distributed, "_FAILURE_GRACE_S", 2.0)  # the hung rank is killed sooner
     other, hung = failing_job(tmp_path, "hang", 1, "--timeout", "6")
     assert hung.killed  # still sleeping when run_distributed gave up on the job
     assert not other.killed and other.returncode not in (0, None), other.stderr[-3000:]

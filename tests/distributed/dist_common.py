@@ -63,12 +63,15 @@ class ManualRegression(Regression):
     """Manual optimization: backward and step inside training_step."""
 
     automatic_optimization = False
+    clip: float | None = None  # clipped by hand, as manual optimization requires (Lightning's rule)
 
     def training_step(self, batch: Any, batch_idx: int) -> None:
         optimizer = self.optimizers()
         x, y, _ = batch
         optimizer.zero_grad()
         self.manual_backward(torch.nn.functional.mse_loss(self(x), y))
+        if self.clip is not None:
+            self.clip_gradients(optimizer, gradient_clip_val=self.clip, gradient_clip_algorithm="norm")
         optimizer.step()
 
 

@@ -43,7 +43,8 @@ def equivalence_job() -> None:
     assert float(t.grad_norm) > 0.3  # clipping was active
 
     manual = ManualRegression()  # backward inside the root's forward
-    t_manual = trainer(strategy=_fsdp(), max_epochs=2, gradient_clip_val=0.3)
+    manual.clip = 0.3
+    t_manual = trainer(strategy=_fsdp(), max_epochs=2)
     t_manual.fit(manual, loader(16, 2))
     assert_close(t_manual.strategy.module_state_dict(), expected)
 
