@@ -7,8 +7,6 @@ The order of each call site (callbacks first or module first) is Lightning's; th
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
@@ -224,29 +222,28 @@ class HookCaller:
     def callbacks(self, name: str, *args: Any) -> None:
         dispatch = getattr(self.callback_list, name)
         if dispatch:
-            with self._logging_from(name):
+            # self.log inside the hook gets that hook's defaults and refusals (Lightning's per-hook rules).
+            metrics = self.trainer._metrics
+            previous, metrics.current_fx = metrics.current_fx, name
+            try:
                 dispatch(self.trainer, self.module, *args)
+            finally:
+                metrics.current_fx = previous
 
     def module_hook(self, name: str, *args: Any) -> Any:
-        if self.module_overrides(name):
-            with self._logging_from(name):
-                return getattr(self.module, name)(*args)
-        return None
+        if not self.module_overrides(name):
+            return None
+        metrics = self.trainer._metrics
+        previous, metrics.current_fx = metrics.current_fx, name
+        try:
+            return getattr(self.module, name)(*args)
+        finally:
+            metrics.current_fx = previous
 
     def both(self, name: str, *args: Any) -> Any:
         """Callbacks, then the module; returns the module hook's result."""
         self.callbacks(name, *args)
         return self.module_hook(name, *args)
-
-    @contextmanager
-    def _logging_from(self, name: str) -> Iterator[None]:
-        """``self.log`` inside the hook gets that hook's defaults and refusals (Lightning's per-hook rules)."""
-        metrics = self.trainer._metrics
-        previous, metrics.current_fx = metrics.current_fx, name
-        try:
-            yield
-        finally:
-            metrics.current_fx = previous
 
     def datamodule_hook(self, name: str, *args: Any) -> Any:
         if self.datamodule is not None and hasattr(self.datamodule, name):
