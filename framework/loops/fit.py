@@ -43,6 +43,7 @@ class FitLoop:
         self.val_feeds: list[Any] = []
         self.pending_data_state: tuple[dict[str, Any] | None, dict[str, Any] | None] | None = None
         self.hooks: HookCaller | None = None
+        self.warned_minimum = False
 
     # ---- progress state ----------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
@@ -92,7 +93,7 @@ class FitLoop:
     def run(self, hooks: HookCaller, data: Any) -> None:
         """Sanity check, then train until max_epochs/max_steps/max_time or ``trainer.should_stop``."""
         t = self.t
-        self.hooks = hooks
+        self.hooks, self.warned_minimum = hooks, False
         self.sanity_check(hooks, data)  # requests the validation loaders when it runs (Lightning's order)
         self.train_feed = data.train_feed()
         self.attach_data_state()
@@ -129,11 +130,12 @@ class FitLoop:
         return t.should_stop and self.minimum_reached()
 
     def minimum_reached(self) -> bool:
-        """``min_epochs``/``min_steps`` hold off a stop requested by a callback (Lightning's semantics)."""
+        """``min_epochs``/``min_steps`` hold off a stop a callback requested; the request stays, so training stops
+        as soon as both are reached (Lightning's semantics)."""
         t = self.t
         reached = self.epoch >= (t.min_epochs or 0) and self.global_step >= (t.min_steps or 0)
-        if t.should_stop and not reached:
-            t.should_stop = False
+        if t.should_stop and not reached and not self.warned_minimum:
+            self.warned_minimum = True
             warnings.warn(f"A stop was requested at epoch {self.epoch}, step {self.global_step}, but training "
                           f"continues until min_epochs={t.min_epochs} and min_steps={t.min_steps} are reached.",
                           stacklevel=4)
