@@ -8,6 +8,7 @@ scaler skipped.
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 from typing import Any
 
@@ -36,8 +37,20 @@ class LRSchedulerConfig:
         return isinstance(self.scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau)
 
 
-def parse_optimizers(result: Any) -> tuple[list[torch.optim.Optimizer], list[LRSchedulerConfig]]:
-    """Normalise what ``configure_optimizers`` returned; raise a TypeError/ValueError naming the problem."""
+def parse_optimizers(result: Any, *, automatic: bool = True, custom_step: bool = False
+                     ) -> tuple[list[torch.optim.Optimizer], list[LRSchedulerConfig]]:
+    """Normalise what ``configure_optimizers`` returned; raise a TypeError/ValueError naming the problem.
+
+    ``automatic``: automatic optimization (the Trainer steps schedulers, so they must follow torch's API unless
+    ``custom_step`` — the module overrides ``lr_scheduler_step``); under manual optimization the user steps them.
+    """
+    optimizers, configs = _parse(result)
+    for config in configs:
+        _check_scheduler(config, automatic, custom_step)
+    return optimizers, configs
+
+
+def _parse(result: Any) -> tuple[list[torch.optim.Optimizer], list[LRSchedulerConfig]]:
     if result is None:
         raise TypeError(f"configure_optimizers() returned None. {_FIX}.")
     if isinstance(result, torch.optim.Optimizer):
@@ -97,18 +110,36 @@ def _scheduler_config(spec: Any, optimizers: list[torch.optim.Optimizer],
         raise ValueError(f'lr_scheduler interval={config.interval!r} is invalid; use "step" or "epoch".')
     if not isinstance(config.frequency, int) or config.frequency < 1:
         raise ValueError(f"lr_scheduler frequency={config.frequency!r} is invalid; use an int >= 1.")
-    optimizer = getattr(config.scheduler, "optimizer", None)
-    if optimizer is None or not hasattr(config.scheduler, "step"):
-        raise TypeError(f"{_describe(config.scheduler)} is not an LR scheduler (it needs .optimizer and .step()).")
-    matches = [i for i, o in enumerate(optimizers) if o is optimizer]
-    if not matches:
-        raise ValueError("An LR scheduler was built on an optimizer that configure_optimizers() did not return; "
-                         "create the scheduler from one of the returned optimizers.")
-    config.optimizer_index = matches[0]
+    scheduler = config.scheduler
+    if not (callable(getattr(scheduler, "state_dict", None)) and callable(getattr(scheduler, "load_state_dict", None))):
+        raise TypeError(f"{_describe(scheduler)} is not an LR scheduler: it needs state_dict() and "
+                        "load_state_dict() (checkpoints save and restore it).")
+    optimizer = getattr(scheduler, "optimizer", None)
+    if optimizer is not None:
+        matches = [i for i, o in enumerate(optimizers) if o is optimizer]
+        if not matches:
+            raise ValueError("An LR scheduler was built on an optimizer that configure_optimizers() did not return; "
+                             "create the scheduler from one of the returned optimizers.")
+        config.optimizer_index = matches[0]
     config.monitor = config.monitor or monitor
+    return config
+
+
+def _check_scheduler(config: LRSchedulerConfig, automatic: bool, custom_step: bool) -> None:
+    """Lightning's rules: what the Trainer steps must be steppable; manual optimization ignores step settings."""
+    scheduler = config.scheduler
+    if not automatic:
+        if config.monitor is not None:
+            warnings.warn(f"The LR scheduler config has monitor={config.monitor!r}, which manual optimization "
+                          "ignores: call lr_scheduler.step(...) yourself in training_step.", RuntimeWarning,
+                          stacklevel=4)
+        return
+    torch_api = isinstance(scheduler, (torch.optim.lr_scheduler.LRScheduler, torch.optim.lr_scheduler.ReduceLROnPlateau))
+    if not torch_api and not custom_step:
+        raise TypeError(f"The LR scheduler {type(scheduler).__name__} does not follow torch's LRScheduler API; "
+                        "override the module's lr_scheduler_step(scheduler, metric) to step it.")
     if config.needs_metric and config.monitor is None:
         raise ValueError('ReduceLROnPlateau needs a metric: return {"scheduler": s, "monitor": "val_loss"}.')
-    return config
 
 
 def _check_optimizers(optimizers: list[Any]) -> None:

@@ -294,7 +294,9 @@ class Trainer(TrainerViews):
             self.strategy.setup_module(module)
             self._compile.apply(module)  # each block's forward, after TP/FSDP/DDP wrapping (framework.compile)
         if stage == "fit" and not self.optimizers:  # also after an evaluation-only run on this module
-            optimizers, configs = parse_optimizers(module.configure_optimizers())
+            optimizers, configs = parse_optimizers(module.configure_optimizers(),
+                                                   automatic=module.automatic_optimization,
+                                                   custom_step=self.hooks.module_overrides("lr_scheduler_step"))
             check_optimizer_params(module, optimizers)  # before a strategy wraps them (DeepSpeed)
             self.optimizers = self.strategy.setup_optimizers(optimizers, gradient_clip_val=self.gradient_clip_val,
                                                              gradient_clip_algorithm=self.gradient_clip_algorithm)

@@ -208,3 +208,31 @@ def test_fit_plateau_on_missing_metric_names_it(make_trainer, tiny_module_cls, m
 
     with pytest.raises(RuntimeError, match="'val_acc', which was not logged.*val_loss"):
         make_trainer().fit(M(), make_loader(), make_loader())
+
+
+def test_schedulers_follow_lightnings_rules_for_custom_and_manual_use():
+    model = torch.nn.Linear(2, 1)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+
+    class Custom:  # not a torch scheduler, but stateful
+        def __init__(self):
+            self.n = 0
+
+        def step(self, metric=None):
+            self.n += 1
+
+        def state_dict(self):
+            return {"n": self.n}
+
+        def load_state_dict(self, state):
+            self.n = state["n"]
+
+    with pytest.raises(TypeError, match="override the module's lr_scheduler_step"):
+        parse_optimizers(([opt], [Custom()]))
+    assert parse_optimizers(([opt], [Custom()]), custom_step=True)[1][0].scheduler.n == 0
+    plateau = torch.optim.lr_scheduler.ReduceLROnPlateau(opt)
+    with pytest.raises(ValueError, match="ReduceLROnPlateau needs a metric"):
+        parse_optimizers(([opt], [plateau]))
+    parse_optimizers(([opt], [plateau]), automatic=False)  # manual optimization: the user steps it
+    with pytest.warns(RuntimeWarning, match="manual optimization ignores"):
+        parse_optimizers({"optimizer": opt, "lr_scheduler": plateau, "monitor": "loss"}, automatic=False)
