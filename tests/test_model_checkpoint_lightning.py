@@ -16,30 +16,12 @@ from typing import Any
 
 import pytest
 import torch
+from lightning_boring import Boring
 
 from callbacks import ModelCheckpoint
 from framework import Trainer
 from framework.checkpoint import read_manifest, read_state
 from framework.exceptions import MisconfigurationException
-from framework.testing import BoringModule
-
-
-class Boring(BoringModule):
-    """BoringModule pinned to what these tests count on: 32 batches of 2 per epoch, train_loss/val_loss logged."""
-
-    def __init__(self, **kwargs: Any) -> None:
-        super().__init__(**{"batch_size": 2, "length": 64, **kwargs})
-
-    def _loss(self, batch: Any) -> torch.Tensor:
-        return self(batch[0] if isinstance(batch, (list, tuple)) else batch).pow(2).mean()
-
-    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
-        loss = self._loss(batch)
-        self.log("train_loss", loss)
-        return loss
-
-    def validation_step(self, batch: Any, batch_idx: int) -> None:
-        self.log("val_loss", self._loss(batch))
 
 
 def trainer_for(tmp_path, callback: ModelCheckpoint, **kwargs: Any) -> Trainer:
