@@ -183,3 +183,18 @@ def test_default_move_is_used_when_transfer_is_not_overridden():
         transfer = BatchTransfer(TrainModule(), OnlyAfter(), torch.device("meta"),
                                  default_move=lambda b: move_data_to_device(b, "cpu") * 2)
     assert transfer(torch.tensor(1)).item() == 102
+
+
+def test_a_datamodule_without_val_dataloader_trains_without_validation(tmp_path):
+    """Lightning's rule: a dataloader hook the DataModule does not override means no data for that stage."""
+    from framework import Trainer
+    from framework.testing import BoringModule
+
+    class TrainOnly(DataModule):
+        def train_dataloader(self):
+            return torch.utils.data.DataLoader(torch.utils.data.TensorDataset(torch.randn(8, 32)), batch_size=4)
+
+    trainer = Trainer(max_epochs=1, logger=False, enable_progress_bar=False, enable_checkpointing=False,
+                      default_root_dir=str(tmp_path))
+    trainer.fit(BoringModule(), datamodule=TrainOnly())
+    assert trainer.global_step == 2 and trainer.num_val_batches == []

@@ -1,7 +1,7 @@
 """Where a run's dataloaders come from, and when they are requested.
 
-Loaders passed to ``fit``/``validate``/... win; otherwise the DataModule's ``*_dataloader`` hooks, then
-the module's (Lightning's order). They are requested lazily — validation loaders at the sanity check,
+Loaders passed to ``fit``/``validate``/... win; otherwise the DataModule's ``*_dataloader`` hooks when a
+DataModule is given (a hook it does not override means no data for that stage), else the module's. They are requested lazily — validation loaders at the sanity check,
 the training loader just before ``on_train_start`` — so ``setup`` hooks run first, as in Lightning.
 Each loader is prepared by the strategy (distributed sampler, seeds, resumable position) into a
 ``DataFeed``.
@@ -16,8 +16,6 @@ from framework.data import DataFeed
 if TYPE_CHECKING:
     from framework.trainer import Trainer
 
-HOOK_NAMES = {"fit": "train_dataloader", "validate": "val_dataloader", "test": "test_dataloader",
-              "predict": "predict_dataloader"}
 LIMIT_NAMES = {"fit": "limit_train_batches", "validate": "limit_val_batches", "test": "limit_test_batches",
                "predict": "limit_predict_batches"}
 
@@ -60,11 +58,14 @@ class StageData:
         """The raw loaders for ``stage`` (given, then DataModule, then module hook)."""
         given = self.given.get(stage)
         if given is None:
-            hook = HOOK_NAMES[stage]
-            for owner in (self.datamodule, self.t.module):
-                if owner is not None and callable(getattr(owner, hook, None)):
-                    given = getattr(owner, hook)()
-                    break
+            from framework.datamodule import dataloader_hook
+
+            # With a DataModule only its hooks count, and one it does not override means "no data for this
+            # stage" (Lightning's rule); without one, the module's hooks.
+            owner = self.datamodule if self.datamodule is not None else self.t.module
+            hook = dataloader_hook(owner, stage)
+            if hook is not None:
+                given = hook()
         if given is None:
             return []
         if isinstance(given, dict):
