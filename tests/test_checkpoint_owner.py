@@ -137,3 +137,21 @@ def test_unprovable_owner_is_judged_by_age(tmp_path):
     os.utime(staging / f"{OWNER_PREFIX}x", (old, old))
     os.utime(staging, (old, old))
     assert cleanup_stale(str(tmp_path), max_age_s=3600) == [str(staging)]
+
+
+def test_an_init_scratch_dir_without_an_owner_record_goes_after_the_grace_period(tmp_path):
+    """A writer SIGKILLed between making its scratch dir and writing its owner record leaves an empty dir."""
+    import os
+    import time
+
+    from framework.checkpoint import cleanup_stale
+    from framework.checkpoint.discovery import INIT_GRACE_S
+
+    old = tmp_path / ".epoch=0-step=5.ckpt.init-abc"
+    fresh = tmp_path / ".epoch=0-step=6.ckpt.init-def"
+    old.mkdir()
+    fresh.mkdir()
+    past = time.time() - INIT_GRACE_S - 5
+    os.utime(old, (past, past))
+    cleanup_stale(str(tmp_path))
+    assert not old.exists() and fresh.exists()

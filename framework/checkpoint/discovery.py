@@ -91,6 +91,9 @@ def remove_checkpoint(path: str, *, force: bool = False) -> None:
 
 
 STALE_AFTER_S = 3600.0
+# A ".init-" scratch dir gets its owner record microseconds after it is made (the record is prepared first), so
+# one still without a record after this long belongs to a writer that died in between.
+INIT_GRACE_S = 2.0
 """Age after which a staging dir whose writer cannot be checked from this machine counts as abandoned."""
 
 
@@ -109,7 +112,8 @@ def cleanup_stale(dirpath: str, max_age_s: float = STALE_AFTER_S) -> list[str]:
     if parent.is_local:
         for name, mtime in parent.hidden_dirs():
             match = _STAGING.fullmatch(name)
-            if match and (match["kind"] == "old" or _abandoned(parent.join(name), mtime, max_age_s)):
+            if match and (match["kind"] == "old" or _abandoned(parent.join(name), mtime, max_age_s,
+                                                                 scratch=match["kind"] == "init")):
                 stale.append(parent.join(name))
     else:
         for loc in (parent.join(name) for name in parent.child_dirs()):
@@ -121,13 +125,15 @@ def cleanup_stale(dirpath: str, max_age_s: float = STALE_AFTER_S) -> list[str]:
     return [loc.url for loc in stale]
 
 
-def _abandoned(loc: Location, mtime: float, max_age_s: float) -> bool:
+def _abandoned(loc: Location, mtime: float, max_age_s: float, scratch: bool = False) -> bool:
     if loc.join(ABANDONED_MARK).exists():
         return True
     verdicts, newest = [], mtime
     for data, modified in _owner_records(loc):
         verdicts.append(owner_gone(data))
         newest = max(newest, modified)
+    if scratch and not verdicts:
+        return time.time() - mtime > INIT_GRACE_S
     if verdicts and all(v is True for v in verdicts):
         return True
     if False in verdicts:

@@ -72,18 +72,20 @@ def begin_checkpoint(path: str, token: str | None = None) -> Staging:
     return Staging(target=path, dir=path, token=token)
 
 
-def _write_owner(staging: Location) -> None:
+def _write_owner(staging: Location, record: bytes | None = None) -> None:
     """Leave this process's owner record in a staging dir (commit deletes it with the other unlisted files)."""
+    record = owner_record() if record is None else record
     with staging.join(OWNER_PREFIX + new_token()).open("wb") as f:
-        f.write(owner_record())
+        f.write(record)
 
 
 def _create_owned(staging: Location, scratch: Location) -> None:
     """Create the local staging dir with this process's owner record already inside it: built under a
     name cleanup never takes for a staging dir, then renamed, so no cleanup can see it without an owner."""
     os.makedirs(os.path.dirname(scratch.path), exist_ok=True)
+    record = owner_record()  # prepared first: the dir is without it only between two system calls
     os.mkdir(scratch.path)
-    _write_owner(scratch)
+    _write_owner(scratch, record)
     try:
         os.rename(scratch.path, staging.path)
     except OSError:  # another rank renamed its own first: join that one
