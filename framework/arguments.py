@@ -128,13 +128,14 @@ def callbacks(given: Any, accumulate_grad_batches: Any, enable_checkpointing: bo
     if enable_checkpointing and not has_checkpoint:
         result.append(ModelCheckpoint())
     elif not enable_checkpointing and has_checkpoint:
-        raise MisconfigurationException("enable_checkpointing=False contradicts the ModelCheckpoint in callbacks; "
-                                        "remove one.")
+        raise MisconfigurationException("Trainer was configured with `enable_checkpointing=False` but found "
+                                        "`ModelCheckpoint` in callbacks list: the two contradict; remove one.")
     has_bar = any(isinstance(cb, ProgressBar) for cb in result)
     if enable_progress_bar and not has_bar:
         result.append(ProgressBar())
     elif not enable_progress_bar and has_bar:
-        raise MisconfigurationException("enable_progress_bar=False contradicts the ProgressBar in callbacks; remove one.")
+        raise MisconfigurationException("Trainer was configured with `enable_progress_bar=False` but found "
+                                        "`ProgressBar` in callbacks list: the two contradict; remove one.")
     return accumulation, result
 
 

@@ -14,10 +14,16 @@ from typing import Any
 
 import torch
 
+from framework.exceptions import MisconfigurationException
+
 _FIX = (
     "configure_optimizers() must return an optimizer, a list of optimizers, a tuple (optimizers, schedulers), "
     'or a dict {"optimizer": opt, "lr_scheduler": scheduler | {"scheduler": s, "interval": "step"|"epoch"}}'
 )
+
+
+class SchedulerAPIError(MisconfigurationException, TypeError):
+    """A scheduler the Trainer must step but cannot: a TypeError, and Lightning's MisconfigurationException."""
 
 
 @dataclass
@@ -130,14 +136,15 @@ def _check_scheduler(config: LRSchedulerConfig, automatic: bool, custom_step: bo
     scheduler = config.scheduler
     if not automatic:
         if config.monitor is not None:
-            warnings.warn(f"The LR scheduler config has monitor={config.monitor!r}, which manual optimization "
-                          "ignores: call lr_scheduler.step(...) yourself in training_step.", RuntimeWarning,
-                          stacklevel=4)
+            warnings.warn(f"The lr scheduler dict contains the key(s) ['monitor'] (monitor={config.monitor!r}), but "
+                          "the keys will be ignored: manual optimization ignores them; call lr_scheduler.step(...) "
+                          "yourself in training_step.", RuntimeWarning, stacklevel=4)
         return
     torch_api = isinstance(scheduler, (torch.optim.lr_scheduler.LRScheduler, torch.optim.lr_scheduler.ReduceLROnPlateau))
     if not torch_api and not custom_step:
-        raise TypeError(f"The LR scheduler {type(scheduler).__name__} does not follow torch's LRScheduler API; "
-                        "override the module's lr_scheduler_step(scheduler, metric) to step it.")
+        raise SchedulerAPIError(f"The LR scheduler {type(scheduler).__name__} doesn't follow PyTorch's LRScheduler "
+                                "API, so the Trainer cannot step it; override the module's "
+                                "lr_scheduler_step(scheduler, metric) to step it.")
     if config.needs_metric and config.monitor is None:
         raise ValueError('ReduceLROnPlateau needs a metric: return {"scheduler": s, "monitor": "val_loss"}.')
 

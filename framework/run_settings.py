@@ -84,7 +84,8 @@ def _apply_fast_dev_run(s: RunSettings, n: int) -> None:
         s.limits = (*s.limits[:2], n, n)
     s.max_steps, s.max_epochs, s.num_sanity_val_steps = n, 1, 0
     s.val_check_interval, s.check_val_every_n_epoch = None, 1
-    s.logger, s.enable_checkpointing, s.log_every_n_steps = False, False, 1
+    # As in Lightning, checkpoint callbacks stay (trainer.checkpoint_callback exists) and skip every save.
+    s.logger, s.log_every_n_steps = False, 1
     warnings.warn(f"fast_dev_run={n}: every stage runs {n} batch(es) once; loggers and checkpoints are off and "
                   "there is no sanity check.", stacklevel=4)
 

@@ -156,12 +156,12 @@ def test_enable_checkpointing_installs_one_model_checkpoint(tmp_path):
 def test_checkpointing_contradiction_is_refused():
     from callbacks import ModelCheckpoint
 
-    with pytest.raises(ValueError, match="enable_checkpointing=False contradicts the ModelCheckpoint"):
+    with pytest.raises(ValueError, match="`enable_checkpointing=False` but found `ModelCheckpoint`"):
         trainer(callbacks=[ModelCheckpoint()])
 
 
 def test_progress_bar_contradiction_is_refused():
-    with pytest.raises(ValueError, match="enable_progress_bar=False contradicts the ProgressBar"):
+    with pytest.raises(ValueError, match="`enable_progress_bar=False` but found `ProgressBar`"):
         trainer(callbacks=[ProgressBar()])
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from framework.exceptions import MisconfigurationException
 from framework.optim import LRSchedulerConfig, parse_optimizers, step_schedulers
 
 
@@ -229,10 +230,12 @@ def test_schedulers_follow_lightnings_rules_for_custom_and_manual_use():
 
     with pytest.raises(TypeError, match="override the module's lr_scheduler_step"):
         parse_optimizers(([opt], [Custom()]))
+    with pytest.raises(MisconfigurationException, match="doesn't follow PyTorch's LRScheduler"):  # Lightning's
+        parse_optimizers(([opt], [Custom()]))
     assert parse_optimizers(([opt], [Custom()]), custom_step=True)[1][0].scheduler.n == 0
     plateau = torch.optim.lr_scheduler.ReduceLROnPlateau(opt)
     with pytest.raises(ValueError, match="ReduceLROnPlateau needs a metric"):
         parse_optimizers(([opt], [plateau]))
     parse_optimizers(([opt], [plateau]), automatic=False)  # manual optimization: the user steps it
-    with pytest.warns(RuntimeWarning, match="manual optimization ignores"):
+    with pytest.warns(RuntimeWarning, match=r"\['monitor'\].*but the keys will be ignored.*manual optimization"):
         parse_optimizers({"optimizer": opt, "lr_scheduler": plateau, "monitor": "loss"}, automatic=False)

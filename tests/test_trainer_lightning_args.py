@@ -106,6 +106,36 @@ def test_fast_dev_run_runs_n_batches_of_each_stage_without_checkpoints(tmp_path,
     assert len(trainer.predict(M(), make_loader(40))) == 2
 
 
+@pytest.mark.parametrize("fail_at", [None, 1])
+def test_fast_dev_run_keeps_checkpoint_callbacks_that_save_nothing(tmp_path, tiny_module_cls, make_loader, fail_at):
+    """Lightning's rule: fast_dev_run does not contradict a ModelCheckpoint; every save (top-k, last, on exception)
+    is skipped, and trainer.checkpoint_callback exists."""
+    from callbacks import ModelCheckpoint
+
+    class M(tiny_module_cls):
+        def training_step(self, batch, batch_idx):
+            if batch_idx == fail_at:
+                raise RuntimeError("boom")
+            return super().training_step(batch, batch_idx)
+
+    mine = ModelCheckpoint(dirpath=tmp_path / "mine", save_last=True, save_on_exception=True, every_n_train_steps=1)
+    with pytest.warns(UserWarning, match="fast_dev_run=2"):
+        trainer = Trainer(fast_dev_run=2, default_root_dir=str(tmp_path), enable_progress_bar=False,
+                          enable_model_summary=False, callbacks=[mine])
+    with pytest.warns(UserWarning, match="fast_dev_run=2"):
+        default = Trainer(fast_dev_run=2, default_root_dir=str(tmp_path), enable_progress_bar=False)
+    assert trainer.checkpoint_callback is mine and isinstance(default.checkpoint_callback, ModelCheckpoint)
+    if fail_at is None:
+        trainer.fit(M(), make_loader(40))
+        assert trainer.global_step == 2
+    else:
+        with pytest.raises(RuntimeError, match="boom"):
+            trainer.fit(M(), make_loader(40))
+    default.fit(tiny_module_cls(), make_loader(40))
+    assert sorted(p.name for p in tmp_path.iterdir()) == []
+    assert mine.best_model_path == mine.last_model_path == ""
+
+
 def test_overfit_batches_repeats_the_same_batches_in_order(make_trainer, tiny_module_cls, make_loader):
     firsts = []
 
