@@ -33,7 +33,7 @@ class TrainerViews:
     # ---- progress (FitLoop) ----------------------------------------------------------------------------
     @property
     def current_epoch(self) -> int:
-        return self.fit_loop.epoch
+        return self.fit_loop.current_epoch
 
     @property
     def global_step(self) -> int:

@@ -223,7 +223,7 @@ def test_manual_gan_matches_a_raw_loop(make_trainer, make_loader):
 def test_manual_max_steps_counts_every_optimizer_step(make_trainer, make_loader):
     trainer = make_trainer(max_epochs=None, max_steps=4)
     trainer.fit(GAN(), make_loader(40, batch_size=4))
-    assert trainer.global_step == 4 and trainer.current_epoch == 0
+    assert trainer.global_step == 4 and trainer.current_epoch == 1  # Lightning: the epoch max_steps cut short counts
 
 
 @pytest.mark.parametrize("interval", ["step", "epoch"])

@@ -33,10 +33,10 @@ class CountValidations(Callback):
 # ---- max_epochs / max_steps ------------------------------------------------------------------------------
 @pytest.mark.parametrize(("max_epochs", "max_steps", "steps", "epoch"), [
     (2, -1, 10, 2),  # epochs first
-    (3, 7, 7, 1),  # steps first, mid-epoch
+    (3, 7, 7, 2),  # steps first, mid-epoch: the cut epoch counts (Lightning's current_epoch)
     (2, 10, 10, 2),  # both at once
-    (None, 12, 12, 2),  # steps only
-    (-1, 3, 3, 0),  # -1: no epoch limit
+    (None, 12, 12, 3),  # steps only
+    (-1, 3, 3, 1),  # -1: no epoch limit
     (0, -1, 0, 0),
     (3, 0, 0, 0),
 ])
@@ -56,6 +56,9 @@ def test_whichever_limit_comes_first(make_trainer, tiny_module_cls, make_loader,
     per_epoch = math.ceil(batches / accumulate)  # the short tail window steps too
     by_epochs = max_epochs * per_epoch
     assert trainer.global_step == (by_epochs if max_steps < 0 else min(by_epochs, max_steps))
+    # Lightning's current_epoch: an epoch that max_steps cut short counts as done
+    by_steps = max_epochs if max_steps < 0 or max_steps >= by_epochs else math.ceil(max_steps / per_epoch)
+    assert trainer.current_epoch == by_steps
 
 
 def test_default_is_1000_epochs_with_a_warning(tmp_path, tiny_module_cls, make_loader):
@@ -148,7 +151,7 @@ def test_no_validation_without_validation_step(make_trainer, tiny_module_cls, ma
 
 # ---- should_stop ---------------------------------------------------------------------------------------------
 @pytest.mark.parametrize(("hook", "steps", "epoch"), [
-    ("on_train_batch_end", 3, 0),  # stops after the current batch
+    ("on_train_batch_end", 3, 1),  # stops after the current batch; the cut epoch counts, as in Lightning
     ("on_train_epoch_end", 5, 1),  # finishes the epoch, starts no other
     ("on_validation_end", 5, 1),
 ])

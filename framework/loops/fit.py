@@ -44,6 +44,13 @@ class FitLoop:
         self.pending_data_state: tuple[dict[str, Any] | None, dict[str, Any] | None] | None = None
         self.hooks: HookCaller | None = None
         self.warned_minimum = False
+        self.stopped_in_epoch = False  # the run ended inside an epoch (a stop or max_steps): see current_epoch
+
+    @property
+    def current_epoch(self) -> int:
+        """Lightning's count: an epoch a stop cut short counts as done once its end hooks ran. The resume point
+        (``epoch``, ``batches_done``) stays inside that epoch, so resuming still continues it exactly."""
+        return self.epoch + self.stopped_in_epoch
 
     # ---- progress state ----------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
@@ -60,6 +67,7 @@ class FitLoop:
             self.epoch, self.resume_at = int(state["epoch"]), int(state["batches_done"])
             self.validation_pending = not state.get("validated", False)
         self.batches_done = self.resume_at
+        self.stopped_in_epoch = False
 
     def data_state(self) -> dict[str, Any] | None:
         """This rank's position in the training data (saved per rank)."""
@@ -93,7 +101,7 @@ class FitLoop:
     def run(self, hooks: HookCaller, data: Any) -> None:
         """Sanity check, then train until max_epochs/max_steps/max_time or ``trainer.should_stop``."""
         t = self.t
-        self.hooks, self.warned_minimum = hooks, False
+        self.hooks, self.warned_minimum, self.stopped_in_epoch = hooks, False, False
         self.sanity_check(hooks, data)  # requests the validation loaders when it runs (Lightning's order)
         self.train_feed = data.train_feed()
         self.attach_data_state()
@@ -112,7 +120,7 @@ class FitLoop:
                 self.train_feed = data.train_feed(reload=True)
                 self.val_feeds = data.feeds("validate", reload=True) if t.validation_enabled else []
             finished = self.run_epoch(start=self.resume_at)
-            self.resume_at = 0
+            self.resume_at, self.stopped_in_epoch = 0, not finished
             if finished:
                 empty = self.batches_done == 0
                 self.epoch += 1
