@@ -51,6 +51,14 @@ def parse_optimizers(result: Any, *, automatic: bool = True, custom_step: bool =
     ``custom_step`` — the module overrides ``lr_scheduler_step``); under manual optimization the user steps them.
     """
     optimizers, configs = _parse(result)
+    if automatic:
+        for optimizer in optimizers:
+            if isinstance(optimizer, torch.optim.LBFGS):
+                raise MisconfigurationException(
+                    "torch.optim.LBFGS evaluates its closure several times per step, but Kiln's automatic "
+                    "optimization runs training_step once per batch (Lightning re-runs it). Use manual "
+                    "optimization: set self.automatic_optimization = False and call "
+                    "self.optimizers().step(closure=...) with a closure that does forward and manual_backward.")
     for config in configs:
         _check_scheduler(config, automatic, custom_step)
     return optimizers, configs
@@ -136,8 +144,8 @@ def _check_scheduler(config: LRSchedulerConfig, automatic: bool, custom_step: bo
     scheduler = config.scheduler
     if not automatic:
         if config.monitor is not None:
-            warnings.warn(f"The lr scheduler dict contains the key(s) ['monitor'] (monitor={config.monitor!r}), but "
-                          "the keys will be ignored: manual optimization ignores them; call lr_scheduler.step(...) "
+            warnings.warn(f"The lr scheduler dict contains the key(s) ['monitor'], but the keys will be ignored: "
+                          f"manual optimization ignores monitor={config.monitor!r}; call lr_scheduler.step(...) "
                           "yourself in training_step.", RuntimeWarning, stacklevel=4)
         return
     torch_api = isinstance(scheduler, (torch.optim.lr_scheduler.LRScheduler, torch.optim.lr_scheduler.ReduceLROnPlateau))

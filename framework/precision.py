@@ -59,9 +59,14 @@ class Precision:
     def unscale_gradients(self, optimizer: torch.optim.Optimizer) -> None:
         """Bring gradients to their true scale before clipping or inspection (no-op without a scaler)."""
 
-    def optimizer_step(self, optimizer: torch.optim.Optimizer) -> bool:
-        """Step the optimizer; return False when the step was skipped (fp16 overflow)."""
-        optimizer.step()
+    def optimizer_step(self, optimizer: torch.optim.Optimizer, closure: Callable[[], Any] | None = None,
+                       **kwargs: Any) -> bool:
+        """Step the optimizer (``closure`` and ``kwargs`` passed to its ``step``); return False when the step was
+        skipped (fp16 overflow)."""
+        if closure is None:
+            optimizer.step(**kwargs)
+        else:
+            optimizer.step(closure=closure, **kwargs)
         return True
 
     def finish_step(self) -> None:
@@ -164,11 +169,13 @@ class MixedPrecision(Precision):
             self.scaler.unscale_(optimizer)
             self._unscaled.add(id(optimizer))
 
-    def optimizer_step(self, optimizer: torch.optim.Optimizer) -> bool:
+    def optimizer_step(self, optimizer: torch.optim.Optimizer, closure: Callable[[], Any] | None = None,
+                       **kwargs: Any) -> bool:
         scaler = self.scaler
         if scaler is None:
-            optimizer.step()
-            return True
+            return super().optimizer_step(optimizer, closure, **kwargs)
+        if closure is not None:  # GradScaler cannot step with a closure: run it once first (as Lightning does)
+            closure()
         if id(optimizer) in self._stepped:  # stepped again without a backward in between
             self.finish_step()
         self.unscale_gradients(optimizer)
@@ -176,11 +183,11 @@ class MixedPrecision(Precision):
         if not found_inf:  # no parameter has a gradient: nothing to check, and the scaler refuses to step
             scaler._per_optimizer_states.pop(id(optimizer), None)
             self._unscaled.discard(id(optimizer))
-            optimizer.step()
+            optimizer.step(**kwargs)
             return True
         # One host sync per optimizer step; GradScaler.step makes the same one.
         skipped = any(flag.item() for flag in found_inf.values())
-        scaler.step(optimizer)
+        scaler.step(optimizer, **kwargs)
         self._stepped.add(id(optimizer))
         return not skipped
 

@@ -143,9 +143,13 @@ class Strategy(StrategyCheckpoints):
         torch.nn.utils.clip_grad_value_(params, clip_val)
         return norm
 
-    def optimizer_step(self, optimizer: torch.optim.Optimizer) -> bool:
-        """Step one optimizer through the precision plugin; False when the step was skipped."""
-        return self.precision.optimizer_step(optimizer)
+    def optimizer_step(self, optimizer: torch.optim.Optimizer, closure: Callable[[], Any] | None = None,
+                       **kwargs: Any) -> bool:
+        """Step one optimizer through the precision plugin; False when the step was skipped. ``closure`` and
+        ``kwargs`` go to ``optimizer.step`` (Lightning's ``opt.step(closure=..., **kwargs)``)."""
+        if closure is None and not kwargs:
+            return self.precision.optimizer_step(optimizer)
+        return self.precision.optimizer_step(optimizer, closure, **kwargs)
 
     def zero_grad(self, optimizer: torch.optim.Optimizer) -> None:
         optimizer.zero_grad(set_to_none=True)

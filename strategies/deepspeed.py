@@ -112,8 +112,15 @@ class DeepSpeedPrecision(Precision):
                              "strategy='ddp'/'fsdp'. Keyword arguments such as retain_graph=True are passed on.")
         self._engine().backward(loss, **kwargs)
 
-    def optimizer_step(self, optimizer: torch.optim.Optimizer) -> bool:
-        """``engine.step()``: unscale, clip, step and clear gradients; False when an fp16 overflow skipped it."""
+    def optimizer_step(self, optimizer: torch.optim.Optimizer, closure: Callable[[], Any] | None = None,
+                       **kwargs: Any) -> bool:
+        """``engine.step()``: unscale, clip, step and clear gradients; False when an fp16 overflow skipped it.
+        A closure runs once first (the engine's step takes none); step keyword arguments are refused."""
+        if kwargs:
+            raise TypeError(f"optimizer.step() got keyword arguments {sorted(kwargs)}, but DeepSpeed steps through "
+                            "engine.step(), which takes none; drop them or use strategy='ddp'/'fsdp'.")
+        if closure is not None:
+            closure()
         engine = self._engine()
         engine.step()
         return engine.was_step_applied()
@@ -279,11 +286,14 @@ class DeepSpeedStrategy(ParallelStrategy):
         the ZeRO optimizer's loss scale)."""
         self._grad_factor = (self._grad_factor or 1.0) * float(factor)
 
-    def optimizer_step(self, optimizer: torch.optim.Optimizer) -> bool:
+    def optimizer_step(self, optimizer: torch.optim.Optimizer, closure: Callable[[], Any] | None = None,
+                       **kwargs: Any) -> bool:
         """``engine.step()`` through the precision plugin, with any pending gradient factor applied."""
+        if closure is not None:  # before reading the factor: the closure's backward may set it
+            closure()
         factor, self._grad_factor = self._grad_factor, None
         if factor is None or factor == 1.0:
-            return self.precision.optimizer_step(optimizer)
+            return self.precision.optimizer_step(optimizer, **kwargs)
         # ZeRO divides the gradients by its loss scale inside step(); dividing that scale by ``factor``
         # multiplies the gradients by it (clipping then sees the scaled norm, as it should).
         zero = self.engine.optimizer
@@ -293,7 +303,7 @@ class DeepSpeedStrategy(ParallelStrategy):
                              "or 3, or a loader with a length and no num_items.")
         zero.loss_scale = zero.loss_scale / factor
         try:
-            return self.precision.optimizer_step(optimizer)
+            return self.precision.optimizer_step(optimizer, **kwargs)
         finally:
             zero.loss_scale = zero.loss_scale * factor
 

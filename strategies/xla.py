@@ -166,12 +166,16 @@ class XLAStrategy(Strategy):
         self._reduce_gradients(optimizer)  # clip the global gradient, not this replica's
         return super().clip_gradients(optimizer, clip_val, algorithm)
 
-    def optimizer_step(self, optimizer: torch.optim.Optimizer) -> bool:
-        """``xm.optimizer_step`` through the precision plugin: all-reduce, step, then cut the graph."""
+    def optimizer_step(self, optimizer: torch.optim.Optimizer, closure: Callable[[], Any] | None = None,
+                       **kwargs: Any) -> bool:
+        """``xm.optimizer_step`` through the precision plugin: all-reduce, step, then cut the graph (a closure runs
+        once first: the gradients it makes are reduced before the step)."""
         import torch_xla
 
+        if closure is not None:
+            closure()
         self._reduce_gradients(optimizer)
-        stepped = self.precision.optimizer_step(optimizer)
+        stepped = self.precision.optimizer_step(optimizer, **kwargs)
         self._reduced.discard(id(optimizer))
         torch_xla.sync()
         return stepped

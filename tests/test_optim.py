@@ -237,5 +237,5 @@ def test_schedulers_follow_lightnings_rules_for_custom_and_manual_use():
     with pytest.raises(ValueError, match="ReduceLROnPlateau needs a metric"):
         parse_optimizers(([opt], [plateau]))
     parse_optimizers(([opt], [plateau]), automatic=False)  # manual optimization: the user steps it
-    with pytest.warns(RuntimeWarning, match=r"\['monitor'\].*but the keys will be ignored.*manual optimization"):
+    with pytest.warns(RuntimeWarning, match=r"\['monitor'\], but the keys will be ignored.*manual optimization"):
         parse_optimizers({"optimizer": opt, "lr_scheduler": plateau, "monitor": "loss"}, automatic=False)

@@ -133,8 +133,8 @@ class AutomaticStep:
             self.strategy.scale_gradients(self.optimizers, factor)
         return True
 
-    def step_optimizer(self, optimizer: torch.optim.Optimizer) -> None:
-        """Hooks, clipping and the step of one optimizer, on true (unscaled) gradients."""
+    def step_optimizer(self, optimizer: torch.optim.Optimizer, **kwargs: Any) -> None:
+        """Hooks, clipping and the step of one optimizer, on true (unscaled) gradients; ``kwargs`` go to its step."""
         t, strategy = self.t, self.strategy
         if not self.prepare_window_step(self.loop.plan, self.loop.batch_idx):
             return
@@ -149,7 +149,7 @@ class AutomaticStep:
             if norm is not None:
                 self.norms.append(norm)
         t.fit_guard.stepping = True  # this step is the Trainer's own, not a hand-called optimizer.step()
-        self.stepped = strategy.optimizer_step(optimizer) and self.stepped
+        self.stepped = strategy.optimizer_step(optimizer, **kwargs) and self.stepped
         t.fit_guard.stepping = False
 
     def end_window(self, batch_idx: int, plan: Any) -> None:
@@ -183,7 +183,11 @@ class Closure:
 class KilnOptimizer:
     """The optimizer that ``optimizer_step`` overrides and ``self.optimizers()`` see (Lightning's
     LightningOptimizer): ``step(closure)`` runs the closure, then steps through the strategy and precision
-    plugin (loss scaling, fp16 skip detection, clipping, hooks). Everything else is the wrapped optimizer's."""
+    plugin (loss scaling, fp16 skip detection, clipping, hooks). Everything else is the wrapped optimizer's.
+
+    Under manual optimization the closure reaches ``torch.optim.Optimizer.step(closure=...)`` (wrapped so that
+    ``on_before_optimizer_step`` sees its gradients), so closure optimizers such as LBFGS re-evaluate it; extra
+    keyword arguments reach the optimizer's ``step`` in both modes, as in Lightning."""
 
     def __init__(self, optimizer: torch.optim.Optimizer, step: AutomaticStep | None = None,
                  trainer: Trainer | None = None) -> None:
@@ -192,14 +196,11 @@ class KilnOptimizer:
         self._trainer = trainer
 
     def step(self, closure: Any = None, **kwargs: Any) -> Any:
-        if kwargs:
-            raise TypeError(f"optimizer.step() got {sorted(kwargs)}; Kiln steps through the strategy and precision "
-                            "plugin, which take no extra step arguments.")
+        if self._step is None:
+            return manual_step(self._trainer, self.optimizer, closure, **kwargs)
+        # Automatic optimization: the closure is the batch's forward/backward, run once before the step.
         result = closure() if closure is not None else None
-        if self._step is not None:
-            self._step.step_optimizer(self.optimizer)
-        else:
-            manual_step(self._trainer, self.optimizer)
+        self._step.step_optimizer(self.optimizer, **kwargs)
         return result
 
     def zero_grad(self, set_to_none: bool = True) -> None:
@@ -216,16 +217,31 @@ class KilnOptimizer:
         return f"KilnOptimizer({self.optimizer!r})"
 
 
-def manual_step(t: Trainer, optimizer: torch.optim.Optimizer) -> None:
+def manual_step(t: Trainer, optimizer: torch.optim.Optimizer, closure: Any = None, **kwargs: Any) -> Any:
     """A step under manual optimization: hooks and the step on true gradients; counted in global_step (clipping is
-    the user's call there: ``self.clip_gradients``).
+    the user's call there: ``self.clip_gradients``). Returns what the closure returned (None without one).
 
     LR schedulers are not stepped: in manual optimization that is the user's call (``self.lr_schedulers()``).
     """
-    t.precision_plugin.unscale_gradients(optimizer)
-    t.hooks.both("on_before_optimizer_step", optimizer)
-    stepped = t.strategy.optimizer_step(optimizer)
+    def before_step() -> None:
+        t.precision_plugin.unscale_gradients(optimizer)
+        t.hooks.both("on_before_optimizer_step", optimizer)
+
+    if closure is None:
+        before_step()
+        stepped = t.strategy.optimizer_step(optimizer, **kwargs)
+        t.fit_loop.after_optimizer_step(stepped, schedulers=False)
+        return None
+    results: list[Any] = []
+
+    def wrapped() -> Any:  # what optimizer.step(closure=...) calls (LBFGS: several times)
+        results.append(closure())
+        before_step()
+        return results[-1]
+
+    stepped = t.strategy.optimizer_step(optimizer, closure=wrapped, **kwargs)
     t.fit_loop.after_optimizer_step(stepped, schedulers=False)
+    return results[-1] if results else None
 
 
 class ManualStep:
