@@ -337,18 +337,21 @@ class ModelCheckpoint(CheckpointKeeping, Callback):
 
     # ---- checkpointed state -----------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
-        def num(value: Any) -> float | None:
-            return None if value is None else float(value)
+        # Scores stay tensors, as in Lightning: their dtype and value come back exactly (safetensors, no pickle).
+        def score(value: Any) -> torch.Tensor | None:
+            return None if value is None else torch.as_tensor(value).detach().cpu().clone()
 
-        return {"monitor": self.monitor, "best_model_score": num(self.best_model_score),
-                "best_model_path": self.best_model_path, "current_score": num(self.current_score),
-                "dirpath": self.dirpath, "best_k_models": {k: float(v) for k, v in self.best_k_models.items()},
-                "kth_best_model_path": self.kth_best_model_path, "kth_value": float(self.kth_value),
+        return {"monitor": self.monitor, "best_model_score": score(self.best_model_score),
+                "best_model_path": self.best_model_path, "current_score": score(self.current_score),
+                "dirpath": self.dirpath, "best_k_models": {k: score(v) for k, v in self.best_k_models.items()},
+                "kth_best_model_path": self.kth_best_model_path, "kth_value": score(self.kth_value),
                 "last_model_path": self.last_model_path, "last_global_step_saved": self._last_global_step_saved}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        def tensor(value: Any) -> torch.Tensor | None:
-            return None if value is None else torch.tensor(float(value))
+        def tensor(value: Any) -> torch.Tensor | None:  # numbers: checkpoints written before scores were tensors
+            if value is None or isinstance(value, torch.Tensor):
+                return value
+            return torch.tensor(float(value))
 
         saved_dir = state_dict.get("dirpath", self.dirpath)
         if saved_dir == self.dirpath:

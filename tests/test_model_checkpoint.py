@@ -333,15 +333,22 @@ def test_resolve_best_gives_the_best_path_or_lightnings_errors(make_trainer, sco
 
 def test_state_dict_round_trip_and_other_dirpath(tmp_path):
     callback = ModelCheckpoint(dirpath=tmp_path / "a", monitor="m", save_top_k=2)
+    third = torch.tensor(0.1, dtype=torch.float64)  # not a float32 value: must come back bit-exact
     callback.best_k_models = {"p1": torch.tensor(1.0), "p2": torch.tensor(2.0)}
     callback._rerank(2)
-    callback.last_model_path = "p2"
+    callback.last_model_path, callback.current_score = "p2", third
     state = callback.state_dict()
-    assert all(not isinstance(v, torch.Tensor) for v in state.values())  # plain values: no pickle needed
+    # Scores are tensors (as in Lightning), detached copies: Kiln stores them in safetensors, without pickle.
+    assert state["current_score"].dtype == torch.float64 and state["current_score"] is not third
     again = ModelCheckpoint(dirpath=tmp_path / "a", monitor="m", save_top_k=2)
     again.load_state_dict(state)
     assert (again.best_model_path, float(again.best_model_score), again.kth_best_model_path) == ("p1", 1.0, "p2")
     assert {k: float(v) for k, v in again.best_k_models.items()} == {"p1": 1.0, "p2": 2.0}
+    assert torch.equal(again.current_score, third) and again.current_score.dtype == torch.float64
+    older = ModelCheckpoint(dirpath=tmp_path / "a", monitor="m", save_top_k=2)  # scores saved as plain numbers
+    older.load_state_dict({**state, "best_model_score": 1.0, "current_score": 0.5, "kth_value": 2.0,
+                           "best_k_models": {"p1": 1.0, "p2": 2.0}})
+    assert float(older.best_model_score) == 1.0 and float(older.kth_value) == 2.0 and float(older.current_score) == 0.5
     elsewhere = ModelCheckpoint(dirpath=tmp_path / "b", monitor="m", save_top_k=2)
     with pytest.warns(UserWarning, match="dirpath has changed"):
         elsewhere.load_state_dict(state)

@@ -262,6 +262,7 @@ def test_scores_names_and_saved_state_per_epoch(tmp_path):
         state = saved_state(path, callback)
         assert state["monitor"] == "val_log" and state["dirpath"] == str(tmp_path)
         assert state["current_score"] == pytest.approx(value)
+        assert torch.equal(state["current_score"], torch.tensor(value))  # a tensor, as logged (Lightning's form)
     assert callback.best_model_path.endswith("val_log=0.3000-epoch=1.ckpt")
     assert float(callback.best_model_score) == pytest.approx(0.3)
 
