@@ -166,13 +166,15 @@ class EarlyStopping(Callback):
 
     # ---- checkpointing ----------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
+        # best_score stays a tensor, as in Lightning: its dtype and value come back exactly (no pickle: safetensors).
         return {"wait_count": self.wait_count, "stopped_epoch": self.stopped_epoch,
-                "best_score": float(self.best_score), "patience": self.patience}
+                "best_score": self.best_score.detach().cpu().clone(), "patience": self.patience}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.wait_count = int(state_dict["wait_count"])
         self.stopped_epoch = int(state_dict["stopped_epoch"])
-        self.best_score = torch.as_tensor(state_dict["best_score"], dtype=torch.float32).clone()
+        best = state_dict["best_score"]  # a number in checkpoints written before it was a tensor
+        self.best_score = best.clone() if isinstance(best, torch.Tensor) else torch.tensor(float(best))
         self.patience = int(state_dict.get("patience", self.patience))
 
 

@@ -215,11 +215,26 @@ def test_state_dict_round_trip_continues_patience():
     run_validations(callback, make_trainer(), [1.0, 0.5, 0.6, 0.7])
     state = callback.state_dict()
     assert state == {"wait_count": 2, "best_score": 0.5, "stopped_epoch": 0, "patience": 3}
-    assert all(isinstance(v, (int, float)) for v in state.values())  # checkpoints never pickle
+    assert isinstance(state["best_score"], torch.Tensor)  # Lightning's form; Kiln stores it without pickle
     resumed = EarlyStopping("val_loss", patience=3)
     resumed.load_state_dict(state)
     assert resumed.best_score == 0.5 and resumed.wait_count == 2
     assert run_validations(resumed, make_trainer(), [0.8]) == 0  # third check without improvement
+    older = EarlyStopping("val_loss", patience=3)
+    older.load_state_dict({**state, "best_score": 0.5})  # written when best_score was saved as a number
+    assert older.best_score == 0.5
+
+
+def test_a_float64_best_score_survives_a_checkpoint_bit_exact():
+    callback, trainer = EarlyStopping("val_loss", patience=3), make_trainer()
+    ready(callback, trainer)
+    trainer.callback_metrics["val_loss"] = torch.tensor(0.1, dtype=torch.float64)
+    callback.on_validation_end(trainer, None)
+    callback.on_train_epoch_end(trainer, None)
+    assert callback.best_score.dtype == torch.float64
+    resumed = EarlyStopping("val_loss", patience=3)
+    resumed.load_state_dict(callback.state_dict())
+    assert resumed.best_score.dtype == torch.float64 and torch.equal(resumed.best_score, callback.best_score)
 
 
 def test_state_key_is_lightnings_and_tells_monitors_apart():
