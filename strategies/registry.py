@@ -30,6 +30,30 @@ register_strategy("deepspeed", "strategies.deepspeed:DeepSpeedStrategy", stage=2
 for _stage in (1, 2, 3):
     register_strategy(f"deepspeed_stage_{_stage}", "strategies.deepspeed:DeepSpeedStrategy", stage=_stage)
 register_strategy("xla", "strategies.xla:XLAStrategy")
+# Lightning's preset names that map onto Kiln's strategies.
+for _flag in (True, False):
+    register_strategy(f"ddp_find_unused_parameters_{str(_flag).lower()}", "strategies.ddp:DDPStrategy",
+                      find_unused_parameters=_flag)
+register_strategy("fsdp_cpu_offload", "strategies.fsdp:FSDPStrategy", cpu_offload=True)
+register_strategy("deepspeed_stage_2_offload", "strategies.deepspeed:DeepSpeedStrategy", stage=2,
+                  offload_optimizer=True)
+register_strategy("deepspeed_stage_3_offload", "strategies.deepspeed:DeepSpeedStrategy", stage=3,
+                  offload_optimizer=True, offload_parameters=True)
+
+# Lightning's names whose launcher Kiln does not have: refused with the reason and the Kiln way.
+_NO_SPAWN = ("Kiln has no spawn/fork launcher: the Trainer, module and callbacks would be pickled into each process "
+             "and only rank 0's results copied back. Use strategy='ddp': a plain `python script.py` re-runs the "
+             "script for the other ranks (or start it with torchrun); in tests, framework.testing.run_distributed "
+             "runs a module-level function on N processes.")
+_REFUSED = {name: _NO_SPAWN for name in (
+    "ddp_spawn", "ddp_fork", "ddp_notebook", "ddp_spawn_find_unused_parameters_true",
+    "ddp_spawn_find_unused_parameters_false", "ddp_fork_find_unused_parameters_true",
+    "ddp_fork_find_unused_parameters_false", "ddp_notebook_find_unused_parameters_true",
+    "ddp_notebook_find_unused_parameters_false", "xla_debug")}
+_REFUSED["xla_debug"] = "Kiln's XLA strategy has no debug preset; use strategy='xla' and torch_xla's own debug flags."
+_REFUSED["deepspeed_stage_3_offload_nvme"] = ("Kiln's DeepSpeed strategy offloads to CPU memory only; pass "
+                                              "strategy=DeepSpeedStrategy(config={...}) with DeepSpeed's NVMe "
+                                              "offload settings instead.")
 
 ACCELERATORS = ("auto", "cpu", "cuda", "gpu", "mps", "xla", "tpu")
 
@@ -101,6 +125,8 @@ def resolve_strategy(strategy: str | Strategy, *, accelerator: str = "auto", dev
             strategy = "xla"
         else:
             strategy = "ddp" if world > 1 or int(os.environ.get("WORLD_SIZE", "1")) > 1 else "single_device"
+    if strategy in _REFUSED:
+        raise ValueError(f"strategy={strategy!r} (Lightning's) is not supported. {_REFUSED[strategy]}")
     if strategy not in _REGISTRY:
         names = available_strategies()
         close = [n for n in names if n.split("_")[0] == strategy.split("_")[0]] or difflib.get_close_matches(

@@ -30,6 +30,31 @@ def test_deepspeed_aliases_carry_their_stage(name, stage):
     assert target == "strategies.deepspeed:DeepSpeedStrategy" and defaults == {"stage": stage}
 
 
+@pytest.mark.parametrize(("name", "target", "defaults"), [
+    ("ddp_find_unused_parameters_true", "ddp:DDPStrategy", {"find_unused_parameters": True}),
+    ("ddp_find_unused_parameters_false", "ddp:DDPStrategy", {"find_unused_parameters": False}),
+    ("fsdp_cpu_offload", "fsdp:FSDPStrategy", {"cpu_offload": True}),
+    ("deepspeed_stage_2_offload", "deepspeed:DeepSpeedStrategy", {"stage": 2, "offload_optimizer": True}),
+    ("deepspeed_stage_3_offload", "deepspeed:DeepSpeedStrategy",
+     {"stage": 3, "offload_optimizer": True, "offload_parameters": True}),
+])
+def test_lightning_preset_names_carry_their_settings(name, target, defaults):
+    assert _REGISTRY[name] == (f"strategies.{target}", defaults)
+    assert resolve_strategy(name, accelerator="cpu", devices=1).__class__.__name__ == target.split(":")[1]
+
+
+@pytest.mark.parametrize(("name", "words"), [
+    ("ddp_spawn", r"no spawn/fork launcher.*strategy='ddp'.*run_distributed"),
+    ("ddp_fork", "no spawn/fork launcher"), ("ddp_notebook", "no spawn/fork launcher"),
+    ("ddp_spawn_find_unused_parameters_true", "no spawn/fork launcher"),
+    ("deepspeed_stage_3_offload_nvme", "NVMe"), ("xla_debug", "strategy='xla'"),
+])
+def test_lightning_names_kiln_lacks_are_refused_with_the_kiln_way(name, words):
+    with pytest.raises(ValueError, match=rf"strategy={name!r} \(Lightning's\) is not supported\. .*{words}"):
+        Trainer(strategy=name, accelerator="cpu", devices=2, max_epochs=1, logger=False, enable_checkpointing=False,
+                enable_progress_bar=False)
+
+
 @pytest.mark.parametrize("strategy", ["auto", "single_device"])
 def test_cpu_resolves_to_single_device(monkeypatch, strategy):
     monkeypatch.delenv("WORLD_SIZE", raising=False)
