@@ -188,11 +188,16 @@ def merge_configured_callbacks(callbacks: list[Callback], from_module: Any) -> l
         return callbacks
     replaced = {type(cb) for cb in extra}
     kept = [cb for cb in callbacks if type(cb) not in replaced]
-    merged = kept + extra
+    return checkpoints_last(kept + extra)
+
+
+def checkpoints_last(callbacks: list[Callback]) -> list[Callback]:
+    """Lightning's order: ModelCheckpoint callbacks run after every other callback (their order kept), so a
+    checkpoint holds the state other callbacks (EarlyStopping...) updated in the same hook."""
     from callbacks.checkpoint import ModelCheckpoint
 
-    return [cb for cb in merged if not isinstance(cb, ModelCheckpoint)] + [
-        cb for cb in merged if isinstance(cb, ModelCheckpoint)]
+    return [cb for cb in callbacks if not isinstance(cb, ModelCheckpoint)] + [
+        cb for cb in callbacks if isinstance(cb, ModelCheckpoint)]
 
 
 class HookCaller:

@@ -16,7 +16,7 @@ import torch
 from framework import arguments
 from framework.compile import CompileSetup
 from framework.elastic import check_resume, resolve_ckpt_path
-from framework.hooks import Callback, CallbackList, HookCaller, merge_configured_callbacks
+from framework.hooks import Callback, CallbackList, HookCaller, checkpoints_last, merge_configured_callbacks
 from framework.loggers import log_run_start, resolve_loggers
 from framework.loops.batch_indices import PredictionIndices
 from framework.loops.evaluation import EvaluationLoop
@@ -106,7 +106,7 @@ class Trainer(TrainerViews):
         self.nan_guard, reliability = arguments.reliability_callbacks(nan_policy, on_preempt, user_callbacks,
                                                                       self.strategy.world_size)
         extra = arguments.summary_and_timer(run.enable_model_summary, self.max_time, user_callbacks)
-        self._trainer_callbacks = user_callbacks + extra + reliability
+        self._trainer_callbacks = checkpoints_last(user_callbacks + extra + reliability)
         self.callback_list = CallbackList(self._trainer_callbacks)
 
         self.module: TrainModule | None = None

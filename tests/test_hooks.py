@@ -141,6 +141,31 @@ def test_callbacks_run_in_list_order(make_trainer, tiny_module_cls, make_loader)
         assert (first[0], second[0]) == ("a", "b") and first[1:] == second[1:]
 
 
+def test_checkpoint_callbacks_run_last_and_save_what_the_others_updated(tmp_path, tiny_module_cls, make_loader):
+    """Lightning's order: ModelCheckpoint callbacks move behind every other callback (their own order kept), so a
+    checkpoint saved at an epoch's end holds EarlyStopping's state after that epoch's check."""
+    from callbacks import EarlyStopping, ModelCheckpoint
+    from framework import Trainer
+    from framework.checkpoint import read_state
+
+    first, second = ModelCheckpoint(dirpath=tmp_path / "a"), ModelCheckpoint(dirpath=tmp_path / "b")
+    stopper = EarlyStopping(monitor="watched", patience=9)
+
+    class Logs(tiny_module_cls):
+        def training_step(self, batch, batch_idx):
+            loss = super().training_step(batch, batch_idx)
+            self.log("watched", loss, on_epoch=True)
+            return loss
+
+    trainer = Trainer(default_root_dir=str(tmp_path), max_epochs=2, logger=False, enable_progress_bar=False,
+                      enable_model_summary=False, callbacks=[first, stopper, second])
+    assert trainer.callbacks.index(stopper) < trainer.callbacks.index(first) < trainer.callbacks.index(second)
+    assert trainer.callbacks[-2:] == [first, second]
+    trainer.fit(Logs(), make_loader(8))
+    saved = read_state(first.last_model_path or first.best_model_path, "trainer")["callbacks"][stopper.state_key]
+    assert torch.equal(saved["best_score"], stopper.best_score) and saved["wait_count"] == stopper.wait_count
+
+
 def test_exception_reaches_on_exception_and_skips_teardown(make_trainer, tiny_module_cls, make_loader):
     log: list = []
 
