@@ -17,6 +17,7 @@ _EXPORTS = {
     "DistributedState": "framework.state",
     "Callback": "framework.hooks",
     "AttributeDict": "framework.hparams",
+    "read_checkpoint": "framework.checkpoint_dict",
     "rank_zero_only": "framework.rank_zero",
     "rank_zero_info": "framework.rank_zero",
     "rank_zero_warn": "framework.rank_zero",
@@ -26,11 +27,12 @@ _EXPORTS = {
 _PACKAGES = ("callbacks", "strategies")
 
 __all__ = ["TrainModule", "DataModule", "Trainer", "Callback", "seed_everything", "DistributedState", "AttributeDict",
-           "rank_zero_only", "rank_zero_info", "rank_zero_warn", "rank_zero_debug", "cli_lightning_logo"]
+           "read_checkpoint", "rank_zero_only", "rank_zero_info", "rank_zero_warn", "rank_zero_debug", "cli_lightning_logo"]
 
 if TYPE_CHECKING:
     from framework.datamodule import DataModule
     from framework.hooks import Callback
+    from framework.checkpoint_dict import read_checkpoint
     from framework.hparams import AttributeDict
     from framework.module import TrainModule
     from framework.rank_zero import rank_zero_debug, rank_zero_info, rank_zero_only, rank_zero_warn

@@ -179,7 +179,7 @@ def resolve_checkpoint_path(checkpoint_path: str | os.PathLike) -> str:
                                      f"resolve {name!r} from; check the path (checkpoints are directories with a "
                                      "manifest.json).")
         return newest if name == "last" else _best(dirpath, newest)
-    if not locate(path).join(io.MANIFEST).exists() and io.list_checkpoints(path):
+    if not locate(path).join(io.MANIFEST).exists() and not os.path.isfile(path) and io.list_checkpoints(path):
         raise io.CheckpointError(f"{io.redact(path)} is a directory of checkpoints, not one checkpoint; pass one of "
                                  f"them, or {io.redact(stripped)}/last for the newest.")
     return path

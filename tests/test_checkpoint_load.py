@@ -145,8 +145,10 @@ def test_ckpt_path_at_a_file_says_it_must_be_a_checkpoint_directory(tmp_path, wh
         open(target, "wb").write(b"\0" * 16)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        with pytest.raises(CheckpointError, match="it is a file, but a checkpoint is a directory") as info:
+        with pytest.raises(CheckpointError, match="it is a file, but a Kiln checkpoint is a directory") as info:
             make_trainer().fit(tiny_module_cls(), make_loader(), ckpt_path=target)
     assert not isinstance(info.value, CheckpointDamaged) and "damaged" not in str(info.value)
     if where == MANIFEST:
         assert f"pass the folder that holds it: {path}" in str(info.value)
+    else:  # a Lightning .ckpt file, most likely: say how to read its weights
+        assert "torch.load(path, weights_only=True)['state_dict']" in str(info.value)

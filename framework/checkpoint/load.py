@@ -58,7 +58,9 @@ def _require_directory(path: str, loc: Location) -> None:
     if is_file:
         hint = f"; pass the folder that holds it: {redact(os.path.dirname(path.rstrip('/')))}" \
             if loc.name == MANIFEST else ""
-        raise checkpoint_error(path, f"it is a file, but a checkpoint is a directory (the one holding "
+        hint = hint or ("; a Lightning .ckpt file is a torch.save pickle: read its weights with "
+                        "torch.load(path, weights_only=True)['state_dict']")
+        raise checkpoint_error(path, f"it is a file, but a Kiln checkpoint is a directory (the one holding "
                                      f"{MANIFEST}){hint}")
 
 
