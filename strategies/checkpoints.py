@@ -143,7 +143,7 @@ class StrategyCheckpoints:
         from framework.checkpoint.consolidate import read_model_state
 
         manifest = io.read_manifest(path)
-        model_state = read_model_state(path, manifest)
+        model_state = read_model_state(path, manifest, mapped=True)  # copied into the module below
         shared = io.read_state(path, io.TRAINER, manifest)
         saved = shared.get("optimizers", [])
         if optimizers and len(saved) != len(optimizers):

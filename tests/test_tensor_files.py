@@ -54,12 +54,48 @@ def write(tensors, algorithm=None, where=None):
     return data, digest
 
 
-def read(data: bytes, size: int | None = None, hasher=None, where=None):
+def read(data: bytes, size: int | None = None, hasher=None, where=None, mapped=False):
     loc = (where or locate(tempfile.mkdtemp())).join("r.safetensors")
     with loc.open("wb") as f:
         f.write(data)
     with loc.open("rb") as f:
-        return read_safetensors(loc, f, len(data) if size is None else size, hasher or StreamHasher())
+        return read_safetensors(loc, f, len(data) if size is None else size, hasher or StreamHasher(), mapped=mapped)
+
+
+DTYPES = [torch.float32, torch.float64, torch.float16, torch.bfloat16, torch.int64, torch.int32, torch.int16,
+          torch.int8, torch.uint8, torch.bool]
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.dictionaries(st.text(min_size=1, max_size=6).filter(lambda k: k != "__metadata__"),
+                       st.tuples(st.sampled_from(DTYPES), st.lists(st.integers(0, 5), max_size=3)), max_size=6))
+def test_local_files_are_the_library_output_byte_for_byte(specs):
+    """Kiln writes the bytes itself (hashing on the way), in the library's header layout and data order."""
+    tensors = {name: torch.zeros(shape, dtype=dtype).random_(0, 2 if dtype is torch.bool else 100)
+               for name, (dtype, shape) in specs.items()}
+    data, digest = write(tensors)
+    assert data == safetensors.torch.save(tensors)
+    assert digest == f"xxh3_64:{__import__('xxhash').xxh3_64(data).hexdigest()}"
+
+
+def test_large_tensors_are_streamed_in_chunks_with_one_checksum(tmp_path):
+    tensors = {"big": torch.randn(3 * 2**18 + 7), "small": torch.arange(5), "mid": torch.randn(2**16)}
+    data, digest = write(tensors, "crc32", where=locate(str(tmp_path)))
+    assert data == safetensors.torch.save(tensors) and digest == f"crc32:{zlib.crc32(data):08x}"
+    with safetensors.safe_open(str(tmp_path / "t.safetensors"), framework="pt") as f:
+        assert torch.equal(f.get_tensor("big"), tensors["big"])
+
+
+def test_mapped_read_verifies_every_byte_and_gives_private_views(tmp_path):
+    tensors = {"big": torch.randn(3 * 2**18 + 7), **TENSORS}
+    data, digest = write(tensors, where=locate(str(tmp_path)))
+    hasher = StreamHasher()
+    out = read(data, hasher=hasher, where=locate(str(tmp_path)), mapped=True)
+    assert hasher.hexdigest() == digest
+    for k, t in tensors.items():
+        assert out[k].dtype == t.dtype and torch.equal(out[k], t), k
+    out["big"].zero_()  # copy-on-write: the file keeps its bytes
+    assert (tmp_path / "r.safetensors").read_bytes() == data
 
 
 def test_our_files_are_standard_safetensors_with_aligned_tensors(where):
@@ -114,6 +150,16 @@ def test_hasher_is_order_preserving_across_small_and_large_updates(sizes):
     assert hasher.hexdigest() == f"crc32:{zlib.crc32(b''.join(chunks)):08x}"
 
 
+@settings(max_examples=40, deadline=None)
+@given(st.lists(st.tuples(st.booleans(), st.integers(0, 3 * 2**20)), max_size=6))
+def test_inline_and_threaded_updates_keep_the_stream_order(steps):
+    chunks = [(inline, bytes([n % 251]) * n) for inline, n in steps]
+    hasher = StreamHasher("crc32")
+    for inline, c in chunks:
+        (hasher.update_inline if inline else hasher.update)(c)
+    assert hasher.hexdigest() == f"crc32:{zlib.crc32(b''.join(c for _, c in chunks)):08x}"
+
+
 def test_default_algorithm_falls_back_to_stdlib_without_xxhash(monkeypatch):
     monkeypatch.setitem(sys.modules, "xxhash", None)
     assert tensor_files.default_algorithm() == "crc32"
@@ -141,24 +187,26 @@ MALFORMED = [
 ]
 
 
+@pytest.mark.parametrize("mapped", [False, True])
 @pytest.mark.parametrize(("data", "match"), MALFORMED)
-def test_malformed_safetensors_raise_valueerror(data, match, where):
+def test_malformed_safetensors_raise_valueerror(data, match, where, mapped):
     with pytest.raises(ValueError, match=match):
-        read(data, where=where)
+        read(data, where=where, mapped=mapped)
 
 
+@pytest.mark.parametrize("mapped", [False, True])
 @settings(max_examples=60, deadline=None)
 @given(st.dictionaries(st.text("ab", min_size=1, max_size=2), st.fixed_dictionaries({
     "dtype": st.sampled_from(["F32", "U8", "I64", "BOOL", "XX", 3]),
     "shape": st.lists(st.one_of(st.integers(-2, 4), st.integers(2**30, 2**64), st.just("x")), max_size=4),
     "data_offsets": st.lists(st.integers(-1, 40), min_size=0, max_size=3)}), max_size=3),
     st.integers(0, 40))
-def test_any_header_either_loads_consistently_or_raises_valueerror(entries, data_len):
+def test_any_header_either_loads_consistently_or_raises_valueerror(mapped, entries, data_len):
     """Fails closed: a header either describes the file exactly (tensors of the declared shapes come back)
     or raises ValueError; never another exception, never an allocation beyond the file."""
     data = _header(entries, data_len)
     try:
-        out = read(data)
+        out = read(data, mapped=mapped)
     except ValueError:
         return
     for name, t in out.items():

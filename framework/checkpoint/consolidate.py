@@ -21,15 +21,16 @@ from framework.checkpoint.storage import locate
 __all__ = ["read_model_state", "load_weights", "export_safetensors", "DCP_DIR", "DCP_MODEL_KEY"]
 
 
-def read_model_state(path: str, manifest: Manifest | None = None, *, verify: bool = True) -> dict[str, Any]:
-    """The full module state dict of any Kiln checkpoint, on CPU.
+def read_model_state(path: str, manifest: Manifest | None = None, *, verify: bool = True,
+                     mapped: bool = False) -> dict[str, Any]:
+    """The full module state dict of any Kiln checkpoint, on CPU (``mapped=True``: see ``read_state``).
 
     This is the one place that knows checkpoint layouts: ``"full"`` stores ``model.*``; sharded
     layouts are read by ``_read_dcp_model_state`` (extend the dispatch here for new layouts).
     """
     manifest = manifest if manifest is not None else read_manifest(path)
     if manifest.layout == "full":
-        state = read_state(path, MODEL, manifest, verify=verify)
+        state = read_state(path, MODEL, manifest, verify=verify, mapped=mapped)
     elif manifest.layout == "dcp":
         state = _read_dcp_model_state(path, manifest, verify=verify)
     else:

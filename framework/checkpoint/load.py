@@ -145,15 +145,20 @@ def _intact(loc: Location, entry: FileEntry) -> bool:
     return size == entry["size"] and hasher.hexdigest() == entry["checksum"]
 
 
-def read_state(path: str, name: str, manifest: Manifest | None = None, *, verify: bool = True) -> Any:
-    """Load state ``name`` (saved in either format) as CPU tensors; verifies size and checksum."""
+def read_state(path: str, name: str, manifest: Manifest | None = None, *, verify: bool = True,
+               mapped: bool = False) -> Any:
+    """Load state ``name`` (saved in either format) as CPU tensors; verifies size and checksum.
+
+    ``mapped=True``: a local safetensors state comes back as views of a private map of its file, for state that
+    is copied elsewhere at once (see :func:`~framework.checkpoint.tensor_files.read_safetensors`)."""
     manifest = manifest if manifest is not None else read_manifest(path)
     if f"{name}.safetensors" in manifest.files:
         if f"{name}.json" not in manifest.files:
             raise checkpoint_error(path, f"state {name!r} has no {name}.json skeleton")
         skeleton = _read_file(path, manifest, f"{name}.json", _read_json_skeleton, verify)
         tensors = _read_file(path, manifest, f"{name}.safetensors",
-                             lambda f, size, h, loc: tensor_files.read_safetensors(loc, f, size, h), verify)
+                             lambda f, size, h, loc: tensor_files.read_safetensors(loc, f, size, h, mapped=mapped),
+                             verify)
         try:
             return unflatten_state(skeleton, tensors)
         except ValueError as exc:

@@ -1,25 +1,27 @@
 """Tensor files with checksums over their bytes: safetensors (default) and torch.save (opt-in).
 
-safetensors files are written and parsed by the ``safetensors`` library (its header parser is fuzzed
-upstream); Kiln adds the checksum of every byte, computed from the page cache after a write and
-tensor by tensor while reading. torch.save files are only ever read back with ``weights_only=True``.
+safetensors files are standard ones, byte for byte what the ``safetensors`` library writes (its header
+layout and data order, checked in the tests), but Kiln streams the tensor bytes to the file itself in
+256 KiB chunks and hashes each chunk while it is in the CPU cache: one pass over memory instead of the
+library's write plus a second pass for the checksum. Reading, the library parses and validates the header
+(fuzzed upstream); Kiln re-checks the layout it uses, then reads each tensor in chunks into fresh memory,
+hashing each chunk as it lands. torch.save files are only ever read back with ``weights_only=True``.
 Malformed content raises ``ValueError``.
 """
 
 from __future__ import annotations
 
+import functools
 import io
 import json
 import math
 import os
-import threading
-import zlib
-from collections.abc import Callable
-from concurrent.futures import Future, ThreadPoolExecutor
+from collections.abc import Callable, Iterator
 from typing import IO, Any
 
 import torch
 
+from framework.checkpoint.checksums import StreamHasher, default_algorithm, hash_factory, split_checksum
 from framework.checkpoint.serialization import (
     TREE_FORMAT,
     TREE_VERSION,
@@ -29,112 +31,11 @@ from framework.checkpoint.serialization import (
 )
 from framework.checkpoint.storage import Location
 
-# ----------------------------------------------------------------------------- checksums
+__all__ = ["StreamHasher", "default_algorithm", "split_checksum", "safetensors_prefix", "write_safetensors",
+           "read_safetensors", "write_pt", "read_pt"]
 
-
-class _Crc32:
-    """Stdlib fallback with the hashlib interface (used when xxhash is not installed)."""
-
-    def __init__(self) -> None:
-        self.value = 0
-
-    def update(self, data: Any) -> None:
-        self.value = zlib.crc32(data, self.value)
-
-    def hexdigest(self) -> str:
-        return f"{self.value:08x}"
-
-
-def _hash_factory(algorithm: str) -> Callable[[], Any]:
-    if algorithm in ("xxh3_64", "xxh3_128"):
-        import xxhash
-
-        return getattr(xxhash, algorithm)
-    if algorithm == "crc32":
-        return _Crc32
-    if algorithm == "sha256":
-        import hashlib
-
-        return hashlib.sha256
-    raise ValueError(f"unknown checksum algorithm {algorithm!r}")
-
-
-def default_algorithm() -> str:
-    """xxh3_64 (~20 GB/s) when the xxhash package is importable, else zlib's crc32 (~4 GB/s)."""
-    try:
-        import xxhash  # noqa: F401
-    except ImportError:
-        return "crc32"
-    return "xxh3_64"
-
-
-_executor: ThreadPoolExecutor | None = None
-_executor_lock = threading.Lock()
-_SMALL = 1 << 20
-
-
-def _forget_executor_after_fork() -> None:
-    global _executor
-    _executor = None  # its thread does not exist in a forked child
-
-
-if hasattr(os, "register_at_fork"):
-    os.register_at_fork(after_in_child=_forget_executor_after_fork)
-
-
-def _hash_executor() -> ThreadPoolExecutor:
-    global _executor
-    with _executor_lock:
-        if _executor is None:
-            _executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="kiln-checksum")
-        return _executor
-
-
-class StreamHasher:
-    """Checksum of a byte stream, as ``"<algorithm>:<hex>"``.
-
-    Large buffers are hashed on a helper thread (the hash functions release the GIL), so the
-    checksum overlaps the write/read of the next buffer. Buffers must not change until
-    :meth:`hexdigest` returns. Small buffers are batched to keep per-call overhead low.
-    """
-
-    def __init__(self, algorithm: str | None = None) -> None:
-        self.algorithm = algorithm or default_algorithm()
-        self._hash = _hash_factory(self.algorithm)()
-        self._pending = bytearray()
-        self._futures: list[Future] = []
-
-    def update(self, data: Any) -> None:
-        view = memoryview(data).cast("B")
-        if view.nbytes < _SMALL:
-            self._pending += view
-            if len(self._pending) >= _SMALL:
-                self._flush()
-            return
-        self._flush()
-        self._futures.append(_hash_executor().submit(self._hash.update, view))
-
-    def _flush(self) -> None:
-        if self._pending:
-            self._futures.append(_hash_executor().submit(self._hash.update, bytes(self._pending)))
-            self._pending.clear()
-
-    def hexdigest(self) -> str:
-        self._flush()
-        for future in self._futures:
-            future.result()
-        self._futures.clear()
-        return f"{self.algorithm}:{self._hash.hexdigest()}"
-
-
-def split_checksum(checksum: str) -> str:
-    """Return the algorithm of a ``"<algorithm>:<hex>"`` checksum (ValueError if malformed)."""
-    algorithm, sep, digest = checksum.partition(":")
-    if not sep or not digest:
-        raise ValueError(f"malformed checksum {checksum!r}")
-    _hash_factory(algorithm)
-    return algorithm
-
+_CHUNK = 1 << 18  # hashed right after it is written or read, while it is still in the CPU cache
+_SMALL_WRITE = 1 << 16  # smaller tensors are gathered into one write() call
 
 # ----------------------------------------------------------------------------- safetensors
 
@@ -170,59 +71,163 @@ def _writable(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return out
 
 
-def _hash_local(path: str, algorithm: str) -> tuple[int, str]:
-    """Size and checksum of a local file, hashed through a read-only map of the page cache (no copy)."""
-    import mmap
+@functools.lru_cache(maxsize=1)
+def _library_dtype_order() -> dict[torch.dtype, tuple[int, str]]:
+    """Each dtype's rank in the library's data order (and its name there), learned from the library itself:
+    it sorts tensors by dtype (its own ranking, widest first), then by name."""
+    from safetensors.torch import _TYPES, save
 
-    digest = _hash_factory(algorithm)()
-    with open(path, "rb") as f:
-        size = os.fstat(f.fileno()).st_size
-        if size:
-            with mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as mapped:
-                digest.update(mapped)
-    return size, f"{algorithm}:{digest.hexdigest()}"
+    probe = {}
+    for name, dtype in _TYPES.items():
+        try:
+            probe[name] = torch.zeros(1, dtype=dtype)
+        except (RuntimeError, TypeError):  # a dtype this torch build cannot allocate
+            continue
+    data = save(probe)
+    header = json.loads(data[8:8 + int.from_bytes(data[:8], "little")])
+    order = sorted(header.keys() - {"__metadata__"}, key=lambda k: header[k]["data_offsets"][0])
+    return {_TYPES[name]: (rank, name) for rank, name in enumerate(order)}
+
+
+def safetensors_prefix(tensors: dict[str, torch.Tensor]) -> tuple[bytes, list[str]]:
+    """The first bytes of the safetensors file of ``tensors`` (length + JSON header, padded as the library pads
+    it) and the tensor names in the order their data follows; ``tensors`` as :func:`_writable` returns them."""
+    order = _library_dtype_order()
+    names = sorted(tensors, key=lambda k: (order[tensors[k].dtype][0], k))
+    entries, offset = {}, 0
+    for name in names:
+        t = tensors[name]
+        nbytes = t.numel() * t.element_size()
+        entries[name] = {"dtype": order[t.dtype][1], "shape": list(t.shape), "data_offsets": [offset, offset + nbytes]}
+        offset += nbytes
+    head = json.dumps(entries, separators=(",", ":"), ensure_ascii=False).encode()
+    head += b" " * (-len(head) % 8)
+    return len(head).to_bytes(8, "little") + head, names
+
+
+def _bytes_of(t: torch.Tensor) -> Any:
+    """The tensor's memory as a flat byte memoryview (no copy)."""
+    return memoryview(t.reshape(-1).view(torch.uint8).numpy()) if t.numel() else memoryview(b"")
+
+
+def _chunks(view: memoryview) -> Iterator[memoryview]:
+    for start in range(0, view.nbytes, _CHUNK):
+        yield view[start:start + _CHUNK]
+
+
+def _write_all(fd: int, data: Any) -> None:
+    view = memoryview(data)
+    while view.nbytes:
+        view = view[os.write(fd, view):]
+
+
+def _preallocate(fd: int, size: int) -> None:
+    """Reserve the file's blocks in one call (cheaper than the filesystem reserving them page by page while the
+    data is written; a full disk fails here, before any byte is written). Skipped where unsupported."""
+    import ctypes
+    import errno
+
+    fallocate = _fallocate()
+    if fallocate is not None and size and fallocate(fd, 0, 0, size) != 0:
+        err = ctypes.get_errno()
+        if err in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
+            raise OSError(err, os.strerror(err))
+
+
+@functools.lru_cache(maxsize=1)
+def _fallocate() -> Any:
+    """libc's fallocate(2) (not posix_fallocate, which emulates it by writing zeros where unsupported)."""
+    import ctypes
+
+    try:
+        fallocate = ctypes.CDLL(None, use_errno=True).fallocate
+    except (OSError, AttributeError):
+        return None
+    fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
+    return fallocate
+
+
+def _stream_to_fd(fd: int, prefix: bytes, names: list[str], tensors: dict[str, torch.Tensor], digest: Any) -> int:
+    """Write the file's bytes to ``fd``, each chunk hashed right after its write(), while the chunk is still in
+    the CPU cache (the write brought it there): one pass over memory."""
+    digest.update(prefix)
+    pending = bytearray(prefix)
+    size = len(prefix)
+    for name in names:
+        view = _bytes_of(tensors[name])
+        size += view.nbytes
+        if view.nbytes < _SMALL_WRITE:
+            digest.update(view)
+            pending += view
+            continue
+        if pending:
+            _write_all(fd, pending)
+            pending = bytearray()
+        for chunk in _chunks(view):
+            _write_all(fd, chunk)
+            digest.update(chunk)
+    if pending:
+        _write_all(fd, pending)
+    return size
 
 
 def write_safetensors(loc: Location, tensors: dict[str, torch.Tensor], *, fsync: bool = False,
                       algorithm: str | None = None) -> tuple[int, str]:
-    """Write ``tensors`` to ``loc`` with the safetensors library; returns (size, checksum of the file's bytes).
+    """Write ``tensors`` to ``loc`` as a safetensors file; returns (size, checksum of the file's bytes).
 
-    Locally the library writes the file itself and the checksum is computed afterwards from the page
-    cache (cheaper than streaming it through a Python file object: see benchmarks/RESULTS.md); on
-    object stores the serialized bytes are hashed and uploaded in one PUT.
+    Locally the bytes go straight from the tensors to the file, hashed chunk by chunk on the way (the
+    layout is the library's own: :func:`safetensors_prefix`); on object stores the library serializes the
+    file into memory, which is hashed and uploaded in one PUT.
     """
-    from safetensors.torch import save, save_file
-
     algorithm = algorithm or default_algorithm()
+    digest = hash_factory(algorithm)()
     tensors = _writable(tensors)
     if not loc.is_local:
+        from safetensors.torch import save
+
         data = save(tensors)
-        digest = _hash_factory(algorithm)()
         digest.update(data)
         with loc.open("wb") as f:
             f.write(data)
         return len(data), f"{algorithm}:{digest.hexdigest()}"
-    save_file(tensors, loc.path)
-    if fsync:
-        fd = os.open(loc.path, os.O_RDONLY)
-        try:
+    prefix, names = safetensors_prefix(tensors)
+    fd = os.open(loc.path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | getattr(os, "O_CLOEXEC", 0), 0o666)
+    try:
+        _preallocate(fd, len(prefix) + sum(tensors[n].numel() * tensors[n].element_size() for n in names))
+        size = _stream_to_fd(fd, prefix, names, tensors, digest)
+        if fsync:
             os.fsync(fd)
-        finally:
-            os.close(fd)
-    return _hash_local(loc.path, algorithm)
+    finally:
+        os.close(fd)
+    return size, f"{algorithm}:{digest.hexdigest()}"
 
 
-def _header(read_at: Callable[[int, int], bytes], size: int) -> tuple[bytes, list[str]]:
-    """The file's first ``8 + header`` bytes and its tensor names in data order (header already validated)."""
+def _layout(read_at: Callable[[int, int], bytes], size: int) -> tuple[bytes, list[tuple[str, torch.dtype, list, int]]]:
+    """The file's first ``8 + header`` bytes and its tensors as (name, dtype, shape, file offset) in data order.
+
+    The library validated the header already; this re-checks what the read relies on (known dtypes, shapes,
+    each tensor's bytes following the previous one's up to the end of the file), against the bytes read here.
+    """
+    from safetensors.torch import _TYPES
+
     prefix = read_at(0, 8)
     head = read_at(8, int.from_bytes(prefix, "little"))
     header = json.loads(head)
     names = sorted((k for k in header if k != "__metadata__"), key=lambda k: header[k]["data_offsets"][0])
-    for name in names:  # torch computes strides from the shape even when it holds no element
-        shape = header[name]["shape"]
+    out, at = [], 8 + len(head)
+    for name in names:
+        shape, (start, end) = header[name]["shape"], header[name]["data_offsets"]
         if not all(type(d) is int and d >= 0 for d in shape) or math.prod(max(d, 1) for d in shape) >= 2**62:
             raise ValueError(f"tensor {name!r} has shape {shape}, which no tensor can have")
-    return prefix + head, names
+        dtype = _TYPES[header[name]["dtype"]]
+        if 8 + len(head) + start != at or end - start != math.prod(shape) * dtype.itemsize:
+            raise ValueError(f"tensor {name!r} has data offsets {[start, end]} that do not follow its predecessor "
+                             f"or do not fit its shape {shape}")
+        out.append((name, dtype, shape, at))
+        at += end - start
+    if at != size:
+        raise ValueError(f"the header describes {at} bytes, the file has {size}")
+    return prefix + head, out
 
 
 def _check_fits_in_memory(nbytes: int) -> None:
@@ -235,13 +240,46 @@ def _check_fits_in_memory(nbytes: int) -> None:
         raise MemoryError(f"its tensors hold {nbytes} bytes, more than this machine's {physical} bytes of memory")
 
 
-def _bytes_of(t: torch.Tensor) -> Any:
-    return t.reshape(-1).view(torch.uint8).numpy() if t.numel() else b""
+def _read_hashed(fd: int, view: memoryview, at: int, update: Callable[[Any], None]) -> None:
+    """Fill ``view`` from file offset ``at`` in chunks, hashing each chunk right after it was read."""
+    for chunk in _chunks(view):
+        got = 0
+        while got < chunk.nbytes:
+            n = os.preadv(fd, [chunk[got:]], at)
+            if not n:
+                raise ValueError("file is truncated (it changed while being read)")
+            got, at = got + n, at + n
+        update(chunk)
 
 
-def read_safetensors(loc: Location, f: IO[bytes], size: int, hasher: Any) -> dict[str, torch.Tensor]:
+def _mapped_tensors(fd: int, size: int, order: list, update: Callable[[Any], None]) -> dict[str, torch.Tensor]:
+    """The tensors as views of a private (copy-on-write) map of the file, every byte hashed through the map."""
+    import mmap
+
+    mapped = mmap.mmap(fd, size, flags=mmap.MAP_PRIVATE, prot=mmap.PROT_READ | mmap.PROT_WRITE)
+    if os.fstat(fd).st_size < size:  # shrunk since it was measured: touching the missing pages would SIGBUS
+        mapped.close()
+        raise ValueError("file is truncated (it changed while being read)")
+    view = memoryview(mapped)
+    for chunk in _chunks(view):
+        update(chunk)
+    out = {}
+    for name, dtype, shape, at in order:
+        count = math.prod(shape)
+        out[name] = (torch.frombuffer(view, dtype=dtype, count=count, offset=at).view(shape) if count
+                     else torch.empty(shape, dtype=dtype))
+    return out
+
+
+def read_safetensors(loc: Location, f: IO[bytes], size: int, hasher: Any, *,
+                     mapped: bool = False) -> dict[str, torch.Tensor]:
     """Read the safetensors file open as ``f`` (``size`` bytes) into fresh CPU tensors, feeding ``hasher``
     the file's bytes in order.
+
+    ``mapped=True`` (local files) returns views of a private map of the file instead, for state that is copied
+    elsewhere right away (a module's weights): the page cache then is the one transient copy, as with the
+    library's own ``load_file``. Like that, it assumes nobody truncates the file while the views are alive
+    (Kiln never does; reading a page cut off from a map kills the process with SIGBUS).
 
     The library parses and validates the header first (shapes, overflow, offsets covering exactly the
     file's data), so nothing is allocated for a header that does not fit the file; errors are ValueError.
@@ -260,22 +298,26 @@ def read_safetensors(loc: Location, f: IO[bytes], size: int, hasher: Any) -> dic
             try:
                 out = load(data)  # the library validates the header first
             except RuntimeError:
-                _header(read_at, size)  # a shape torch cannot build: say which
+                _layout(read_at, size)  # a shape torch cannot build: say which
                 raise
-            _, order = _header(read_at, size)
+            _, order = _layout(read_at, size)
             hasher.update(data)
-            return {name: out[name] for name in order}
+            return {name: out[name] for name, *_ in order}
         fd = f.fileno()
         # Open the very file we checked (no second lookup by name that a swapped file could win).
         path = f"/proc/self/fd/{fd}" if os.path.exists(f"/proc/self/fd/{fd}") else loc.path
-        with safe_open(path, framework="pt", device="cpu", backend="pread") as st:
-            head, order = _header(lambda at, n: os.pread(fd, n, at), size)
-            _check_fits_in_memory(size - len(head))
-            hasher.update(head)
-            out = {}
-            for name in order:
-                out[name] = st.get_tensor(name)
-                hasher.update(_bytes_of(out[name]))
+        with safe_open(path, framework="pt", device="cpu", backend="pread"):
+            pass  # the library's header validation
+        head, order = _layout(lambda at, n: os.pread(fd, n, at), size)
+        update = getattr(hasher, "update_inline", hasher.update)
+        if mapped:
+            return _mapped_tensors(fd, size, order, update)
+        _check_fits_in_memory(size - len(head))
+        update(head)
+        out = {}
+        for name, dtype, shape, at in order:
+            out[name] = torch.empty(shape, dtype=dtype)
+            _read_hashed(fd, _bytes_of(out[name]), at, update)
         return out
     except SafetensorError as exc:
         raise ValueError(f"invalid safetensors file: {exc}") from None
