@@ -12,7 +12,8 @@ Contenders, each saving and then restoring the same state (model weights + AdamW
   ``on_fit_start``, right after it), into a freshly zeroed model and a fresh optimizer. Kiln verifies
   every byte against the manifest checksums while reading. ``fit(ckpt_path)`` → first batch is shown too.
 - Kiln async: ``trainer.save_checkpoint(path, writer=AsyncCheckpointWriter())``: the time the training
-  loop is blocked (the snapshot into reused buffers), then the background write.
+  loop is blocked (the snapshot into reused buffers), then the background write. The writer's buffers are
+  reserved once the optimizer state exists (``reserve()``); its first save is reported with and without that.
 - Lightning (when installed): ``trainer.save_checkpoint(path)``; ``fit(ckpt_path)`` → first batch.
 
 Every round runs the contenders in a rotated order (A/B/C, B/C/A, ...), each save followed by its
@@ -35,7 +36,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import ctypes
 import gc
 import json
 import logging
@@ -43,230 +43,43 @@ import os
 import shutil
 import sys
 import tempfile
-import time
 import warnings
 from collections.abc import Callable
 from typing import Any
 
+import checkpoint_workload as workload
 import torch
-from common import emit, format_table, interleaved, is_installed, machine_info, median, paired_ratio
-from torch import nn
-from torch.utils.data import DataLoader, TensorDataset
+from checkpoint_workload import (
+    LR,
+    Mismatch,
+    Reference,
+    Round,
+    build_net,
+    disk_write,
+    flat_optimizer_tensors,
+    kiln_trainer,
+    lightning_trainer,
+    load_file_eager,
+    load_file_lazy,
+    loss_of,
+    make_loader,
+    minus,
+    now,
+    peak_rss_reset,
+    peak_rss_since,
+    restore_clock,
+    since,
+    step_module,
+    table,
+    trim_heap,
+    unflatten_optimizer_tensors,
+    zero_,
+)
+from common import emit, interleaved, is_installed, machine_info, median, paired_ratio
+
+__all__ = ["Bench", "Mismatch", "Reference", "build_net", "main"]
 
 SAVE_TARGET, LOAD_TARGET, ASYNC_TARGET = 1.10, 1.10, 0.10
-LR = 1e-3
-DEVICE = "cpu"  # set by --device (bench_gpu.py runs this script with --device cuda)
-Stamp = tuple[float, float]  # (wall, process CPU) seconds
-Round = dict[str, dict[str, float]]  # one contender's round: measurement -> {"wall": s, "cpu": s}
-
-
-def now() -> Stamp:
-    if DEVICE == "cuda":
-        torch.cuda.synchronize()  # device work issued so far belongs to the span that issued it
-    return time.perf_counter(), time.process_time()
-
-
-def since(start: Stamp, end: Stamp | None = None) -> dict[str, float]:
-    """Wall and CPU seconds (CPU: this process, all threads — steadier on a shared machine)."""
-    end = end or now()
-    return {"wall": end[0] - start[0], "cpu": end[1] - start[1]}
-
-
-def minus(a: dict[str, float], b: dict[str, float]) -> dict[str, float]:
-    return {k: a[k] - b[k] for k in a}
-
-
-# ---- the workload ------------------------------------------------------------------------------
-def build_net(width: int, blocks: int, seed: int = 0) -> nn.Sequential:
-    """Linear/LayerNorm blocks: width 1024 × 6 blocks ≈ 50.4M parameters (~600 MB with AdamW state)."""
-    torch.manual_seed(seed)
-    layers: list[nn.Module] = []
-    for _ in range(blocks):
-        layers += [nn.Linear(width, 4 * width), nn.Linear(4 * width, width), nn.LayerNorm(width)]
-    return nn.Sequential(*layers)
-
-
-def make_loader(width: int) -> DataLoader:
-    g = torch.Generator().manual_seed(1)
-    return DataLoader(TensorDataset(torch.randn(8, width, generator=g)), batch_size=2)
-
-
-def loss_of(net: nn.Module, batch: Any) -> torch.Tensor:
-    return net(batch[0]).pow(2).mean()
-
-
-def flat_optimizer_tensors(state: dict[str, Any]) -> dict[str, torch.Tensor]:
-    return {f"{pid}.{key}": value for pid, s in state["state"].items() for key, value in s.items()}
-
-
-def unflatten_optimizer_tensors(tensors: dict[str, torch.Tensor]) -> dict[int, dict[str, torch.Tensor]]:
-    state: dict[int, dict[str, torch.Tensor]] = {}
-    for name, value in tensors.items():
-        pid, key = name.split(".", 1)
-        state.setdefault(int(pid), {})[key] = value
-    return state
-
-
-def load_file_eager(path: str) -> dict[str, torch.Tensor]:
-    """safetensors ``load_file`` that reads every byte now (pread), as Kiln's reader does."""
-    from safetensors.torch import load_file
-
-    try:
-        return load_file(path, device=DEVICE, backend="pread")
-    except TypeError:  # safetensors < 0.8 has no backend argument: copy out of the map
-        return {k: v.clone() for k, v in load_file(path, device=DEVICE).items()}
-
-
-def load_file_lazy(path: str) -> dict[str, torch.Tensor]:
-    from safetensors.torch import load_file
-
-    return load_file(path, device=DEVICE)
-
-
-class Mismatch(AssertionError):
-    pass
-
-
-class Reference:
-    """The saved state, to check every restore against (bitwise)."""
-
-    def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
-        self.model = model.state_dict()
-        self.optimizer = optimizer.state_dict()
-
-    def check(self, who: str, model: nn.Module, optimizer_state: dict[str, Any]) -> None:
-        for key, value in model.state_dict().items():
-            if not torch.equal(value, self.model[key]):
-                raise Mismatch(f"{who}: restored model tensor {key!r} differs from the saved one")
-        ref, got = self.optimizer["state"], optimizer_state["state"]
-        if sorted(ref) != sorted(got):
-            raise Mismatch(f"{who}: restored optimizer state has params {sorted(got)[:5]}..., saved {sorted(ref)[:5]}...")
-        for pid, entries in ref.items():
-            for key, value in entries.items():
-                if not torch.equal(torch.as_tensor(got[pid][key]), torch.as_tensor(value)):
-                    raise Mismatch(f"{who}: restored optimizer state {pid}.{key} differs from the saved one")
-
-
-def disk_write(file: str, nbytes: int, fsync: bool) -> dict[str, float]:
-    """Sequential write of ``nbytes`` in 16 MiB writes (the physical limit the savers are compared with)."""
-    chunk = os.urandom(16 * 2**20)
-    t0 = now()
-    fd = os.open(file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
-    for _ in range(max(1, nbytes // len(chunk))):
-        os.write(fd, chunk)
-    if fsync:
-        os.fsync(fd)
-    os.close(fd)
-    spent = since(t0)
-    os.remove(file)
-    return spent
-
-
-def peak_rss_reset() -> int:
-    """Reset the peak-RSS mark (Linux ``clear_refs``) and return the current RSS in bytes (0 if unsupported)."""
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        return _status_kb("VmRSS") * 1024
-    except OSError:
-        return 0
-
-
-def peak_rss_since(base: int) -> float:
-    """Bytes by which the peak RSS rose above ``base`` since :func:`peak_rss_reset`."""
-    return max(0.0, float(_status_kb("VmHWM") * 1024 - base)) if base else 0.0
-
-
-def _status_kb(key: str) -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(key + ":"):
-                return int(line.split()[1])
-    return 0
-
-
-def trim_heap() -> None:
-    """Return free heap memory to the OS (glibc ``malloc_trim``; a no-op elsewhere)."""
-    try:
-        ctypes.CDLL(None).malloc_trim(0)
-    except (OSError, AttributeError):
-        pass
-
-
-def zero_(net: nn.Module) -> None:
-    """Wipe the restore target, so that a restore that loads nothing fails the check."""
-    with torch.no_grad():
-        for p in net.parameters():
-            p.zero_()
-
-
-# ---- Kiln and Lightning ----------------------------------------------------------------------------
-def step_module(base: type, width: int, blocks: int, reference: Reference | None = None) -> type:
-    """The model as a Kiln TrainModule or a LightningModule; notes when its first training step starts.
-
-    With ``reference``, Lightning's ``on_train_start`` (after it restored the optimizer) checks the restore.
-    """
-
-    class Net(base):
-        def __init__(self, seed: int) -> None:
-            super().__init__()
-            self.net = build_net(width, blocks, seed)
-            self.first_batch_at: Stamp | None = None
-            self.checking = {"wall": 0.0, "cpu": 0.0}  # time spent checking, not part of fit → first batch
-
-        def on_train_start(self):
-            if reference is not None:
-                start = now()
-                reference.check("lightning restore", self.net, self.trainer.optimizers[0].state_dict())
-                self.checking = since(start)
-
-        def training_step(self, batch, batch_idx):
-            if self.first_batch_at is None:
-                self.first_batch_at = now()
-            return loss_of(self.net, batch)
-
-        def configure_optimizers(self):
-            return torch.optim.AdamW(self.parameters(), lr=LR)
-
-    return Net
-
-
-def restore_clock(reference: Reference) -> Any:
-    """A Kiln callback bracketing the checkpoint restore: ``setup`` runs right before it, ``on_fit_start`` after."""
-    from callbacks import Callback
-
-    class RestoreClock(Callback):
-        def __init__(self) -> None:
-            self.start: Stamp | None = None
-            self.restore: dict[str, float] = {}
-            self.checking: dict[str, float] = {}
-
-        def setup(self, trainer, module, stage):
-            self.start = now()
-
-        def on_fit_start(self, trainer, module):
-            stop = now()
-            self.peak_extra = peak_rss_since(getattr(module, "_bench_rss_base", 0))
-            self.restore = since(self.start, stop)
-            reference.check("kiln restore", module.net, trainer.optimizers[0].state_dict())
-            self.checking = since(stop)
-
-    return RestoreClock()
-
-
-def kiln_trainer(root: str, max_steps: int, callbacks: list | None = None) -> Any:
-    from framework import DistributedState, Trainer
-
-    DistributedState._reset_state()  # each Trainer in this process starts from a clean topology
-    return Trainer(enable_model_summary=False, accelerator=DEVICE, max_steps=max_steps, logger=False, enable_checkpointing=False,
-                   enable_progress_bar=False, default_root_dir=root, callbacks=callbacks)
-
-
-def lightning_trainer(root: str, max_steps: int) -> Any:
-    import pytorch_lightning as pl
-
-    return pl.Trainer(accelerator=DEVICE, devices=1, max_steps=max_steps, logger=False, enable_checkpointing=False,
-                      enable_progress_bar=False, enable_model_summary=False, default_root_dir=root)
 
 
 # ---- the benchmark -------------------------------------------------------------------------------
@@ -288,9 +101,14 @@ class Bench:
         self.n_params = sum(p.numel() for p in self.trained.parameters())
         self.nbytes = sum(t.numel() * t.element_size() for t in [
             *self.reference.model.values(), *flat_optimizer_tensors(self.reference.optimizer).values()])
-        self.target = Net(seed=1).to(DEVICE)  # restores land here (zeroed first)
-        self.writer = None
-        self.async_first_blocking_s = None
+        self.target = Net(seed=1).to(workload.DEVICE)  # restores land here (zeroed first)
+        from framework.checkpoint import AsyncCheckpointWriter
+
+        # Reserved once the optimizer state exists, as ModelCheckpoint(async_save=True) does after the first step.
+        self.writer = AsyncCheckpointWriter()
+        self.writer.reserve(module=self.trained, optimizers=[self.optimizer])
+        self.async_first_blocking_s: float | None = None
+        self.async_first_unreserved_s: float | None = None
         if with_lightning:
             import pytorch_lightning as pl
 
@@ -353,7 +171,7 @@ class Bench:
         save = since(t0)
         optimizer = self.fresh_target()
         t0 = now()
-        loaded = torch.load(file, weights_only=True, map_location=DEVICE)
+        loaded = torch.load(file, weights_only=True, map_location=workload.DEVICE)
         self.target.net.load_state_dict(loaded["model"])
         optimizer.load_state_dict(loaded["optimizer"])
         load = since(t0)
@@ -394,13 +212,16 @@ class Bench:
         from framework.checkpoint import AsyncCheckpointWriter, read_state
 
         path = self.path("kiln-async")
-        if self.writer is None:  # the first async save: the background copy allocates the snapshot buffers
-            self.writer = AsyncCheckpointWriter()
-            self.async_first_blocking_s = self._async_save(path)["wall"]
+        if self.async_first_blocking_s is None:  # the first save of a writer: without, then with reserve()
+            cold = AsyncCheckpointWriter()
+            self.async_first_unreserved_s = self._async_save(path, cold)["wall"]
+            cold.close()
+            shutil.rmtree(path)
+            self.async_first_blocking_s = self._async_save(path, self.writer)["wall"]
             self.writer.wait()
             shutil.rmtree(path)
         t0 = now()
-        blocking = self._async_save(path)
+        blocking = self._async_save(path, self.writer)
         self.writer.wait()
         total = since(t0)
         model_state = read_state(path, "model")
@@ -411,15 +232,15 @@ class Bench:
         shutil.rmtree(path)
         return {"blocking": blocking, "total": total}
 
-    def _async_save(self, path: str) -> dict[str, float]:
+    def _async_save(self, path: str, writer: Any) -> dict[str, float]:
         """Time the loop is blocked: the save call, then (after the next forward/backward) the wait that the
         optimizer's step pre-hook would do."""
         t0 = now()
-        self.trainer.save_checkpoint(path, writer=self.writer)
+        self.trainer.save_checkpoint(path, writer=writer)
         blocked = since(t0)
         loss_of(self.trained.net, next(iter(self.loader))).backward()  # the next step's compute, overlapping
         t1 = now()
-        self.writer.wait_for_snapshot()
+        writer.wait_for_snapshot()
         waited = since(t1)
         self.trained.zero_grad(set_to_none=True)
         return {k: blocked[k] + waited[k] for k in blocked}
@@ -467,8 +288,7 @@ class Bench:
         return {"save": save, "fit_to_first_batch": first_batch}
 
     def close(self) -> None:
-        if self.writer is not None:
-            self.writer.close()
+        self.writer.close()
 
 
 def run(args: argparse.Namespace, root: str) -> dict[str, Any]:
@@ -500,10 +320,11 @@ def run(args: argparse.Namespace, root: str) -> dict[str, Any]:
         ("kiln save (page cache)", "kiln sync: save"), ("raw safetensors save (page cache)", "raw safetensors: save"),
         ("disk sequential write (page cache)", "durable: disk write"), ("kiln save fsync=True", "durable: kiln save fsync"),
         ("raw safetensors save + fsync", "durable: raw save fsync"), ("disk sequential write + fsync", "durable: disk write fsync"))}
-    return {"benchmark": "checkpoint", "device": DEVICE, "mib_per_s": mib_s, "parameters": bench.n_params, "state_bytes": bench.nbytes,
+    return {"benchmark": "checkpoint", "device": workload.DEVICE, "mib_per_s": mib_s, "parameters": bench.n_params, "state_bytes": bench.nbytes,
             "width": args.width, "blocks": args.blocks, "repeats": args.repeats, "threads": 1,
             "dir": root, "lightning": with_lightning, "states_equal": True,
             "async_first_blocking_s": bench.async_first_blocking_s,
+            "async_first_unreserved_s": bench.async_first_unreserved_s,
             "median_s": {name: median(v) for name, v in series["wall"].items()},
             "cpu_median_s": {name: median(v) for name, v in series["cpu"].items()},
             "runs_s": series["wall"], "cpu_runs_s": series["cpu"], "checks": checks}
@@ -535,28 +356,6 @@ def _quiet():
         yield
 
 
-def table(result: dict[str, Any]) -> str:
-    rows = [(name, 1e3 * value, 1e3 * min(result["runs_s"][name]), 1e3 * result["cpu_median_s"][name])
-            for name, value in result["median_s"].items() if "MiB" not in name]
-    text = (f"{result['parameters'] / 1e6:.1f}M parameters, {result['state_bytes'] / 2**20:.0f} MiB with AdamW state, "
-            f"on {result['device']}, median of {result['repeats']} rotated rounds, 1 thread, files in {result['dir']}\n\n")
-    text += format_table(["contender: measurement", "median ms", "min ms", "CPU ms"], rows)
-    text += "\n\n" + format_table(
-        ["target", "kiln ms", "baseline", "baseline ms", "ratio", "CPU ratio", "target", "verdict"],
-        [(c["name"], 1e3 * c["measured_s"], c["baseline"], 1e3 * c["baseline_s"], c["ratio"], c["cpu_ratio"],
-          f"≤ {c['target']}", "met" if c["passed"] else "MISSED") for c in result["checks"]])
-    if result["async_first_blocking_s"] is not None:
-        text += (f"\n\nThe first async save (allocates the snapshot buffers) blocked "
-                 f"{result['async_first_blocking_s'] * 1e3:.0f} ms.")
-    text += "\n\nPeak resident memory a restore adds (MiB, medians; the state is " \
-            f"{result['state_bytes'] / 2**20:.0f} MiB):\n" + "\n".join(
-        f"  {name.replace(' peak extra MiB', ''):38s} {value:8.0f}" for name, value in result["median_s"].items()
-        if "MiB" in name)
-    text += "\n\nThroughput (MiB/s of state, medians):\n" + "\n".join(
-        f"  {name:38s} {value:8.0f}" for name, value in result["mib_per_s"].items())
-    return text + "\nEvery restore equals the saved state bit for bit. CPU = process CPU time, all threads."
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="Checkpoint save/load: raw safetensors/torch vs Kiln vs Lightning.")
     parser.add_argument("--repeats", type=int, default=7, help="rotated rounds (median taken)")
@@ -575,8 +374,7 @@ def main(argv: list[str] | None = None) -> int:
             parser.error(f"--{name} must be ≥ 1, got {getattr(args, name)}")
     if args.device == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda: CUDA is not available")
-    global DEVICE
-    DEVICE = args.device
+    workload.DEVICE = args.device
     torch.set_num_threads(1)
     root = tempfile.mkdtemp(prefix="kiln-bench-ckpt-", dir=args.dir)
     try:

@@ -151,7 +151,8 @@ def clone_tree(tree):
     return tree
 
 
-def test_deferred_snapshot_equals_the_step_boundary_bit_for_bit(tmp_path, monkeypatch):
+@pytest.mark.parametrize("reserved", [False, True])
+def test_deferred_snapshot_equals_the_step_boundary_bit_for_bit(tmp_path, monkeypatch, reserved):
     """The parameter/optimizer copy is held back until the next step has run forward and backward; the BatchNorm
     statistics that forward changes were copied first, and the step itself waits for the copy."""
     model, opt = bn_state()
@@ -166,6 +167,8 @@ def test_deferred_snapshot_equals_the_step_boundary_bit_for_bit(tmp_path, monkey
 
     monkeypatch.setattr(AsyncCheckpointWriter, "_copy_deferred", held_copy)
     writer = AsyncCheckpointWriter()
+    if reserved:
+        writer.reserve(module=model, optimizers=[opt])
     snap = writer.snapshot(state_of(model, opt), module=model, optimizers=[opt])
     assert writer.busy  # returned before the big copy
     writer.submit(save_checkpoint, str(tmp_path / "c"), snap, {"global_step": 1})
@@ -206,6 +209,24 @@ def test_snapshot_buffers_are_allocated_by_the_background_copy_and_reused():
     again = writer.snapshot({"m": model.state_dict()}, module=model, optimizers=[opt])
     writer.wait_for_snapshot()
     assert again["m"]["weight"].data_ptr() == snap["m"]["weight"].data_ptr()  # reused
+
+
+def test_reserved_buffers_are_warm_and_taken_by_the_first_snapshot():
+    """reserve() allocates and touches the buffers off the loop; the first snapshot copies into exactly those."""
+    model, opt = bn_state()
+    writer = AsyncCheckpointWriter()
+    writer.reserve(module=model, optimizers=[opt])
+    writer._reserver.join()
+    reserved = {t.data_ptr() for t in writer._reserved.values()}
+    expected = [*model.parameters(), *model.buffers()] + [v for s in opt.state.values() for v in s.values()]
+    assert len(reserved) == len({t.data_ptr() for t in expected if t.numel()})
+    snap = writer.snapshot(state_of(model, opt), module=model, optimizers=[opt])
+    writer.wait_for_snapshot()
+    taken = [t for t in [*snap[MODEL].values(), *[v for s in snap[TRAINER]["opt"]["state"].values() for v in s.values()]]
+             if t.numel()]
+    assert {t.data_ptr() for t in taken} == reserved  # no fresh allocation left for the first save
+    assert_trees_equal(dict(snap[MODEL]), dict(model.state_dict()))
+    writer.close()
 
 
 def test_trainer_async_checkpoints_hold_the_step_boundary_state(tmp_path):

@@ -7,8 +7,9 @@ and reused across saves, pinned when the source is on an accelerator). Given the
 parameters and optimizer state, which change only at an optimizer step, are copied on the writer's
 thread while the next forward/backward runs. Every optimizer's ``step`` waits for that copy first
 (a step pre-hook), and :meth:`~AsyncCheckpointWriter.wait_for_snapshot` is the call for anything else
-that changes weights in place. Buffers are allocated by the copy itself, so the first save blocks no
-longer than later ones; the price is one CPU copy of the state held while the writer lives.
+that changes weights in place. The buffers are kept for the next save (one CPU copy of the state held while
+the writer lives); :meth:`~AsyncCheckpointWriter.reserve` allocates them ahead, in the background, so that
+the first save copies into warm memory and blocks no longer than later ones.
 """
 
 from __future__ import annotations
@@ -43,6 +44,8 @@ class AsyncCheckpointWriter:
         self._copier: threading.Thread | None = None
         self._copy_error: BaseException | None = None
         self._guards: list[Any] = []
+        self._reserver: threading.Thread | None = None
+        self._reserved: dict[tuple, torch.Tensor] = {}
 
     @property
     def busy(self) -> bool:
@@ -120,7 +123,7 @@ class AsyncCheckpointWriter:
         deferrable = _identities(module, optimizers) if optimizers else set()  # no step to guard: copy all now
         copies: dict[tuple, torch.Tensor] = {}
         devices: set[torch.device] = set()
-        deferred: list[tuple[torch.Tensor, torch.Tensor | None, tuple]] = []
+        deferred: list[tuple[torch.Tensor, torch.Tensor]] = []
         self._used = {}
         with torch.no_grad():
             result = self._copy(state, (), copies, devices, deferrable, deferred)
@@ -134,12 +137,43 @@ class AsyncCheckpointWriter:
             self._buffers, self._used = self._used, {}  # drop buffers of keys that disappeared
         return result
 
+    def reserve(self, *, module: torch.nn.Module | None = None,
+                optimizers: Iterable[torch.optim.Optimizer] = ()) -> None:
+        """Allocate and touch, on a background thread, the buffers a snapshot of ``module``'s parameters and
+        buffers and ``optimizers``' state will copy into; returns at once.
+
+        Fresh memory costs page faults as large as the copy itself, so without this the first snapshot's
+        copy runs long and the next optimizer step waits for it. Call it once the optimizer state exists
+        (after the first optimizer step), ahead of the first save; later saves reuse the buffers anyway.
+        """
+        sources: list[torch.Tensor] = [*module.parameters(), *module.buffers()] if module is not None else []
+        for optimizer in optimizers:
+            for per_param in optimizer.state.values():
+                sources += [v for v in per_param.values() if isinstance(v, torch.Tensor)]
+        sources = [t.detach() for t in sources if t.layout == torch.strided and not t.is_meta]
+        previous = self._reserver
+
+        def allocate() -> None:
+            if previous is not None:
+                previous.join()
+            made: dict[tuple, torch.Tensor] = {}
+            for t in sources:
+                key = _key(t)
+                if key not in made and key not in self._buffers:
+                    made[key] = _new_buffer(t).zero_()  # zero_ faults the pages in now
+            self._reserved = made
+
+        self._reserver = threading.Thread(target=allocate, name="kiln-checkpoint-reserve", daemon=True)
+        self._reserver.start()
+
     def close(self) -> None:
         """Wait for the pending snapshot and write, then free the snapshot buffers."""
         try:
             self.wait()
+            if self._reserver is not None:
+                self._reserver.join()
         finally:
-            self._buffers = {}
+            self._buffers, self._reserved = {}, {}
 
     def __enter__(self) -> AsyncCheckpointWriter:
         return self
@@ -148,25 +182,33 @@ class AsyncCheckpointWriter:
         self.close()
 
     # ---- copying ---------------------------------------------------------------------------------
-    def _copy_deferred(self, deferred: list[tuple[torch.Tensor, torch.Tensor | None, tuple]]) -> None:
+    def _copy_deferred(self, deferred: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
         devices: set[torch.device] = set()
         try:
+            reserver = self._reserver
+            if reserver is not None:
+                reserver.join()  # its buffers are warm: copying into them beats faulting in fresh ones
             with torch.no_grad():
-                for source, placeholder, path in deferred:
-                    buf = self._buffer(path, source)
+                for source, placeholder in deferred:
+                    buf = self._buffer(source)
                     placeholder.set_(buf)  # the snapshot's tensor object now holds the buffer
                     self._fill(buf, source, devices)
             _synchronize(devices)
-            self._buffers, self._used = self._used, {}
+            self._buffers, self._used, self._reserved = self._used, {}, {}
         except BaseException as exc:  # re-raised by wait_for_snapshot()/the write
             self._copy_error = exc
 
-    def _buffer(self, path: tuple, t: torch.Tensor) -> torch.Tensor:
-        buf = self._buffers.get(path)
+    def _buffer(self, t: torch.Tensor) -> torch.Tensor:
+        """The buffer for source tensor ``t``: last snapshot's (same source), a reserved one, or a new one."""
+        key = _key(t)
+        buf = self._buffers.get(key)
         if buf is None or buf.shape != t.shape or buf.dtype != t.dtype:
-            pin = t.device.type != "cpu" and torch.cuda.is_available()
-            buf = torch.empty(t.shape, dtype=t.dtype, pin_memory=pin)
-        self._used[path] = buf
+            reserver = self._reserver
+            reserved = self._reserved if reserver is None or not reserver.is_alive() else {}
+            buf = reserved.pop(key, None)
+            if buf is None or buf.shape != t.shape or buf.dtype != t.dtype:
+                buf = _new_buffer(t)
+        self._used[key] = buf
         return buf
 
     @staticmethod
@@ -185,9 +227,9 @@ class AsyncCheckpointWriter:
                 return copies[ident]
             if ident is not None and ident in deferrable:
                 out = torch.empty(0, dtype=obj.dtype)  # the copier points it at its filled buffer (set_)
-                deferred.append((obj, out, path))
+                deferred.append((obj, out))
             else:
-                out = self._buffer(path, obj)
+                out = self._buffer(obj)
                 self._fill(out, obj, devices)
             if ident is not None:
                 copies[ident] = out
@@ -208,6 +250,16 @@ class AsyncCheckpointWriter:
         if type(obj).__module__ == "numpy" and hasattr(obj, "copy"):
             return obj.copy()
         return obj  # immutable leaves; anything else is rejected later by flatten_state
+
+
+def _key(t: torch.Tensor) -> tuple:
+    """Buffers are keyed by the memory they copy (a parameter keeps its memory from save to save)."""
+    return tensor_identity(t) or (t.dtype, tuple(t.shape))
+
+
+def _new_buffer(t: torch.Tensor) -> torch.Tensor:
+    pin = t.device.type != "cpu" and torch.cuda.is_available()
+    return torch.empty(t.shape, dtype=t.dtype, pin_memory=pin)
 
 
 def _identities(module: torch.nn.Module | None, optimizers: list[torch.optim.Optimizer]) -> set[tuple]:
