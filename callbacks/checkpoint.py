@@ -251,12 +251,15 @@ class ModelCheckpoint(CheckpointKeeping, Callback):
         return trainer.val_check_interval in (None, 1.0)
 
     # ---- Kiln: save now (preemption, nan_policy="stop") --------------------------------------------------
-    def save_now(self, trainer: Trainer) -> str:
+    def save_now(self, trainer: Trainer) -> str | None:
         """Save the current state now (collective), wait until it is committed and return its path.
 
         Used by preemption and ``nan_policy="stop"``: the checkpoint lands in ``dirpath`` (named by
         ``filename``, outside the top-k ranking, never rotated away), so ``ckpt_path="last"`` finds it.
+        Under ``fast_dev_run`` nothing is saved (None), as for every other save.
         """
+        if getattr(trainer, "fast_dev_run", False):
+            return None
         if self._last_global_step_saved == trainer.global_step and self._last_checkpoint_saved:
             self.wait(trainer)
             return self._last_checkpoint_saved

@@ -149,6 +149,14 @@ def test_on_preempt_exit_stops_without_saving(make_trainer, tiny_module_cls, mak
     assert "no checkpoint saved" in str(exc)
 
 
+def test_a_signal_under_fast_dev_run_saves_nothing(make_trainer, tiny_module_cls, make_loader, tmp_path):
+    """fast_dev_run writes no checkpoint (Lightning's rule), not even for a preemption: the run still stops."""
+    with pytest.warns(UserWarning, match="fast_dev_run=3"):
+        trainer, exc = fit(make_trainer, tiny_module_cls(), make_loader(), [SendSignal(1)], fast_dev_run=3)
+    assert exc.code == 75 and exc.checkpoint is None and trainer.global_step == 1
+    assert not (tmp_path / "checkpoints").exists() and "no checkpoint saved" in str(exc)
+
+
 def test_async_save_is_committed_before_the_exit(make_trainer, tiny_module_cls, make_loader):
     callbacks = [ModelCheckpoint(every_n_train_steps=1, async_save=True, total_limit=2), SendSignal(3)]
     trainer, exc = fit(make_trainer, tiny_module_cls(), make_loader(), callbacks, max_epochs=2)
