@@ -47,9 +47,13 @@ def test_lightning_import_paths(capsys):
     from framework.core import DataModule as CoreDataModule
     from framework.core import TrainModule as CoreTrainModule
     from framework.utilities import AttributeDict, move_data_to_device, rank_zero_only
+    from framework.utilities.exceptions import MisconfigurationException
     from framework.utilities.imports import _TORCHVISION_AVAILABLE
 
     assert (CoreTrainModule, CoreDataModule) == (TrainModule, DataModule)
+    from framework.exceptions import MisconfigurationException as KilnMisconfiguration
+
+    assert MisconfigurationException is KilnMisconfiguration
     cli_lightning_logo()
     assert "Kiln" in capsys.readouterr().out
 
