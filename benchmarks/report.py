@@ -27,31 +27,30 @@ TARGET_LABELS = {  # key -> (benchmark, measurement)
 MISS_NOTES: dict[str, tuple[str, str]] = {
     "async save: loop blocked": (
         "Measured as the save call plus the wait before the next optimizer step, after the next step's forward/"
-        "backward ran. The benchmark's step is a batch of 2 rows (~20 ms of compute) against a 576 MiB copy "
-        "(~100 ms at 6 GB/s on a free core), so most of the copy is still running when the step wants to update "
-        "the weights; the save call itself (containers, non-parameter tensors, starting the copy) takes a few ms. "
-        "The first save also faults in the buffers (fresh memory is slow in this VM: ~0.5 s under load).",
-        "The overlap helps in proportion to the step's compute: with a realistic batch the copy hides behind "
-        "forward/backward. For the first save: let ModelCheckpoint reserve the buffers in the background once the "
-        "optimizer state exists (`AsyncCheckpointWriter` would need a `reserve(state)`); on a GPU the copy is "
-        "device-to-pinned-host and bench_gpu.py measures it."),
+        "backward ran (batch of 2 rows). The save call takes a few ms; the rest is the 576 MiB copy into the "
+        "writer's buffers (~60-110 ms on the second core) still running when the step comes. With the second core "
+        "taken by other processes the copy stalls and the step waits for it.",
+        "The overlap helps in proportion to the step's compute; on a GPU the copy is device-to-pinned-host "
+        "(bench_gpu.py). Let the step pre-hook take over part of the remaining copy instead of waiting idle."),
     "checkpoint save": (
-        "cProfile of `trainer.save_checkpoint` (576 MiB, 3 saves, Intel Xeon VM): 1.51 s in all, 1.14 s (76 %) in "
-        "the library's `serialize_file` (the same call raw safetensors makes), 0.26 s (17 %) in xxh3 hashing the "
-        "written file from the page cache, 0.1 s Python (state flattening, skeletons, manifest, rename). The "
-        "checksum is a second pass over 576 MiB of memory; the library writes the file itself, so the bytes "
-        "cannot be hashed while they are hot in cache.",
-        "Hash while writing: either the library gains a streaming hook, or Kiln writes the tensor bytes itself "
-        "(header from the library) hashing each 1 MiB chunk just before its write(). Wall time alone can hide "
-        "the pass on an idle second core; CPU time cannot."),
+        "cProfile of `trainer.save_checkpoint` (576 MiB, 5 saves, 2-vCPU Intel Xeon VM at load 3-5): 78 % in "
+        "write(2) (page-cache copy and allocation: the same kernel work the library's `serialize_file` does), "
+        "10 % in xxh3 over 256 KiB chunks right after their write (hot in L2: ~25 ms per save), the rest "
+        "Python (state flattening, manifest, rename; ~10 ms). Raw safetensors' own CPU time swings between "
+        "170 and 1,500 ms per save on this VM (kernel time of its ftruncate + 16 MiB writes), so the ratio "
+        "follows raw's good rounds.",
+        "The checksum is the one cost above the library (~0.1x raw at ~25 GB/s); fallocate already pays for "
+        "most of it. Left: a faster hash (none faster than xxh3 in Python's reach) or hashing on the second "
+        "core (wall time only)."),
     "checkpoint restore": (
-        "The safetensors library reads every tensor (`pread`, as the raw baseline) and Kiln hashes each tensor "
-        "right after it is read (a second pass over 576 MiB), then rebuilds the trees and runs the Trainer's "
-        "restore (scheduler, RNG, callbacks, loop). Peak memory: the restore adds as much as the raw path "
-        "(385 vs 384 MiB over the run's resident set; the state is 576 MiB): at most one transient model copy.",
-        "Verify while reading in 1 MiB chunks into the destination tensors (the library validates the header "
-        "first), so the hash reads cached bytes; re-measure on an idle machine (ratios swung 1.0-1.5 between "
-        "rounds at load 5-13)."),
+        "Kiln reads the optimizer state in 256 KiB preadv chunks into fresh tensors, hashing each chunk as it "
+        "lands (raw: the library's pread of the same tensors), and maps the model file (private map, every byte "
+        "hashed through the map, then copied into the module, as raw's mmap `load_file`). Above raw: the xxh3 "
+        "pass over the model's pages (~25 ms at memory speed) and the Trainer's restore (~15 ms: skeletons, "
+        "validation, scheduler, RNG, loop). Peak memory: 576 MiB added (384 optimizer state + one transient "
+        "model copy: the mapped file) vs raw's 384 (it frees the model map before reading the optimizer).",
+        "Everything is read and verified before anything is applied (a failed restore changes nothing), which "
+        "keeps the model map alive next to the optimizer state; the hash pass is the price of verification."),
     "DDP per step (2 processes)": (
         "Profiled (cProfile, rank 0, 1,030 steps of each): Kiln adds ~58 Python calls per step (loop bookkeeping, "
         "`self.log`, progress bar, pitfall checks) — tens of µs against a 3-5 ms step whose time is mostly the "
@@ -70,25 +69,19 @@ MISS_NOTES: dict[str, tuple[str, str]] = {
 }
 
 PROFILE_NOTES = """
-- **Checkpoint save, why 1.9x raw on an Intel Xeon VM but 0.86x on AMD EPYC** (Kiln before #16, 576 MiB,
-  this Intel Xeon VM with 2 vCPUs shared by ~9 busy processes): the old writer streamed every tensor through a
-  Python `BufferedWriter` and fed a checksum helper thread one future per MiB. Same process, interleaved:
-  without the checksum it cost 227-239 ms of CPU (library `save_file`: 253 ms), with the helper thread
-  338-1292 ms: both threads stream the same memory and hand the GIL back and forth, and when the second core
-  is taken by another process every handoff waits for a time slice. On the idle EPYC run the helper thread
-  had its own core and overlapped. Now the library writes the file in one call and the checksum is one
-  xxh3 pass over the page cache afterwards (17 % of the save, see the miss note); the hand-written
-  safetensors reader/writer is gone.
-- **Disk vs saves** (same run, MiB/s of state): page cache: disk sequential write 1172, raw safetensors 1030,
-  Kiln 790; durable (`fsync=True`): disk 804, Kiln 345, raw safetensors + fsync 141. Figures swing 2-3x
-  between rounds at this load.
+- **Checkpoint save (#16)**: the library's `serialize_file` followed by an xxh3 pass over the written file from
+  the page cache cost 1.30x raw (the pass alone 17 %, at memory speed). Kiln now writes the file itself in the
+  library's layout (byte-identical to `safetensors.torch.save`, tested) in 256 KiB write() calls, hashing each
+  chunk right after its write while it is still in L2 (~25 GB/s instead of ~8), and reserves the blocks first
+  with fallocate (-10 % of the write's kernel time on ext4). Restore: one pass (hash as each chunk lands), and
+  the model file is mapped instead of read into a fresh copy (fresh memory costs ~0.35 ms/MiB in page
+  faults here). Async: `AsyncCheckpointWriter.reserve()` moves the first save's page faults off the loop.
 - **Resume**: flat (Kiln positions its sampler); a loader that Kiln must replay costs 65-85× more at batch
   10,000 than at batch 10, which shows that this benchmark would catch a replaying resume.
 - **Per step / DDP** (cProfile, Kiln vs raw, same steps): Kiln adds ~45 Python calls per step on one process
   (~58 under DDP: loop bookkeeping, `self.log`, progress bar, pitfall checks), tens of µs per step. Under DDP
   1.12 of 1.65 s of a Kiln run are inside `backward` (the gloo all-reduce waiting for the other rank), so
   the DDP ratio follows the machine's load: 0.99, 1.18, 1.11 and 1.02 in four runs today.
-- No Kiln source was changed for these figures: the misses above have no fix that is both local and safe.
 """
 
 

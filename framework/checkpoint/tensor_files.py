@@ -163,9 +163,13 @@ def _stream_to_fd(fd: int, prefix: bytes, names: list[str], tensors: dict[str, t
         if pending:
             _write_all(fd, pending)
             pending = bytearray()
-        for chunk in _chunks(view):
-            _write_all(fd, chunk)
-            digest.update(chunk)
+        write, update = os.write, digest.update
+        for start in range(0, view.nbytes, _CHUNK):  # the hot loop: ~2,300 turns per 576 MiB
+            chunk = view[start:start + _CHUNK]
+            written = write(fd, chunk)
+            if written != chunk.nbytes:
+                _write_all(fd, chunk[written:])
+            update(chunk)
     if pending:
         _write_all(fd, pending)
     return size
