@@ -101,11 +101,7 @@ class StreamHasher:
     def update_inline(self, data: Any) -> None:
         """Hash ``data`` now, on this thread: for a chunk just read or about to be written, still in this
         core's cache (a second core would read it from memory again)."""
-        if self._pending or self._futures:
-            self._flush()
-            for future in self._futures:
-                future.result()
-            self._futures.clear()
+        self._catch_up()
         self._hash.update(data)
 
     def _flush(self) -> None:
@@ -113,11 +109,18 @@ class StreamHasher:
             self._futures.append(_hash_executor().submit(self._hash.update, bytes(self._pending)))
             self._pending.clear()
 
-    def hexdigest(self) -> str:
-        self._flush()
+    def _catch_up(self) -> None:
+        """Wait for the helper thread's updates, then hash the batched small buffers (always the newest bytes)
+        here: handing a few KiB to the thread costs more in wake-up latency than hashing them."""
         for future in self._futures:
             future.result()
         self._futures.clear()
+        if self._pending:
+            self._hash.update(self._pending)
+            self._pending.clear()
+
+    def hexdigest(self) -> str:
+        self._catch_up()
         return f"{self.algorithm}:{self._hash.hexdigest()}"
 
 
