@@ -127,6 +127,8 @@ class Trainer(TrainerViews):
         self.last_loss: torch.Tensor | None = None
         self.grad_norm: torch.Tensor | None = None
         self.stage: str | None = None
+        self._status = "initializing"  # trainer.state.status: running during a run, then finished or interrupted
+        self._fit_validating = False  # inside fit's validation loop (trainer.validating, state.stage)
         self.ckpt_path: str | None = None
         self.num_training_batches: int | float | None = None
         self.num_val_batches: list[int | None] = []
@@ -204,7 +206,7 @@ class Trainer(TrainerViews):
         arguments.check_module(module, stage)
         if datamodule is not None:
             arguments.check_datamodule(datamodule, loaders, stage)
-        self.stage, self.should_stop, self.datamodule = stage, False, datamodule
+        self.stage, self.should_stop, self.datamodule, self._status = stage, False, datamodule, "running"
         self._metrics.reset_metrics()  # every run starts with empty callback/logged metrics (Lightning's rule)
         self.logged_metrics.clear()
         object.__setattr__(module, "_trainer", self)
@@ -239,6 +241,7 @@ class Trainer(TrainerViews):
             hooks.callbacks("teardown", fn)
             hooks.module_hook("teardown", fn)
         except BaseException as exc:
+            self._status = "interrupted"
             hooks.callbacks("on_exception", exc)
             hooks.datamodule_hook("on_exception", exc)
             for logger in self.loggers:
@@ -250,6 +253,7 @@ class Trainer(TrainerViews):
             logger.finalize("success")
         self.profiler.describe()
         self.strategy.teardown()
+        self._status = "finished"
         return result
 
     def _run_stage(self, stage: str, hooks: HookCaller, data: StageData, keep: bool) -> Any:

@@ -24,7 +24,16 @@ class TrainerState:
 
     fn: str | None
     stage: str | None
-    status: str
+    status: str  # "initializing", "running", "finished" or "interrupted" (an exception ended the run)
+
+    @property
+    def finished(self) -> bool:
+        return self.status == "finished"
+
+    @property
+    def stopped(self) -> bool:
+        """The last run ended, normally or by an exception."""
+        return self.status in ("finished", "interrupted")
 
 
 class TrainerViews:
@@ -69,25 +78,39 @@ class TrainerViews:
 
     @property
     def state(self) -> TrainerState:
-        stage = self.stage
-        loop = "sanity_check" if self.sanity_checking else ({"fit": "train"}.get(stage, stage) if stage else None)
-        return TrainerState(fn=stage, stage=loop, status="running" if self.module is not None else "initializing")
+        return TrainerState(fn=self.stage, stage=self._running_stage(), status=self._status)
+
+    def _running_stage(self) -> str | None:
+        """Lightning's RunningStage: "sanity_check", "train", "validate" (fit's validation too), "test",
+        "predict"; None outside a run."""
+        if self._status != "running":
+            return None
+        if self.sanity_checking:
+            return "sanity_check"
+        if self.stage == "fit":
+            return "validate" if self._fit_validating else "train"
+        return self.stage
 
     @property
     def training(self) -> bool:
-        return self.stage == "fit" and not self.sanity_checking
+        return self._running_stage() == "train"
 
     @property
     def validating(self) -> bool:
-        return self.stage == "validate" or self.sanity_checking
+        """True inside a validation loop, fit's included (not the sanity check: ``sanity_checking``)."""
+        return self._running_stage() == "validate"
 
     @property
     def testing(self) -> bool:
-        return self.stage == "test"
+        return self._running_stage() == "test"
 
     @property
     def predicting(self) -> bool:
-        return self.stage == "predict"
+        return self._running_stage() == "predict"
+
+    @property
+    def evaluating(self) -> bool:
+        return self._running_stage() in ("sanity_check", "validate", "test")
 
     @property
     def num_sanity_val_batches(self) -> list[int]:

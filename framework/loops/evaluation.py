@@ -39,6 +39,7 @@ class EvaluationLoop:
         predicting = self.stage == "predict"
         if self.in_fit:
             hooks.module_hook("on_validation_model_zero_grad")
+            t._fit_validating = True
         if predicting:
             t.predict_loop.epoch_batch_indices = []
         module.eval()
@@ -62,6 +63,7 @@ class EvaluationLoop:
                     t._metrics.end_stage()
         finally:
             t._metrics.dataloader_suffix = ""
+            t._fit_validating = False
             for m, training in modes:
                 m.training = training
         if self.stage != "test" and self.stage != "predict":
