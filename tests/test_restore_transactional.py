@@ -86,3 +86,30 @@ def test_a_matching_checkpoint_still_resumes(make_trainer, tiny_module_cls, make
     trainer = make_trainer(max_epochs=2)
     trainer.fit(Momentum(), make_loader(8), ckpt_path=saved)
     assert trainer.global_step == 4 and trainer.current_epoch == 2
+
+
+@pytest.mark.parametrize("max_epochs", [2, 3, 4])
+def test_a_checkpoint_past_max_epochs_is_refused_as_in_lightning(tmp_path, tiny_module_cls, make_loader, max_epochs):
+    from callbacks import ModelCheckpoint
+    from framework import Trainer
+    from framework.exceptions import MisconfigurationException
+
+    def trainer_for(epochs, **kwargs):
+        return Trainer(default_root_dir=str(tmp_path), max_epochs=epochs, logger=False, enable_progress_bar=False,
+                       enable_model_summary=False, num_sanity_val_steps=0, **kwargs)
+
+    every = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_top_k=-1, filename="{epoch}")
+    trainer_for(3, callbacks=[every]).fit(tiny_module_cls(), make_loader(8))
+    ended_epoch_2 = str(tmp_path / "ckpt" / "epoch=2.ckpt")  # saved as epoch 2 ended: current_epoch 3 on resume
+    module = tiny_module_cls()
+    before = {k: v.clone() for k, v in module.state_dict().items()}
+    trainer = trainer_for(max_epochs, enable_checkpointing=False)
+    if max_epochs == 2:
+        with pytest.raises(MisconfigurationException, match=r"You restored a checkpoint with current_epoch=3, but "
+                                                             r"you have set Trainer\(max_epochs=2\).*nothing was loaded"):
+            trainer.fit(module, make_loader(8), ckpt_path=ended_epoch_2)
+        assert all(torch.equal(before[k], v) for k, v in module.state_dict().items())
+        assert trainer.global_step == 0
+    else:  # at max_epochs nothing is left to train and the run ends at once (as in Lightning); above it, it goes on
+        trainer.fit(module, make_loader(8), ckpt_path=ended_epoch_2)
+        assert (trainer.global_step, trainer.current_epoch) == ((6, 3) if max_epochs == 3 else (8, 4))

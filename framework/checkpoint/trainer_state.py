@@ -254,6 +254,20 @@ def _restore_training_state(t: Trainer, shared: dict[str, Any], own: dict[str, A
 
 
 # ---- checking a checkpoint against the run before anything is changed ------------------------------------------
+def _check_epoch_limit(t: Trainer, shared: dict[str, Any]) -> None:
+    """Lightning's refusal of a checkpoint past ``max_epochs`` (its current_epoch: the next epoch to run, once the
+    saved one finished); raised before anything is loaded."""
+    from framework.exceptions import MisconfigurationException
+
+    loop = shared.get("loop") or {}
+    epoch = int(loop.get("epoch", 0)) + (1 if loop.get("epoch_finished") else 0)
+    if epoch > t.max_epochs:
+        raise MisconfigurationException(
+            f"You restored a checkpoint with current_epoch={epoch}, but you have set Trainer(max_epochs="
+            f"{t.max_epochs}): the checkpoint is past the end of this run, and nothing was loaded. Set max_epochs "
+            f"to at least {epoch} (or -1 for no limit) to train on from it.")
+
+
 def restore_validator(t: Trainer, path: str, training: bool) -> Callable[[dict[str, Any], dict[str, Any] | None], None]:
     """``validate(trainer_state, model_state)`` for ``Strategy.load_checkpoint``: every difference between the
     checkpoint and this run that would fail (or silently mis-load) halfway is reported in one error, while the
@@ -261,6 +275,8 @@ def restore_validator(t: Trainer, path: str, training: bool) -> Callable[[dict[s
     from framework.checkpoint.storage import redact
 
     def validate(shared: dict[str, Any], model_state: dict[str, Any] | None) -> None:
+        if training:
+            _check_epoch_limit(t, shared)
         problems = _module_differences(t.module, model_state) if model_state is not None else []
         if training:
             problems += _training_differences(t, shared)
