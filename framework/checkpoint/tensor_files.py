@@ -15,6 +15,7 @@ import functools
 import io
 import json
 import math
+import mmap
 import os
 from collections.abc import Callable, Iterator
 from typing import IO, Any
@@ -258,8 +259,6 @@ def _read_hashed(fd: int, view: memoryview, at: int, update: Callable[[Any], Non
 
 def _mapped_tensors(fd: int, size: int, order: list, update: Callable[[Any], None]) -> dict[str, torch.Tensor]:
     """The tensors as views of a private (copy-on-write) map of the file, every byte hashed through the map."""
-    import mmap
-
     mapped = mmap.mmap(fd, size, flags=mmap.MAP_PRIVATE, prot=mmap.PROT_READ | mmap.PROT_WRITE)
     if os.fstat(fd).st_size < size:  # shrunk since it was measured: touching the missing pages would SIGBUS
         mapped.close()
@@ -314,7 +313,7 @@ def read_safetensors(loc: Location, f: IO[bytes], size: int, hasher: Any, *,
             pass  # the library's header validation
         head, order = _layout(lambda at, n: os.pread(fd, n, at), size)
         update = getattr(hasher, "update_inline", hasher.update)
-        if mapped:
+        if mapped and hasattr(mmap, "MAP_PRIVATE"):  # POSIX; elsewhere fresh tensors
             return _mapped_tensors(fd, size, order, update)
         _check_fits_in_memory(size - len(head))
         update(head)
