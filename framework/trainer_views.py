@@ -113,6 +113,11 @@ class TrainerViews:
         return self._running_stage() in ("sanity_check", "validate", "test")
 
     @property
+    def interrupted(self) -> bool:
+        """The last run ended with an exception (Ctrl-C, preemption, an error)."""
+        return self._status == "interrupted"
+
+    @property
     def num_sanity_val_batches(self) -> list[int]:
         steps = self.num_sanity_val_steps
         return [n if steps < 0 or n is None else min(n, steps) for n in self.num_val_batches]

@@ -76,4 +76,6 @@ def test_an_exception_leaves_the_state_interrupted(make_trainer, tiny_module_cls
         trainer.fit(Fails(), make_loader(8))
     state = trainer.state
     assert (state.fn, state.stage, state.status, state.finished, state.stopped) == ("fit", None, I, False, True)
-    assert not trainer.training
+    assert trainer.interrupted and not trainer.training
+    trainer.fit(tiny_module_cls(), make_loader(8))
+    assert trainer.state.finished and not trainer.interrupted
