@@ -53,9 +53,9 @@ def clip_algorithm(value: Any) -> str:
     return value
 
 
-def val_check_interval(value: Any) -> int | float | None:
+def val_check_interval(value: Any) -> int | float:
     if value is None:
-        return None
+        return 1.0  # Lightning's value for "at each epoch's end" (trainer.val_check_interval reads 1.0)
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise ValueError(f"val_check_interval={value!r} is not valid; use an int number of batches or a float "
                          "fraction of an epoch in (0, 1].")

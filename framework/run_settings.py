@@ -83,9 +83,15 @@ def _apply_fast_dev_run(s: RunSettings, n: int) -> None:
     else:
         s.limits = (*s.limits[:2], n, n)
     s.max_steps, s.max_epochs, s.num_sanity_val_steps = n, 1, 0
-    s.val_check_interval, s.check_val_every_n_epoch = None, 1
+    s.val_check_interval, s.check_val_every_n_epoch = 1.0, 1
     # As in Lightning, checkpoint callbacks stay (trainer.checkpoint_callback exists) and skip every save.
-    s.logger, s.log_every_n_steps = False, 1
+    from framework.loggers.base import Logger
+
+    if s.logger is True or (s.logger and isinstance(s.logger, (Logger, list, tuple))):
+        from framework.loggers.dummy import DummyLogger
+
+        s.logger = DummyLogger()  # Lightning's rule: the loggers are swapped for one that records nothing
+    s.log_every_n_steps = 1
     warnings.warn(f"fast_dev_run={n}: every stage runs {n} batch(es) once; loggers and checkpoints are off and "
                   "there is no sanity check.", stacklevel=4)
 

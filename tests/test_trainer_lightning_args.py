@@ -101,9 +101,39 @@ def test_fast_dev_run_runs_n_batches_of_each_stage_without_checkpoints(tmp_path,
                           enable_model_summary=False)
     trainer.fit(M(), make_loader(40), make_loader(40))
     assert calls == [("train", 0), ("train", 1), ("val", 0), ("val", 1)]
-    assert trainer.global_step == 2 and trainer.loggers == []
+    assert trainer.global_step == 2 and [type(lg).__name__ for lg in trainer.loggers] == ["DummyLogger"]
+    # Lightning's values under fast_dev_run (val_check_interval reads 1.0, its default, as without fast_dev_run)
+    assert (trainer.max_steps, trainer.max_epochs, trainer.num_sanity_val_steps) == (2, 1, 0)
+    assert (trainer.val_check_interval, trainer.check_val_every_n_epoch) == (1.0, 1)
+    assert Trainer(max_epochs=1, logger=False, enable_progress_bar=False).val_check_interval == 1.0
     assert not (tmp_path / "checkpoints").exists() and not (tmp_path / "lightning_logs").exists()
     assert len(trainer.predict(M(), make_loader(40))) == 2
+
+
+@pytest.mark.parametrize("logger", [True, "csv", False])
+def test_fast_dev_run_swaps_loggers_for_one_that_records_nothing(tmp_path, tiny_module_cls, make_loader, logger):
+    """Lightning's rule: code that talks to self.logger (experiment calls included) still runs under fast_dev_run,
+    and nothing is written; with logging off there is no logger, as without fast_dev_run."""
+    from framework.loggers import CSVLogger
+
+    class UsesLogger(tiny_module_cls):
+        def training_step(self, batch, batch_idx):
+            self.logger.experiment.add_histogram("weights", self.layer.weight, batch_idx)
+            self.logger.log_metrics({"x": 1.0}, step=batch_idx)
+            self.logger[0].experiment.anything(1, key=2)
+            return super().training_step(batch, batch_idx)
+
+    given = CSVLogger(str(tmp_path / "csv")) if logger == "csv" else logger
+    with pytest.warns(UserWarning, match="fast_dev_run=1"):
+        trainer = Trainer(fast_dev_run=1, default_root_dir=str(tmp_path), enable_progress_bar=False,
+                          enable_model_summary=False, logger=given, enable_checkpointing=False)
+    if logger is False:
+        assert trainer.logger is None and trainer.loggers == []
+        return
+    assert type(trainer.logger).__name__ == "DummyLogger" and len(trainer.loggers) == 1
+    assert (trainer.logger.name, trainer.logger.version) == ("", "")
+    trainer.fit(UsesLogger(), make_loader(8))
+    assert trainer.global_step == 1 and sorted(p.name for p in tmp_path.iterdir()) == []
 
 
 @pytest.mark.parametrize("fail_at", [None, 1])

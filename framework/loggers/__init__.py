@@ -16,6 +16,7 @@ _LAZY = {
     "TensorBoardLogger": "framework.loggers.tensorboard",
     "CSVLogger": "framework.loggers.csv_logs",
     "MLFlowLogger": "framework.loggers.mlflow",
+    "DummyLogger": "framework.loggers.dummy",
 }
 
 __all__ = ["Logger", "resolve_loggers", *_LAZY]
