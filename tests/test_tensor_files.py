@@ -262,3 +262,23 @@ def test_foreign_plain_torch_save_file_loads_as_is():
     torch.save({"w": torch.ones(2)}, buf)
     out = read_pt(io.BytesIO(buf.getvalue()), len(buf.getvalue()), StreamHasher())
     assert torch.equal(out["w"], torch.ones(2))
+
+
+@pytest.mark.parametrize("err, fails", [("ENOSPC", True), ("EOPNOTSUPP", False)])
+def test_block_reservation_fails_a_full_disk_early_and_is_skipped_where_unsupported(tmp_path, monkeypatch, err, fails):
+    import ctypes
+    import errno
+
+    def fallocate(fd, mode, offset, length):
+        ctypes.set_errno(getattr(errno, err))
+        return -1
+
+    monkeypatch.setattr(tensor_files, "_fallocate", lambda: fallocate)
+    loc = locate(str(tmp_path / "t.safetensors"))
+    if fails:
+        with pytest.raises(OSError) as raised:
+            write_safetensors(loc, TENSORS)
+        assert raised.value.errno == errno.ENOSPC and (tmp_path / "t.safetensors").stat().st_size == 0
+    else:
+        write_safetensors(loc, TENSORS)
+        assert (tmp_path / "t.safetensors").read_bytes() == safetensors.torch.save(TENSORS)
