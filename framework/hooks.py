@@ -7,6 +7,7 @@ The order of each call site (callbacks first or module first) is Lightning's; th
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
@@ -249,6 +250,26 @@ class HookCaller:
         """Callbacks, then the module; returns the module hook's result."""
         self.callbacks(name, *args)
         return self.module_hook(name, *args)
+
+    def bound(self, name: str) -> Callable[..., Any] | None:
+        """``both(name, ...)`` bound once for a per-batch call site; None when nothing overrides ``name``."""
+        callback_hooks = getattr(self.callback_list, name).hooks
+        module_hook = getattr(self.module, name) if self.module_overrides(name) else None
+        if not callback_hooks and module_hook is None:
+            return None
+        trainer, module = self.trainer, self.module
+
+        def call(*args: Any) -> Any:
+            metrics = trainer._metrics
+            previous, metrics.current_fx = metrics.current_fx, name
+            try:
+                for hook in callback_hooks:
+                    hook(trainer, module, *args)
+                return None if module_hook is None else module_hook(*args)
+            finally:
+                metrics.current_fx = previous
+
+        return call
 
     def datamodule_hook(self, name: str, *args: Any) -> Any:
         if self.datamodule is not None and hasattr(self.datamodule, name):

@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 
-_NULL_CONTEXT = nullcontext()
+NO_CONTEXT = nullcontext()  # the context that does nothing: hot loops check for it and skip the `with`
 
 
 class Precision:
@@ -40,7 +40,7 @@ class Precision:
 
     def forward_context(self) -> AbstractContextManager:
         """Context wrapping forward passes (training, evaluation and prediction steps)."""
-        return _NULL_CONTEXT
+        return NO_CONTEXT
 
     def backward(self, loss: torch.Tensor, *args: Any, backward_fn: Callable[..., Any] | None = None,
                  **kwargs: Any) -> None:

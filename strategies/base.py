@@ -10,20 +10,20 @@ this interface only, so the loop has no ``isinstance(strategy, ...)`` branches.
 from __future__ import annotations
 
 from collections.abc import Callable
-from contextlib import AbstractContextManager, nullcontext
+from contextlib import AbstractContextManager
 from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
 
-from framework.precision import Precision
+from framework.precision import NO_CONTEXT, Precision
 from framework.state import DistributedState
 from strategies.checkpoints import StrategyCheckpoints
 
 if TYPE_CHECKING:
     from framework.module import TrainModule
 
-_NULL = nullcontext()
+_NULL = NO_CONTEXT
 
 
 class Strategy(StrategyCheckpoints):

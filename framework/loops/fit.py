@@ -191,7 +191,7 @@ class FitLoop:
         step, transfer, plan = self.step, self.transfer, self.plan
         if t.profiling:  # Lightning's action names; with no profiler the step is called directly
             step = _profiled(t.profiler, "run_training_batch", step)
-        batch_start, batch_end = hooks.overridden("on_train_batch_start"), hooks.overridden("on_train_batch_end")
+        batch_start, batch_end = hooks.overridden("on_train_batch_start"), hooks.bound("on_train_batch_end")
         check_placement = t.fit_guard.epoch_start()  # every parameter now, then one per batch (no host sync)
         completed, ended_by_hook = True, False
         epoch_schedulers = module.automatic_optimization and any(
@@ -213,8 +213,8 @@ class FitLoop:
             self.batches_done = batch_idx + 1
             if is_last and epoch_schedulers:  # Lightning's point: before the last batch's end hooks and validation
                 step_schedulers(t.lr_scheduler_configs, "epoch", epoch + 1, None, hooks=hooks, plateau=False)
-            if batch_end:
-                hooks.both("on_train_batch_end", outputs, batch, batch_idx)
+            if batch_end is not None:
+                batch_end(outputs, batch, batch_idx)
             metrics.on_batch_end()
             if self.val_every and (batch_idx + 1) % self.val_every == 0 and not is_last:
                 self.run_validation()

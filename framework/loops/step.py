@@ -20,6 +20,8 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from framework.precision import NO_CONTEXT
+
 if TYPE_CHECKING:
     from framework.hooks import HookCaller
     from framework.loops.fit import FitLoop
@@ -39,10 +41,21 @@ class AutomaticStep:
         self.count_items = getattr(type(self.module), "num_items", None) is not None
         self.items: Any = 0
         self.nan_guard = trainer.nan_guard  # None unless nan_policy is "skip"/"stop": then one check per step
-        self.any = {name: hooks.overridden(name) for name in (
-            "on_before_backward", "on_after_backward", "on_before_optimizer_step", "on_before_zero_grad")}
-        self.custom = {name: hooks.module_overrides(name) for name in (
-            "optimizer_step", "optimizer_zero_grad", "backward", "configure_gradient_clipping", "lr_scheduler_step")}
+        # Which optional hooks run, decided once: an un-overridden hook costs one attribute test per step.
+        self.before_backward = hooks.overridden("on_before_backward")
+        self.after_backward = hooks.overridden("on_after_backward")
+        self.before_optimizer_step = hooks.overridden("on_before_optimizer_step")
+        self.before_zero_grad = hooks.overridden("on_before_zero_grad")
+        self.custom_optimizer_step = hooks.module_overrides("optimizer_step")
+        self.custom_zero_grad = hooks.module_overrides("optimizer_zero_grad")
+        self.custom_backward = hooks.module_overrides("backward")
+        self.custom_clipping = hooks.module_overrides("configure_gradient_clipping")
+        self.fit_guard = trainer.fit_guard
+        self.plain_window = self.nan_guard is None and not self.count_items
+        # Nothing optional in the way: one micro-batch per window takes plain_step (see there).
+        self.plain = self.plain_window and not (
+            self.before_backward or self.after_backward or self.before_optimizer_step or self.before_zero_grad
+            or self.custom_optimizer_step or self.custom_zero_grad or self.custom_backward or self.custom_clipping)
         self.wrapped = [KilnOptimizer(opt, self) for opt in self.optimizers]
         self.window_open = False
         self.window_ready: bool | None = None
@@ -53,13 +66,15 @@ class AutomaticStep:
 
     def __call__(self, batch: Any, batch_idx: int, is_last: bool, plan: Any) -> Any:
         if plan.k == 1:
+            if self.plain and not self.t.gradient_clip_val:
+                return self.plain_step(batch, batch_idx)
             sync, divisor = True, 1
         else:
             sync, divisor = plan.window(batch_idx, is_last)
         self.t.sync_gradients = sync
         if not sync:
             return self.forward_backward(batch, batch_idx, divisor, sync)
-        if self.custom["optimizer_step"]:
+        if self.custom_optimizer_step:
             closure = Closure(self, batch, batch_idx, divisor)
             for optimizer in self.wrapped:
                 self.module.optimizer_step(self.loop.epoch, batch_idx, optimizer, closure)
@@ -70,46 +85,90 @@ class AutomaticStep:
             output = closure.output
         else:
             output = self.forward_backward(batch, batch_idx, divisor, sync)
-            for optimizer in self.wrapped:
-                optimizer.step()
+            for optimizer in self.optimizers:  # what KilnOptimizer.step() does without a closure
+                self.step_optimizer(optimizer)
         self.end_window(batch_idx, plan)
+        return output
+
+    def plain_step(self, batch: Any, batch_idx: int) -> Any:
+        """``__call__`` when every optional part is off — no hook among the step's, no clipping, no nan policy,
+        no accumulation: forward, zero_grad, backward, step, in the general path's order without its tests
+        (``tests/test_step_paths.py`` checks both paths give the same run)."""
+        t, strategy, optimizers = self.t, self.strategy, self.optimizers
+        t.sync_gradients = True
+        context = strategy.no_sync(False)
+        if context is not NO_CONTEXT:  # a strategy that wants a context around a synchronising micro-batch
+            with context:
+                output = self._forward_backward(batch, batch_idx, 1)
+        else:
+            context = self.precision.forward_context()
+            if context is NO_CONTEXT:
+                output = self.training_step(batch, batch_idx)
+            else:
+                with context:
+                    output = self.training_step(batch, batch_idx)
+            loss = output if type(output) is torch.Tensor else loss_from_output(output)
+            if loss is not None:
+                t.last_loss = loss.detach()
+            for optimizer in optimizers:
+                strategy.zero_grad(optimizer)
+            if loss is not None:
+                strategy.backward(loss)
+        self.window_open, self.window_ready = False, True
+        guard, stepped = self.fit_guard, True
+        for optimizer in optimizers:
+            guard.stepping = True  # this step is the Trainer's own, not a hand-called optimizer.step()
+            stepped = strategy.optimizer_step(optimizer) and stepped
+            guard.stepping = False
+        self.window_ready = None
+        self.precision.finish_step()
+        self.loop.after_optimizer_step(stepped)
         return output
 
     def forward_backward(self, batch: Any, batch_idx: int, divisor: int, sync: bool) -> Any:
         """training_step and backward for one micro-batch (gradients are not synchronised inside a window)."""
-        t, strategy, hooks = self.t, self.strategy, self.hooks
-        with strategy.no_sync(not sync):
-            with self.precision.forward_context():
+        context = self.strategy.no_sync(not sync)
+        if context is NO_CONTEXT:
+            return self._forward_backward(batch, batch_idx, divisor)
+        with context:
+            return self._forward_backward(batch, batch_idx, divisor)
+
+    def _forward_backward(self, batch: Any, batch_idx: int, divisor: int) -> Any:
+        context = self.precision.forward_context()
+        if context is NO_CONTEXT:
+            output = self.training_step(batch, batch_idx)
+        else:
+            with context:
                 output = self.training_step(batch, batch_idx)
-            loss = loss_from_output(output)
-            if loss is not None:
-                t.last_loss = loss.detach()
-                if self.nan_guard is not None:
-                    self.nan_guard.observe(loss)
-                if self.count_items:
-                    self.items = self.items + self.module.num_items(batch)
-                elif divisor != 1:
-                    loss = loss / divisor
-            if not self.window_open:
-                self.window_open = True
-                self.zero_grad(batch_idx)
-            if loss is not None:
-                if self.any["on_before_backward"]:
-                    hooks.both("on_before_backward", loss)
-                if self.custom["backward"]:
-                    strategy.backward(loss, backward_fn=self.module.backward)  # gets the scaled loss
-                else:
-                    strategy.backward(loss)
-                if self.any["on_after_backward"]:
-                    hooks.both("on_after_backward")
+        loss = output if type(output) is torch.Tensor else loss_from_output(output)
+        if loss is not None:
+            self.t.last_loss = loss.detach()
+            if self.nan_guard is not None:
+                self.nan_guard.observe(loss)
+            if self.count_items:
+                self.items = self.items + self.module.num_items(batch)
+            elif divisor != 1:
+                loss = loss / divisor
+        if not self.window_open:
+            self.window_open = True
+            self.zero_grad(batch_idx)
+        if loss is not None:
+            if self.before_backward:
+                self.hooks.both("on_before_backward", loss)
+            if self.custom_backward:
+                self.strategy.backward(loss, backward_fn=self.module.backward)  # gets the scaled loss
+            else:
+                self.strategy.backward(loss)
+            if self.after_backward:
+                self.hooks.both("on_after_backward")
         return output
 
     def zero_grad(self, batch_idx: int) -> None:
         """Gradients are cleared as a window opens (Lightning's point: after training_step, before backward)."""
         for optimizer in self.optimizers:
-            if self.any["on_before_zero_grad"]:
+            if self.before_zero_grad:
                 self.hooks.both("on_before_zero_grad", optimizer)
-            if self.custom["optimizer_zero_grad"]:
+            if self.custom_zero_grad:
                 self.module.optimizer_zero_grad(self.loop.epoch, batch_idx, optimizer)
             else:
                 self.strategy.zero_grad(optimizer)
@@ -135,30 +194,39 @@ class AutomaticStep:
 
     def step_optimizer(self, optimizer: torch.optim.Optimizer, **kwargs: Any) -> None:
         """Hooks, clipping and the step of one optimizer, on true (unscaled) gradients; ``kwargs`` go to its step."""
-        t, strategy = self.t, self.strategy
-        if not self.prepare_window_step(self.loop.plan, self.loop.batch_idx):
+        ready = self.window_ready
+        if ready is None:
+            if self.plain_window and self.loop.plan.k == 1:  # nothing to check or rescale
+                ready = self.window_ready = True
+            else:
+                ready = self.prepare_window_step(self.loop.plan, self.loop.batch_idx)
+        if not ready:
             return
-        if self.any["on_before_optimizer_step"]:
+        t = self.t
+        if self.before_optimizer_step:
             self.precision.unscale_gradients(optimizer)
             self.hooks.both("on_before_optimizer_step", optimizer)
-        if self.custom["configure_gradient_clipping"]:
+        if self.custom_clipping:
             self.precision.unscale_gradients(optimizer)
             self.module.configure_gradient_clipping(optimizer, t.gradient_clip_val, t.gradient_clip_algorithm)
         elif t.gradient_clip_val:
-            norm = strategy.clip_gradients(optimizer, t.gradient_clip_val, t.gradient_clip_algorithm)
+            norm = self.strategy.clip_gradients(optimizer, t.gradient_clip_val, t.gradient_clip_algorithm)
             if norm is not None:
                 self.norms.append(norm)
-        t.fit_guard.stepping = True  # this step is the Trainer's own, not a hand-called optimizer.step()
-        self.stepped = strategy.optimizer_step(optimizer, **kwargs) and self.stepped
-        t.fit_guard.stepping = False
+        guard = self.fit_guard
+        guard.stepping = True  # this step is the Trainer's own, not a hand-called optimizer.step()
+        self.stepped = self.strategy.optimizer_step(optimizer, **kwargs) and self.stepped
+        guard.stepping = False
 
     def end_window(self, batch_idx: int, plan: Any) -> None:
-        ready = self.window_ready
-        self.window_open, self.window_ready, self.items = False, None, 0
-        stepped, self.stepped = self.stepped and bool(ready), True
+        stepped = self.stepped and bool(self.window_ready)
+        self.window_open, self.window_ready, self.stepped = False, None, True
+        if self.count_items:
+            self.items = 0
         self.precision.finish_step()
-        norms, self.norms = self.norms, []
+        norms = self.norms
         if norms:
+            self.norms = []
             self.t.grad_norm = norms[0] if len(norms) == 1 else torch.linalg.vector_norm(torch.stack(
                 [n.to(norms[0]) for n in norms]))
         self.loop.after_optimizer_step(stepped)

@@ -57,6 +57,7 @@ class MetricCollector:
         # What callbacks and the progress bar see: every key's newest value, kept across stages and epochs.
         self._callback: dict[str, torch.Tensor] = {}
         self._pbar: dict[str, torch.Tensor] = {}
+        self._known: dict[tuple, tuple] = {}  # log()'s call options -> (entry, step, in_steps, mean), see log
 
     # ---- called from TrainModule.log -------------------------------------------------------------------
     def log(self, name: str, value: Any, prog_bar: bool = False, logger: bool | None = None,
@@ -68,6 +69,24 @@ class MetricCollector:
 
         ``device`` places plain numbers (the module's device). Hot path: a few µs, no host transfer.
         """
+        options_key = (self.current_fx, self.stage, self.epoch_hook, self.dataloader_idx, name, prog_bar, logger,
+                       on_step, on_epoch, reduce_fx, enable_graph, sync_dist, sync_dist_group, add_dataloader_idx,
+                       metric_attribute, rank_zero_only)
+        cacheable = type(value) is torch.Tensor and value.ndim == 0 and value.dtype in _FLOATS
+        if cacheable:  # the hot path: a float scalar under a key and options seen before
+            try:
+                known = self._known.get(options_key)
+            except TypeError:  # an unhashable reduce_fx or group: the full path below
+                known = cacheable = None
+            if known is not None:
+                entry, step, in_steps, mean = known
+                if in_steps:
+                    self._stepping = True
+                if not enable_graph:  # a parameter, buffer or no_grad result may change in place: copy it
+                    value = value.detach().clone() if step and value.grad_fn is None else value.detach()
+                sync = bool(sync_dist) and self.reduce is not None and not rank_zero_only
+                self._record(entry, value, step, mean, batch_size, sync, sync_dist_group)
+                return
         fx = self.current_fx
         if fx is None:
             fx = (_EPOCH_FX if self.epoch_hook else _STEP_FX).get(self.stage, "training_step")
@@ -130,18 +149,25 @@ class MetricCollector:
         if not is_tensor:
             entry.update_metric(value)
             return
+        mean = epoch and reduce == "mean"
+        if cacheable:  # the options resolved, for the hot path at the top
+            self._known[options_key] = (entry, step, in_steps, mean)
         if step and snapshot and not enable_graph:
             value = value.clone()  # the step value is read later (logging step, callbacks): keep this one
-        if epoch and reduce == "mean":
-            if batch_size is None:
-                batch_size = self._batch_size
-                if batch_size is None:
-                    batch_size = 1
-                    if self._batch is not None:
-                        batch_size = self._batch_size = infer_batch_size(self._batch)
-        else:
+        self._record(entry, value, step, mean, batch_size, sync, sync_dist_group)
+
+    def _record(self, entry: Entry, value: torch.Tensor, step: bool, mean: bool, batch_size: int | None, sync: bool,
+                group: Any) -> None:
+        """Update ``entry`` with a float scalar; epoch means are weighted by the batch size (given or inferred)."""
+        if not mean:
             batch_size = 1
-        entry.update(value, batch_size, self._step_sync(reduce, sync_dist_group) if step and sync else None)
+        elif batch_size is None:
+            batch_size = self._batch_size
+            if batch_size is None:
+                batch_size = 1
+                if self._batch is not None:
+                    batch_size = self._batch_size = infer_batch_size(self._batch)
+        entry.update(value, batch_size, self._step_sync(entry.reduce, group) if step and sync else None)
 
     def _step_sync(self, op: str, group: Any) -> Any:
         return lambda value: self._all_reduce(value.clone(), op, group)
@@ -339,6 +365,7 @@ class MetricCollector:
         """
         from framework.metrics.persist import restore_collector
 
+        self._known.clear()  # the entries it points to are replaced
         restore_collector(self, state, module)
         self._keep_restored = resume_mid_epoch
 
