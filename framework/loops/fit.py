@@ -188,7 +188,8 @@ class FitLoop:
         if start and self.validation_pending_at(start):
             self.run_validation()  # the saved run checkpointed just before this validation point
 
-        step, transfer, plan = self.step, self.transfer, self.plan
+        step, plan = self.step, self.plan
+        transfer = self.transfer if self.transfer.needed else None
         if t.profiling:  # Lightning's action names; with no profiler the step is called directly
             step = _profiled(t.profiler, "run_training_batch", step)
         batch_start, batch_end = hooks.overridden("on_train_batch_start"), hooks.bound("on_train_batch_end")
@@ -201,7 +202,8 @@ class FitLoop:
         for batch_idx, batch, is_last in feed.epoch_batches(epoch, start):
             check_placement()
             self.batch_idx = batch_idx
-            batch = transfer(batch, 0)
+            if transfer is not None:
+                batch = transfer(batch, 0)
             metrics.on_batch_start(batch)  # its size weights this batch's epoch means (inferred lazily)
             if batch_start:
                 hooks.callbacks("on_train_batch_start", batch, batch_idx)
@@ -218,7 +220,7 @@ class FitLoop:
             metrics.on_batch_end()
             if self.val_every and (batch_idx + 1) % self.val_every == 0 and not is_last:
                 self.run_validation()
-            if (t.should_stop and self.minimum_reached()) or self.max_steps_reached():
+            if (t.should_stop and self.minimum_reached()) or 0 <= t.max_steps <= self.global_step:
                 completed = is_last
                 break
         self.batches_done = batch_idx + 1
@@ -249,7 +251,7 @@ class FitLoop:
             self.skipped_steps += 1
         if schedulers and t.lr_scheduler_configs:
             step_schedulers(t.lr_scheduler_configs, "step", self.global_step, skipped=not stepped, hooks=self.hooks)
-        t.metric_logging.log_step()
+        t.metric_logging.log_step(self.global_step)
 
     def should_validate_at_epoch_end(self) -> bool:
         t = self.t

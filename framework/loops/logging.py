@@ -21,12 +21,14 @@ class MetricLogging:
     def __init__(self, trainer: Trainer) -> None:
         self.t = trainer
 
-    def log_step(self) -> None:
-        """After an optimizer step: write the latest step values when the step is a logging step."""
+    def log_step(self, global_step: int) -> None:
+        """After optimizer step ``global_step``: write the latest step values when it is a logging step."""
         t = self.t
         every = t.log_every_n_steps
-        if every and t.global_step % every == 0 and t._metrics.step_values:
-            self.log(t._metrics.step_values)
+        if every and global_step % every == 0:
+            values = t._metrics.step_values
+            if values:
+                self.log(values)
 
     def flush_epoch(self) -> None:
         """At an epoch's end: reduce the epoch values, write them, and let loggers flush to storage."""

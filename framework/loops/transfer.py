@@ -2,7 +2,7 @@
 then the precision plugin's input cast.
 
 Nothing overridden: the strategy moves the batch itself, and not at all when it already lives on the
-device (CPU training), so the common path costs two attribute reads.
+device (CPU training); with nothing to do the loop does not call it at all (``needed``).
 """
 
 from __future__ import annotations
@@ -22,6 +22,7 @@ class LoopTransfer:
                                    strategy.batch_to_device if self.plain_move else None)
         self.custom = self.hooks.active
         self.cast = precision.converts_input
+        self.needed = self.custom or self.plain_move or self.cast  # False: batches go in as they come
 
     def __call__(self, batch: Any, dataloader_idx: int = 0) -> Any:
         if self.custom:
