@@ -67,3 +67,26 @@ def test_every_api_reference_names_a_module_that_exists():
     assert names, "docs/api has no ::: references"
     missing = [name for name in names if importlib.util.find_spec(name) is None]
     assert not missing, f"docs/api references modules that do not exist (moved? update docs/api/*.md): {missing}"
+
+
+@pytest.mark.parametrize("page", [ROOT / "README.md", ROOT / "docs" / "internals.md"], ids=lambda p: p.name)
+def test_the_layout_pages_name_files_and_folders_that_exist(page):
+    """The folder trees and step walks of "How Kiln is built": every path they name is in the repository."""
+    import re
+
+    text = page.read_text(encoding="utf-8")
+    if page.name == "README.md":
+        text = text.split("## How Kiln is built", 1)[1].split("\n## ", 1)[0]
+    named = set(re.findall(r"`((?:framework|callbacks|strategies|benchmarks)/[\w/.]*)`", text))
+    tree = [line for line in text.split("```", 2)[1].splitlines() if line.strip()]
+    top = [line.split()[0] for line in tree if not line.startswith(" ")]
+    assert top == ["framework/", "callbacks/", "strategies/"]
+    parent = ""
+    for line in tree:
+        entry = line.split()[0]
+        if not line.startswith(" "):
+            parent = entry
+        elif entry.endswith("/") or entry.endswith(".py"):
+            named.add(parent + entry)
+    missing = sorted(path for path in named if not (ROOT / path).exists())
+    assert named and not missing, f"{page.name} names paths that do not exist: {missing}"
