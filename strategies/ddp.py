@@ -84,7 +84,7 @@ class DDPStrategy(ParallelStrategy):
 
     def _after_backward(self) -> None:
         if self._manual:  # steps run on the module itself: DDP's reducer (and its buckets) is not involved
-            if self.world_size > 1:
+            if self.world_size > 1 and not self._skip_sync:  # skipped inside optimizer.toggle_model(sync_grad=False)
                 average_gradients([p for p in self.module.parameters() if p.requires_grad], self.world_size)
         else:
             if self._buckets.recording:

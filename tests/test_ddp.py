@@ -24,6 +24,11 @@ def test_equivalence_accumulation_topology_collectives_and_checkpoint(tmp_path):
 
 
 @require_distributed
+def test_manual_accumulation_with_toggle_model_syncs_only_when_asked():
+    run_distributed(ddp_jobs.toggle_model_job, nproc=2, timeout=120)
+
+
+@require_distributed
 def test_even_and_uneven_batches_exact_evaluation_and_prediction():
     run_distributed(ddp_jobs.uneven_job, nproc=2, timeout=120)
 

@@ -179,3 +179,33 @@ def test_lbfgs_under_automatic_optimization_is_refused_naming_manual_optimizatio
 
     with pytest.raises(ValueError, match=r"LBFGS.*self.automatic_optimization = False.*step\(closure=...\)"):
         make_trainer(precision="64-true").fit(Automatic(), DataLoader(regression_data(), batch_size=8))
+
+
+def test_toggle_model_toggles_the_optimizers_parameters_for_the_block(make_trainer):
+    """Lightning's optimizer.toggle_model(): inside, only this optimizer's parameters require grad; after, every
+    flag is back (on one process sync_grad has nothing to skip)."""
+
+    class TwoOptimizers(TrainModule):
+        def __init__(self) -> None:
+            super().__init__()
+            self.automatic_optimization = False
+            self.a, self.b = torch.nn.Linear(3, 1).double(), torch.nn.Linear(3, 1).double()
+            self.seen: list[tuple[bool, bool]] = []
+
+        def training_step(self, batch: Any, batch_idx: int) -> None:
+            first, second = self.optimizers()
+            x, y = batch
+            with first.toggle_model(sync_grad=False):
+                self.seen.append((self.a.weight.requires_grad, self.b.weight.requires_grad))
+                self.manual_backward(torch.nn.functional.mse_loss(self.a(x) + self.b(x), y))
+            assert self.b.weight.grad is None and self.a.weight.grad is not None
+            first.step()
+            first.zero_grad()
+            self.seen.append((self.a.weight.requires_grad, self.b.weight.requires_grad))
+
+        def configure_optimizers(self) -> Any:
+            return torch.optim.SGD(self.a.parameters(), lr=0.1), torch.optim.SGD(self.b.parameters(), lr=0.1)
+
+    module = TwoOptimizers()
+    make_trainer(precision="64-true").fit(module, DataLoader(regression_data(), batch_size=8))
+    assert module.seen == [(True, False), (True, True)] * 2

@@ -15,7 +15,8 @@ does no host synchronisation.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -273,6 +274,21 @@ class KilnOptimizer:
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         self.optimizer.zero_grad(set_to_none=set_to_none)
+
+    @contextmanager
+    def toggle_model(self, sync_grad: bool = True) -> Iterator[None]:
+        """Lightning's helper for manual optimization: inside the block only this optimizer's parameters require
+        grad (``toggle_optimizer``), and with ``sync_grad=False`` a backward does not synchronise gradients across
+        processes (accumulate locally; make the last backward before ``step()`` with ``sync_grad=True``)."""
+        trainer = self._trainer if self._trainer is not None else self._step.t
+        strategy, module = trainer.strategy, trainer.module
+        with strategy.no_sync(not sync_grad):
+            module.toggle_optimizer(self)
+            try:
+                yield
+            finally:
+                module.untoggle_optimizer(self)
+        strategy.no_sync(False)  # backward outside the block synchronises again
 
     @property
     def param_groups(self) -> list[dict[str, Any]]:

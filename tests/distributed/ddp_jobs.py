@@ -137,3 +137,30 @@ def uneven_job() -> None:
     predicted = t.predict(module, loader(9, 2))
     mine = sum((ids.tolist() for ids in predicted), [])
     assert sorted(sum(t.strategy.all_gather_object(mine), [])) == list(range(9))  # every sample exactly once
+
+
+def toggle_model_job() -> None:
+    """Manual accumulation under DDP with Lightning's ``optimizer.toggle_model(sync_grad=...)``: gradients stay
+    rank-local inside ``sync_grad=False``, are averaged by the backward with ``sync_grad=True``, and the result
+    equals one process stepping on batches of 4."""
+
+    class Accumulating(ManualRegression):
+        def training_step(self, batch, batch_idx):
+            optimizer = self.optimizers()
+            x, y, _ = batch
+            last = batch_idx % 2 == 1
+            with optimizer.toggle_model(sync_grad=last):
+                self.manual_backward(torch.nn.functional.mse_loss(self(x), y) / 2)
+                grads = torch.cat([p.grad.reshape(-1) for p in self.parameters()])
+                gathered = [torch.empty_like(grads) for _ in range(2)]
+                dist.all_gather(gathered, grads)
+                assert torch.equal(gathered[0], gathered[1]) == last, (batch_idx, last)
+            if last:
+                optimizer.step()
+                optimizer.zero_grad()
+
+    module = Accumulating()
+    trainer(strategy="ddp").fit(module, loader(16, 1))
+    data = dataset(16)
+    expected = reference_sgd(Regression(), [[ids] for ids in chunks(list(range(16)), 4)], data=data)
+    assert_close(module.state_dict(), expected)
