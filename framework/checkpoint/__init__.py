@@ -5,8 +5,8 @@ The parts, leaf first (no module imports one that comes after it):
 - :mod:`~framework.checkpoint.storage`        local paths and fsspec URLs, credential redaction
 - :mod:`~framework.checkpoint.serialization`  state trees <-> tensors + JSON skeleton (no pickle)
 - :mod:`~framework.checkpoint.checksums`      checksums of byte streams (xxh3, crc32 fallback)
-- :mod:`~framework.checkpoint.tensor_files`   safetensors files (the library's format, hashed while streamed) and
-                                              opt-in torch.save files
+- :mod:`~framework.checkpoint.tensor_files`   safetensors files (the library's format, hashed while streamed)
+- :mod:`~framework.checkpoint.pt_files`       opt-in torch.save files (read with ``weights_only=True``)
 - :mod:`~framework.checkpoint.owner`          which process writes a staging dir, and whether it ended
 - :mod:`~framework.checkpoint.format`         the manifest and the errors
 - :mod:`~framework.checkpoint.save` / ``load``  writing (staging, atomic commit) and verified reading

@@ -6,6 +6,7 @@ import os
 import stat
 from typing import Any
 
+import framework.checkpoint.pt_files as pt_files
 import framework.checkpoint.tensor_files as tensor_files
 from framework.checkpoint.format import (
     MANIFEST,
@@ -164,7 +165,7 @@ def read_state(path: str, name: str, manifest: Manifest | None = None, *, verify
         except ValueError as exc:
             raise checkpoint_error(path, f"file {name}.json does not match {name}.safetensors: {exc}") from None
     if f"{name}.pt" in manifest.files:
-        return _read_file(path, manifest, f"{name}.pt", lambda f, size, h, loc: tensor_files.read_pt(f, size, h),
+        return _read_file(path, manifest, f"{name}.pt", lambda f, size, h, loc: pt_files.read_pt(f, size, h),
                           verify)
     raise checkpoint_error(path, f"it has no state {name!r}; it holds {manifest.state_names()}")
 

@@ -19,6 +19,7 @@ import time
 from collections.abc import Iterable, Mapping
 from typing import Any
 
+import framework.checkpoint.pt_files as pt_files
 import framework.checkpoint.tensor_files as tensor_files
 from framework.checkpoint.format import (
     FORMAT,
@@ -117,7 +118,7 @@ def write_state(staging: Staging, name: str, tree: Any, *, safe_serialization: b
     root = locate(staging.dir)
     if not safe_serialization:
         size, digest = write_file(root.join(f"{name}.pt"),
-                                   lambda f, h: tensor_files.write_pt(f, tensors, skeleton, h), fsync)
+                                   lambda f, h: pt_files.write_pt(f, tensors, skeleton, h), fsync)
         return [FileEntry(path=f"{name}.pt", size=size, checksum=digest)]
     skeleton_bytes = skeleton_to_json(skeleton)
 

@@ -1,18 +1,18 @@
-"""Tensor files with checksums over their bytes: safetensors (default) and torch.save (opt-in).
+"""safetensors files with checksums over their bytes (the default tensor format of checkpoints).
 
 safetensors files are standard ones, byte for byte what the ``safetensors`` library writes (its header
 layout and data order, checked in the tests), but Kiln streams the tensor bytes to the file itself in
 256 KiB chunks and hashes each chunk while it is in the CPU cache: one pass over memory instead of the
 library's write plus a second pass for the checksum. Reading, the library parses and validates the header
 (fuzzed upstream); Kiln re-checks the layout it uses, then reads each tensor in chunks into fresh memory,
-hashing each chunk as it lands. torch.save files are only ever read back with ``weights_only=True``.
-Malformed content raises ``ValueError``.
+hashing each chunk as it lands. Malformed content raises ``ValueError``. The opt-in torch.save format is
+:mod:`framework.checkpoint.pt_files`.
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
-import io
 import json
 import math
 import mmap
@@ -23,17 +23,10 @@ from typing import IO, Any
 import torch
 
 from framework.checkpoint.checksums import StreamHasher, default_algorithm, hash_factory, split_checksum
-from framework.checkpoint.serialization import (
-    TREE_FORMAT,
-    TREE_VERSION,
-    skeleton_from_json,
-    skeleton_to_json,
-    unflatten_state,
-)
 from framework.checkpoint.storage import Location
 
 __all__ = ["StreamHasher", "default_algorithm", "split_checksum", "safetensors_prefix", "write_safetensors",
-           "read_safetensors", "write_pt", "read_pt"]
+           "read_safetensors"]
 
 _CHUNK = 1 << 18  # hashed right after it is written or read, while it is still in the CPU cache
 _SMALL_WRITE = 1 << 16  # smaller tensors are gathered into one write() call
@@ -196,14 +189,21 @@ def write_safetensors(loc: Location, tensors: dict[str, torch.Tensor], *, fsync:
             f.write(data)
         return len(data), f"{algorithm}:{digest.hexdigest()}"
     prefix, names = safetensors_prefix(tensors)
-    fd = os.open(loc.path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | getattr(os, "O_CLOEXEC", 0), 0o666)
+    partial = f"{loc.path}.partial-{os.urandom(4).hex()}"  # renamed into place once complete, as the library does
+    fd = os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0), 0o666)
     try:
-        _preallocate(fd, len(prefix) + sum(tensors[n].numel() * tensors[n].element_size() for n in names))
-        size = _stream_to_fd(fd, prefix, names, tensors, digest)
-        if fsync:
-            os.fsync(fd)
-    finally:
-        os.close(fd)
+        try:
+            _preallocate(fd, len(prefix) + sum(tensors[n].numel() * tensors[n].element_size() for n in names))
+            size = _stream_to_fd(fd, prefix, names, tensors, digest)
+            if fsync:
+                os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(partial, loc.path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.remove(partial)
+        raise
     return size, f"{algorithm}:{digest.hexdigest()}"
 
 
@@ -326,63 +326,3 @@ def read_safetensors(loc: Location, f: IO[bytes], size: int, hasher: Any, *,
         raise ValueError(f"invalid safetensors file: {exc}") from None
     except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, OverflowError, RuntimeError) as exc:
         raise ValueError(f"invalid safetensors header: {type(exc).__name__}: {exc}") from None
-
-
-# ----------------------------------------------------------------------------- torch.save (opt-in)
-
-
-def _readinto_exact(f: IO[bytes], view: memoryview) -> None:
-    got = 0
-    while got < view.nbytes:
-        n = f.readinto(view[got:])
-        if not n:
-            raise ValueError(f"file is truncated (needed {view.nbytes - got} more bytes)")
-        got += n
-
-
-class _HashingWriter:
-    """File-like object for torch.save that checksums and counts what passes through."""
-
-    def __init__(self, f: IO[bytes], hasher: StreamHasher) -> None:
-        self._f, self._hasher, self.size = f, hasher, 0
-
-    def write(self, data: Any) -> int:
-        data = bytes(data)  # torch may reuse its buffer after write() returns
-        self._f.write(data)
-        self._hasher.update(data)
-        self.size += len(data)
-        return len(data)
-
-    def flush(self) -> None:
-        self._f.flush()
-
-
-def write_pt(f: IO[bytes], tensors: dict[str, torch.Tensor], skeleton: Any, hasher: StreamHasher) -> int:
-    """Write tensors + skeleton as one torch.save file (plain dict of str and tensors); returns size."""
-    writer = _HashingWriter(f, hasher)
-    payload = {"format": TREE_FORMAT, "version": TREE_VERSION,
-               "tree": skeleton_to_json(skeleton).decode(), "tensors": dict(tensors)}
-    torch.save(payload, writer)
-    return writer.size
-
-
-def read_pt(f: IO[bytes], size: int, hasher: StreamHasher) -> Any:
-    """Read a torch.save file with ``weights_only=True`` (never runs arbitrary pickled code)."""
-    import pickle
-
-    data = bytearray(size)
-    _readinto_exact(f, memoryview(data))
-    hasher.update(data)
-    try:
-        payload = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as exc:
-        raise ValueError("refusing to unpickle it: it holds objects other than tensors and plain "
-                         f"containers (loaded with weights_only=True): {exc}") from None
-    except (RuntimeError, EOFError) as exc:
-        raise ValueError(f"not a readable torch.save file: {exc}") from exc
-    if isinstance(payload, dict) and payload.get("format") == TREE_FORMAT:
-        tensors = payload.get("tensors")
-        if not isinstance(tensors, dict) or not isinstance(payload.get("tree"), str):
-            raise ValueError("torch.save payload lacks its tree or tensors")
-        return unflatten_state(skeleton_from_json(payload["tree"].encode()), tensors)
-    return payload  # a plain (safely loaded) torch.save file from elsewhere
