@@ -35,7 +35,7 @@ def test_tied_weights_precision_and_memory_per_rank_about_half_of_ddp(tmp_path):
 def test_checkpoints_resume_bit_exact_and_reshard_to_one_process(tmp_path):
     import torch
 
-    from framework import Trainer
+    from framework import Trainer, read_checkpoint
     from framework.checkpoint import read_manifest
     from framework.checkpoint.consolidate import read_model_state
 
@@ -46,6 +46,11 @@ def test_checkpoints_resume_bit_exact_and_reshard_to_one_process(tmp_path):
         saved = torch.load(tmp_path / f"{kind}-step3.pt")
         loaded = read_model_state(str(tmp_path / kind))
         assert loaded.keys() == saved.keys() and all(torch.equal(loaded[k], saved[k]) for k in saved)
+        as_lightning = read_checkpoint(str(tmp_path / kind))  # torch.load's dict for Lightning's file
+        assert all(torch.equal(as_lightning["state_dict"][k], saved[k]) for k in saved)
+        assert as_lightning["global_step"] == 3
+        # whole optimizer states only where the checkpoint holds them (sharded ones stay per rank, as in Lightning)
+        assert ("optimizer_states" in as_lightning) == (kind == "full")
 
     # the two-rank sharded checkpoint resumes under a one-process FSDP group (DCP reshards)
     seen = {}
