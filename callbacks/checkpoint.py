@@ -112,6 +112,7 @@ class ModelCheckpoint(CheckpointKeeping, Callback):
         self._defer_save_until_validation = False
         self._validation_ran = self._warned_missing = False
         self._writer: Any = None
+        self._reserve_pending = False  # async_save: snapshot buffers are reserved once the optimizer state exists
 
     # ---- Lightning's read-only views ----------------------------------------------------------------
     @property
@@ -156,12 +157,17 @@ class ModelCheckpoint(CheckpointKeeping, Callback):
             from framework.checkpoint import AsyncCheckpointWriter
 
             self._writer = AsyncCheckpointWriter()
+        # Sharded strategies snapshot a gathered full state, not the local tensors a reservation would mirror.
+        self._reserve_pending = self.async_save and not trainer.strategy.is_sharded
 
     def on_train_start(self, trainer: Trainer, pl_module: TrainModule) -> None:
         self._last_time_checked = time.monotonic()
 
     def on_train_batch_end(self, trainer: Trainer, pl_module: TrainModule, outputs: Any, batch: Any,
                            batch_idx: int) -> None:
+        if self._reserve_pending and trainer.global_step >= 1:  # so the first async save is as quick as the rest
+            self._reserve_pending = False
+            self._writer.reserve(module=pl_module, optimizers=trainer.optimizers)
         n = self._every_n_train_steps
         if (n < 1 and self._train_time_interval is None) or not trainer.sync_gradients:
             return  # the default per-step path; inside an accumulation window global_step has not moved

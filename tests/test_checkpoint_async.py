@@ -262,3 +262,45 @@ def test_trainer_async_checkpoints_hold_the_step_boundary_state(tmp_path):
     assert sorted(saved) == list(range(1, 7))
     for step, path in saved.items():
         assert_trees_equal(dict(read_state(path, MODEL)), dict(record.states[step]))
+
+
+def test_model_checkpoint_reserves_the_snapshot_buffers_once_after_the_first_step(tmp_path, monkeypatch):
+    """ModelCheckpoint(async_save=True) calls AsyncCheckpointWriter.reserve once the optimizer state exists, so
+    the first background save copies into warm buffers like every later one."""
+    from callbacks import ModelCheckpoint
+    from framework import Trainer, TrainModule
+    from framework.checkpoint import AsyncCheckpointWriter
+
+    calls = []
+    reserve = AsyncCheckpointWriter.reserve
+
+    def recording_reserve(self, *, module=None, optimizers=()):
+        optimizers = list(optimizers)
+        calls.append((module, [len(opt.state) for opt in optimizers]))
+        return reserve(self, module=module, optimizers=optimizers)
+
+    monkeypatch.setattr(AsyncCheckpointWriter, "reserve", recording_reserve)
+    torch.manual_seed(0)
+    module = torch.nn.Sequential(torch.nn.Linear(4, 4))
+
+    class Net(TrainModule):
+        def __init__(self):
+            super().__init__()
+            self.net = module
+
+        def training_step(self, batch, batch_idx):
+            return self.net(batch[0]).pow(2).mean()
+
+        def configure_optimizers(self):
+            return torch.optim.AdamW(self.parameters(), lr=0.1)
+
+    data = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(torch.randn(16, 4)), batch_size=4)
+    net = Net()
+    trainer = Trainer(max_epochs=2, logger=False, enable_progress_bar=False, default_root_dir=str(tmp_path),
+                      callbacks=[ModelCheckpoint(dirpath=str(tmp_path / "checkpoints"), every_n_train_steps=2,
+                                                 save_top_k=-1, async_save=True)])
+    trainer.fit(net, data)
+    assert len(calls) == 1
+    reserved_module, optimizer_state_sizes = calls[0]
+    assert reserved_module is net and optimizer_state_sizes == [2]  # AdamW state for the weight and the bias
+    assert len(list_checkpoints(str(tmp_path / "checkpoints"))) == 4
