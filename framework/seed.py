@@ -1,7 +1,7 @@
 """Global seeding: one seed for python ``random``, numpy and torch, visible to workers and subprocesses.
 
-``seed_everything`` records the seed in the environment (``KILN_GLOBAL_SEED``, ``KILN_SEED_WORKERS``)
-so that components created later (``prepare_dataloader``) and processes started later (the launcher's
+``seed_everything`` records the seed in the environment under Lightning's names (``PL_GLOBAL_SEED``,
+``PL_SEED_WORKERS``), so that components created later (``prepare_dataloader``) and processes started later (the launcher's
 other ranks) derive the same data order and worker seeds without a handle being threaded through.
 """
 
@@ -17,8 +17,8 @@ import warnings
 import numpy as np
 import torch
 
-SEED_ENV = "KILN_GLOBAL_SEED"
-WORKERS_ENV = "KILN_SEED_WORKERS"
+SEED_ENV = "PL_GLOBAL_SEED"  # Lightning's names: ported scripts and launchers read them
+WORKERS_ENV = "PL_SEED_WORKERS"
 MIN_SEED = 0
 MAX_SEED = 2**32 - 1  # numpy's legacy seeding accepts uint32 only
 
@@ -43,7 +43,7 @@ def _validate_seed(seed: object, source: str) -> int:
 def seed_everything(seed: int | None = None, workers: bool = True) -> int:
     """Seed python ``random``, numpy's global generator and torch (CPU and every accelerator).
 
-    ``seed=None`` takes ``KILN_GLOBAL_SEED`` from the environment, or picks a random seed with a
+    ``seed=None`` takes ``PL_GLOBAL_SEED`` from the environment, or picks a random seed with a
     warning. ``workers=True`` makes ``prepare_dataloader`` install :func:`worker_init_fn` so python
     ``random`` and numpy are seeded distinctly in every dataloader worker of every rank.
     Returns the seed used.

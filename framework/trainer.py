@@ -31,6 +31,7 @@ from framework.pitfalls import FitGuard, check_optimizer_params
 from framework.precision import resolve_precision
 from framework.rank_zero import sync_rank
 from framework.run_settings import run_settings
+from framework.seed import SEED_ENV
 from framework.trainer_views import TrainerViews
 from strategies.registry import resolve_strategy
 
@@ -310,7 +311,7 @@ class Trainer(TrainerViews):
         self._metrics.reduce = self.strategy.reduce_metric if self.strategy.world_size > 1 else None
 
     def _data_seed(self) -> int:
-        seed = int(os.environ.get("KILN_GLOBAL_SEED", torch.initial_seed() % 2**31))
+        seed = int(os.environ.get(SEED_ENV, torch.initial_seed() % 2**31))
         return self.strategy.broadcast(seed)
 
     # ---- pieces the loops and the module call --------------------------------------------------------------

@@ -32,7 +32,7 @@ ARGS = ["--max-epochs", str(EPOCHS), "--samples", str(SAMPLES), "--batch-size", 
 
 def launch(root: Path, out: Path, *args: str) -> subprocess.Popen:
     env = {**os.environ, "PYTHONWARNINGS": "ignore", "PYTHONUNBUFFERED": "1"}
-    env.pop("KILN_GLOBAL_SEED", None)
+    env.pop("PL_GLOBAL_SEED", None)
     process = subprocess.Popen([sys.executable, str(SCRIPT), "--root", str(root), "--out", str(out), *ARGS, *args],
                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
     watchdog = threading.Timer(TIMEOUT, process.kill)  # a hang fails the test instead of blocking it

@@ -40,7 +40,7 @@ class Torchrun:
 
     def __init__(self, root: Path, *torchrun_args: str, script_args: tuple[str, ...] = ()) -> None:
         env = {k: v for k, v in os.environ.items() if k not in (
-            "RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "KILN_LAUNCHER_PID", "KILN_GLOBAL_SEED",
+            "RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "KILN_LAUNCHER_PID", "PL_GLOBAL_SEED",
             "TORCHELASTIC_RESTART_COUNT", "SLURM_RESTART_COUNT")}
         env.update(PYTHONWARNINGS="ignore", PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1")
         root.mkdir(parents=True, exist_ok=True)

@@ -40,7 +40,7 @@ class Job:
     def __init__(self, root: Path, devices: int = 1, *args: str) -> None:
         self.root, self.out = root, root / "final.safetensors"
         env = {**os.environ, "PYTHONWARNINGS": "ignore", "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
-        for name in ("KILN_GLOBAL_SEED", "RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT",
+        for name in ("PL_GLOBAL_SEED", "RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT",
                      "KILN_LAUNCHER_PID"):
             env.pop(name, None)
         command = [sys.executable, str(SCRIPT), "--root", str(root), "--out", str(self.out), "--devices",

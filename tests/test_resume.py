@@ -25,7 +25,7 @@ TIMEOUT = 180
 
 def start(root: Path, out: Path, *args: str) -> subprocess.Popen:
     env = {**os.environ, "PYTHONWARNINGS": "ignore"}
-    env.pop("KILN_GLOBAL_SEED", None)  # the script seeds itself; nothing may leak in from this process
+    env.pop("PL_GLOBAL_SEED", None)  # the script seeds itself; nothing may leak in from this process
     return subprocess.Popen([sys.executable, str(SCRIPT), "--root", str(root), "--out", str(out), *args],
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
 
@@ -126,8 +126,8 @@ def _script_module():
 
 
 def test_resume_right_before_a_mid_epoch_validation_is_exact(tmp_path, monkeypatch):
-    monkeypatch.setenv("KILN_GLOBAL_SEED", "0")  # restored after the test (seed_everything sets it)
-    monkeypatch.setenv("KILN_SEED_WORKERS", "0")
+    monkeypatch.setenv("PL_GLOBAL_SEED", "0")  # restored after the test (seed_everything sets it)
+    monkeypatch.setenv("PL_SEED_WORKERS", "0")
     script = _script_module()
     from torch.utils.data import DataLoader
 
