@@ -6,9 +6,11 @@ Every test leaves ``DistributedState`` reset, so topology set by one test never 
 from __future__ import annotations
 
 import logging
+import uuid
 from collections.abc import Callable, Iterator
 from typing import Any
 
+import fsspec
 import pytest
 import torch
 from torch.utils.data import DataLoader, TensorDataset
@@ -104,3 +106,14 @@ def moto_endpoint() -> Iterator[str]:
         yield f"http://127.0.0.1:{server.get_host_and_port()[1]}"
     finally:
         server.stop()
+
+
+@pytest.fixture
+def memory_url():
+    """A fresh ``memory://`` root for one test (the logger tests' remote log dirs), removed afterwards."""
+    root = f"memory://kiln-test-{uuid.uuid4().hex}"
+    yield root
+    fs = fsspec.filesystem("memory")
+    path = root[len("memory://") :]
+    if fs.exists(path):
+        fs.rm(path, recursive=True)
