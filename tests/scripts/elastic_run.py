@@ -1,7 +1,7 @@
 """A checkpointing DDP/FSDP run for torchrun, with faults that fire once each across restarts.
 
 Run by tests/test_elastic.py as ``torchrun --nproc-per-node=2 --max-restarts=2 tests/scripts/elastic_run.py
---root DIR --out final.safetensors``, and by the real-process Ctrl-C tests in tests/test_preemption.py (also as a
+--root DIR --out final.safetensors``, and by the real-process Ctrl-C tests in tests/test_preemption_ctrl_c.py (also as a
 plain script: Kiln's launcher starts rank 1).
 The model, data and dropout come from ``resumable_run.py``. Nothing here names a checkpoint: a restarted attempt
 resumes through ``Trainer(resume="auto")``.
