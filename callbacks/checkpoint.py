@@ -1,15 +1,12 @@
 """ModelCheckpoint: Lightning's arguments, attributes and saving rules on Kiln's atomic checkpoints.
 
-Each checkpoint is one directory directly under ``dirpath`` (default ``<default_root_dir>/checkpoints``),
-named like Lightning's file, ``.ckpt`` included (``epoch=0-step=10.ckpt/``), and complete only once its
-manifest is committed. Saving is collective; whatever a save replaces (the previous newest, the
-k-th best, the previous ``last``) is deleted on rank 0 only after the new checkpoint has committed —
-for ``async_save=True`` that is when its background write finishes. ``save_last=True`` writes a full
-``last.ckpt`` checkpoint; ``save_last="link"`` makes ``last.ckpt`` a relative symlink to the newest
-checkpoint (local folders only), switched atomically once its target is complete.
-
-Kiln's extras: ``total_limit=k`` keeps only the k newest checkpoints (the best one is always kept; without
-``monitor`` it replaces save_top_k=1's "keep the newest"), ``safe_serialization``, ``async_save``.
+Each checkpoint is one directory under ``dirpath`` (default ``<default_root_dir>/checkpoints``) named like
+Lightning's file (``epoch=0-step=10.ckpt/``), complete once its manifest is committed. Saving is collective;
+what a save replaces (the previous newest, the k-th best, the previous ``last``) is deleted on rank 0 only
+after the new one has committed (for ``async_save=True``: when its background write finishes).
+``save_last=True`` writes a full ``last.ckpt``; ``save_last="link"`` makes it a relative symlink to the newest
+checkpoint (local folders only), switched atomically. Kiln's extras: ``total_limit=k`` keeps the k newest (the
+best is always kept), ``safe_serialization``, ``async_save``.
 """
 
 from __future__ import annotations
