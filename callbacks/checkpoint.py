@@ -14,6 +14,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+import re
 import time
 import typing
 from datetime import timedelta
@@ -312,8 +313,6 @@ class ModelCheckpoint(CheckpointKeeping, Callback):
 
     def _find_last_checkpoints(self, trainer: Trainer) -> set[str]:
         """Paths in dirpath named like a "last" checkpoint (``last``, ``last-v1``... with FILE_EXTENSION)."""
-        import re
-
         from framework.checkpoint.storage import locate
 
         dirpath = self.dirpath or naming.join(str(trainer.default_root_dir), "checkpoints")
