@@ -108,7 +108,7 @@ class AutomaticStep:
             else:
                 with context:
                     output = self.training_step(batch, batch_idx)
-            loss = output if type(output) is torch.Tensor else loss_from_output(output)
+            loss = loss_from_output(output)
             if loss is not None:
                 t.last_loss = loss.detach()
             for optimizer in optimizers:
@@ -141,7 +141,7 @@ class AutomaticStep:
         else:
             with context:
                 output = self.training_step(batch, batch_idx)
-        loss = output if type(output) is torch.Tensor else loss_from_output(output)
+        loss = loss_from_output(output)
         if loss is not None:
             self.t.last_loss = loss.detach()
             if self.nan_guard is not None:
