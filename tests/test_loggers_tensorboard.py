@@ -107,3 +107,33 @@ def test_tensorboard_on_memory_url(memory_url, tmp_path):
     logger.finalize("success")
     assert read_scalars(download(logger.log_dir, tmp_path / "b"))["loss"][-1] == (3, 0.125)
     assert TensorBoardLogger(memory_url).version == 1
+
+
+def test_training_logs_without_waking_a_writer_thread(tmp_path, tiny_module_cls, make_loader):
+    """Kiln's own records are written on the training thread; a SummaryWriter (and its thread) exists only once
+    user code asks for ``logger.experiment``, and what both write reads back as one run."""
+    import threading
+
+    from framework import Callback, Trainer
+
+    seen_threads: set[str] = set()
+
+    class Watch(Callback):
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            seen_threads.update(type(t).__name__ for t in threading.enumerate())
+
+    class Module(tiny_module_cls):
+        def on_train_end(self):
+            self.logger.experiment.add_scalar("from_user", 3.0, 7)
+
+    logger = TensorBoardLogger(tmp_path)
+    trainer = Trainer(max_epochs=2, logger=logger, log_every_n_steps=1, callbacks=[Watch()],
+                      enable_progress_bar=False, enable_checkpointing=False, default_root_dir=str(tmp_path))
+    module = Module()
+    module.save_hyperparameters({"lr": 0.1})
+    trainer.fit(module, make_loader())
+    assert "_AsyncWriterThread" not in seen_threads
+    scalars = read_scalars(logger.log_dir)
+    assert [step for step, _ in scalars["train_loss"]] == list(range(1, 11))
+    assert scalars["from_user"] == [(7, 3.0)]
+    assert len([f for f in os.listdir(logger.log_dir) if "tfevents" in f]) == 2

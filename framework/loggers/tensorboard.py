@@ -1,4 +1,5 @@
-"""TensorBoardLogger: scalars, hyperparameters and the model graph through torch's ``SummaryWriter``.
+"""TensorBoardLogger: scalars and hyperparameters in an event file written on the calling thread; the model graph
+and whatever user code writes to ``experiment`` through torch's ``SummaryWriter`` (see ``event_file.py``).
 
 Arguments and layout follow Lightning's: ``save_dir/name/version_N[/sub_dir]``, ``hparams.yaml`` beside
 the event files, the HPARAMS tab with an ``hp_metric`` placeholder (``default_hp_metric``). tensorboard
@@ -22,6 +23,7 @@ from framework.loggers.base import (
     to_float,
     write_hparams_yaml,
 )
+from framework.loggers.event_file import EventFile
 
 
 class TensorBoardLogger(VersionedDirLogger):
@@ -57,33 +59,41 @@ class TensorBoardLogger(VersionedDirLogger):
         self._prefix = prefix
         self._kwargs = kwargs
         self._experiment: Any = None
+        self._events: EventFile | None = None  # Kiln's own records (scalars, hparams)
         self._summary_pb2: Any = None
         self.hparams: dict[str, Any] = {}
 
     @property
     def experiment(self) -> Any:
-        """The ``torch.utils.tensorboard.SummaryWriter`` (None on ranks other than 0)."""
+        """The ``torch.utils.tensorboard.SummaryWriter`` (None on ranks other than 0), created on first use."""
         if self._experiment is None and is_rank_zero():
-            from tensorboard.compat.proto import summary_pb2
             from torch.utils.tensorboard import SummaryWriter
 
-            self._summary_pb2 = summary_pb2
             self._experiment = SummaryWriter(log_dir=self._local_dir(), **self._kwargs)
         return self._experiment
+
+    def _event_file(self) -> EventFile:
+        if self._events is None:
+            from tensorboard.compat.proto import summary_pb2
+
+            self._summary_pb2 = summary_pb2
+            self._events = EventFile(self._local_dir(), flush_secs=self._kwargs.get("flush_secs", 120),
+                                     filename_suffix=self._kwargs.get("filename_suffix", ""))
+        return self._events
 
     def log_metrics(self, metrics: Mapping[str, Any], step: int | None = None) -> None:
         if not is_rank_zero() or not metrics:
             return
-        writer = self.experiment
+        events = self._event_file()
         step = None if step is None else int(step)
         values = []
         for key, value in add_prefix(metrics, self._prefix, self.LOGGER_JOIN_CHAR).items():
             if isinstance(value, Mapping):
-                writer.add_scalars(key, {k: to_float(f"{key}/{k}", v) for k, v in value.items()}, step)
+                self.experiment.add_scalars(key, {k: to_float(f"{key}/{k}", v) for k, v in value.items()}, step)
             else:
                 values.append(self._summary_pb2.Summary.Value(tag=key, simple_value=to_float(key, value)))
         if values:  # one event for all scalars: what add_scalar writes, at a fifth of its cost per call
-            writer._get_file_writer().add_summary(self._summary_pb2.Summary(value=values), step)
+            events.add_summary(self._summary_pb2.Summary(value=values), step)
 
     def log_hyperparams(self, params: Any, metrics: Any = None) -> None:
         """Write ``hparams.yaml`` and the HPARAMS-tab record; ``metrics`` (dict or number) name the hp metrics."""
@@ -101,9 +111,9 @@ class TensorBoardLogger(VersionedDirLogger):
 
         self.log_metrics(metrics, 0)
         flat = {k: _tb_value(v) for k, v in flatten_params(self.hparams).items()}
-        writer = self.experiment._get_file_writer()
+        events = self._event_file()
         for summary in hparams(flat, {k: to_float(k, v) for k, v in metrics.items()}):
-            writer.add_summary(summary)
+            events.add_summary(summary)
 
     def log_graph(self, model: Any, input_array: Any = None) -> None:
         """Trace ``model`` with ``input_array`` (default ``model.example_input_array``) into the graph tab."""
@@ -129,9 +139,12 @@ class TensorBoardLogger(VersionedDirLogger):
     def save(self) -> None:
         if not is_rank_zero():
             return
+        if self._events is not None:
+            self._events.flush()
         if self._experiment is not None:
             self._experiment.flush()
-        hparams_file = os.path.join(self._local_dir(), HPARAMS_FILE) if self._staging or self._experiment else None
+        written = self._staging or self._experiment is not None or self._events is not None
+        hparams_file = os.path.join(self._local_dir(), HPARAMS_FILE) if written else None
         if hparams_file and not os.path.exists(hparams_file):
             write_hparams_yaml(hparams_file, self.hparams)
         self._upload()
@@ -139,10 +152,13 @@ class TensorBoardLogger(VersionedDirLogger):
     def finalize(self, status: str) -> None:
         if not is_rank_zero():
             return
+        if self._events is not None:
+            self._events.close()
+            self._events = None  # a later write (e.g. trainer.test after fit) opens a new event file
         if self._experiment is not None:
             self._experiment.flush()
             self._experiment.close()
-            self._experiment = None  # a later write (e.g. trainer.test after fit) opens a new event file
+            self._experiment = None
         self.save()
 
 
