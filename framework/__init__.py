@@ -30,9 +30,9 @@ __all__ = ["TrainModule", "DataModule", "Trainer", "Callback", "seed_everything"
            "read_checkpoint", "rank_zero_only", "rank_zero_info", "rank_zero_warn", "rank_zero_debug", "cli_lightning_logo"]
 
 if TYPE_CHECKING:
+    from framework.checkpoint_dict import read_checkpoint
     from framework.datamodule import DataModule
     from framework.hooks import Callback
-    from framework.checkpoint_dict import read_checkpoint
     from framework.hparams import AttributeDict
     from framework.module import TrainModule
     from framework.rank_zero import rank_zero_debug, rank_zero_info, rank_zero_only, rank_zero_warn

@@ -74,7 +74,7 @@ def test_lbfgs_closure_is_re_evaluated_like_a_raw_torch_loop(make_trainer):
     raw = torch.optim.LBFGS(reference.parameters(), lr=0.5, max_iter=5)
     evaluations = 0
     for x, y in loader:
-        def closure() -> torch.Tensor:
+        def closure(x: torch.Tensor = x, y: torch.Tensor = y) -> torch.Tensor:
             nonlocal evaluations
             evaluations += 1
             raw.zero_grad()

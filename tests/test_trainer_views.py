@@ -34,7 +34,7 @@ class Record(Callback):
         self.rows.append(row(trainer, "predict"))
 
 
-R, F, I = "running", "finished", "interrupted"
+R, F, INTERRUPTED = "running", "finished", "interrupted"
 
 
 def test_state_and_stage_flags_follow_lightnings(tmp_path, tiny_module_cls, make_loader):
@@ -75,7 +75,7 @@ def test_an_exception_leaves_the_state_interrupted(make_trainer, tiny_module_cls
     with pytest.raises(type(error)):
         trainer.fit(Fails(), make_loader(8))
     state = trainer.state
-    assert (state.fn, state.stage, state.status, state.finished, state.stopped) == ("fit", None, I, False, True)
+    assert (state.fn, state.stage, state.status, state.finished, state.stopped) == ("fit", None, INTERRUPTED, False, True)
     assert trainer.interrupted and not trainer.training
     trainer.fit(tiny_module_cls(), make_loader(8))
     assert trainer.state.finished and not trainer.interrupted
