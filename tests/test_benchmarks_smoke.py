@@ -129,3 +129,14 @@ def test_report_marks_pass_miss_and_failure_with_reasons(tmp_path: Path) -> None
     text = run_all.markdown(entries, meta, None)
     reason, plan = report.MISS_NOTES.get(check["name"], ("not analysed yet", "profile it"))
     assert "### Misses: reason and plan" in text and reason in text and plan.split()[0] in text
+
+
+def test_overhead_over_processes_reports_each_process_and_the_median():
+    out = subprocess.run([sys.executable, str(BENCH / "bench_overhead_processes.py"), "--processes", "2",
+                          "--repeats", "1", "--steps", "20", "--json"], cwd=ROOT, capture_output=True, text=True,
+                         check=True, timeout=300).stdout
+    result = json.loads(out)
+    ratios = result["per_process"]
+    assert len(ratios) == 2 and all(len(r) == 2 and r[0] > 0 and r[1] > 0 for r in ratios)
+    assert result["median_wall"] == pytest.approx(sum(r[0] for r in ratios) / 2)
+    assert "cpu" in result["machine"]
