@@ -102,12 +102,7 @@ class AutomaticStep:
             with context:
                 output = self._forward_backward(batch, batch_idx, 1)
         else:
-            context = self.precision.forward_context()
-            if context is NO_CONTEXT:
-                output = self.training_step(batch, batch_idx)
-            else:
-                with context:
-                    output = self.training_step(batch, batch_idx)
+            output = self._training_step(batch, batch_idx)
             loss = loss_from_output(output)
             if loss is not None:
                 t.last_loss = loss.detach()
@@ -134,13 +129,16 @@ class AutomaticStep:
         with context:
             return self._forward_backward(batch, batch_idx, divisor)
 
-    def _forward_backward(self, batch: Any, batch_idx: int, divisor: int) -> Any:
+    def _training_step(self, batch: Any, batch_idx: int) -> Any:
+        """``training_step`` inside the precision plugin's forward context (not entered when it does nothing)."""
         context = self.precision.forward_context()
         if context is NO_CONTEXT:
-            output = self.training_step(batch, batch_idx)
-        else:
-            with context:
-                output = self.training_step(batch, batch_idx)
+            return self.training_step(batch, batch_idx)
+        with context:
+            return self.training_step(batch, batch_idx)
+
+    def _forward_backward(self, batch: Any, batch_idx: int, divisor: int) -> Any:
+        output = self._training_step(batch, batch_idx)
         loss = loss_from_output(output)
         if loss is not None:
             self.t.last_loss = loss.detach()
