@@ -155,3 +155,38 @@ def test_an_init_scratch_dir_without_an_owner_record_goes_after_the_grace_period
     os.utime(old, (past, past))
     cleanup_stale(str(tmp_path))
     assert not old.exists() and fresh.exists()
+
+
+def test_an_owner_record_is_never_visible_half_written(tmp_path, monkeypatch):
+    """Killed between writing its record and renaming it in, a writer leaves no record at all (never an empty
+    one); an empty record left by an older writer counts as a dead owner after the grace period."""
+    import os
+    import time
+
+    from framework.checkpoint import cleanup_stale
+    from framework.checkpoint.discovery import INIT_GRACE_S
+    from framework.checkpoint.owner import OWNER_PREFIX, owner_record
+    from framework.checkpoint.save import _write_owner
+    from framework.checkpoint.storage import locate
+
+    staging = tmp_path / ".epoch=0-step=2.ckpt.tmp-abc"
+    staging.mkdir()
+
+    def killed(*args):
+        raise KeyboardInterrupt  # the process dies before the rename
+
+    monkeypatch.setattr(os, "rename", killed)
+    try:
+        _write_owner(locate(str(staging)))
+    except KeyboardInterrupt:
+        pass
+    monkeypatch.undo()
+    assert not [p for p in os.listdir(staging) if p.startswith(OWNER_PREFIX)]
+
+    dead = owner_record(pid=2**22 + 12345)  # no such process
+    (staging / f"{OWNER_PREFIX}a").write_bytes(dead)
+    (staging / f"{OWNER_PREFIX}b").write_bytes(b"")  # died mid-write, before records were renamed in
+    past = time.time() - INIT_GRACE_S - 5
+    for path in staging.iterdir():
+        os.utime(path, (past, past))
+    assert cleanup_stale(str(tmp_path)) == [str(staging)]

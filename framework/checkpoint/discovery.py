@@ -130,6 +130,9 @@ def _abandoned(loc: Location, mtime: float, max_age_s: float, scratch: bool = Fa
         return True
     verdicts, newest = [], mtime
     for data, modified in _owner_records(loc):
+        if not data and time.time() - modified > INIT_GRACE_S:
+            verdicts.append(True)  # a record its writer died writing (left by Kiln before records were renamed in)
+            continue
         verdicts.append(owner_gone(data))
         newest = max(newest, modified)
     if scratch and not verdicts:

@@ -74,10 +74,20 @@ def begin_checkpoint(path: str, token: str | None = None) -> Staging:
 
 
 def _write_owner(staging: Location, record: bytes | None = None) -> None:
-    """Leave this process's owner record in a staging dir (commit deletes it with the other unlisted files)."""
+    """Leave this process's owner record in a staging dir (commit deletes it with the other unlisted files).
+
+    Locally it is written under another name and renamed into place, so that a writer killed mid-write never
+    leaves an empty record (which no cleanup could judge for an hour); an object store's PUT is whole anyway."""
     record = owner_record() if record is None else record
-    with staging.join(OWNER_PREFIX + new_token()).open("wb") as f:
+    name = OWNER_PREFIX + new_token()
+    if not staging.is_local:
+        with staging.join(name).open("wb") as f:
+            f.write(record)
+        return
+    partial = os.path.join(staging.path, ".kiln-partial-" + new_token())
+    with open(partial, "wb") as f:
         f.write(record)
+    os.rename(partial, os.path.join(staging.path, name))
 
 
 def _create_owned(staging: Location, scratch: Location) -> None:
