@@ -73,6 +73,10 @@ class AsyncCheckpointWriter:
         """Block until the pending snapshot and write finished; re-raise the write's exception (once)."""
         self.wait_for_snapshot()
         self._remove_guards()
+        self._join_write()
+
+    def _join_write(self) -> None:
+        """Wait for the running write (if any) and re-raise its exception once."""
         if self._thread is not None:
             self._thread.join()
             self._thread = None
@@ -83,12 +87,7 @@ class AsyncCheckpointWriter:
     def submit(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> None:
         """Run ``fn(*args, **kwargs)`` on a background thread once the previous write finished and the
         last snapshot is complete (without blocking the caller on that snapshot)."""
-        if self._thread is not None:
-            self._thread.join()
-            self._thread = None
-        if self._error is not None:
-            error, self._error = self._error, None
-            raise error
+        self._join_write()
         copier = self._copier
 
         def run() -> None:
