@@ -137,3 +137,23 @@ def test_training_logs_without_waking_a_writer_thread(tmp_path, tiny_module_cls,
     assert [step for step, _ in scalars["train_loss"]] == list(range(1, 11))
     assert scalars["from_user"] == [(7, 3.0)]
     assert len([f for f in os.listdir(logger.log_dir) if "tfevents" in f]) == 2
+
+
+def test_purge_step_drops_the_interrupted_runs_later_events(tmp_path):
+    """SummaryWriter's purge_step applies to Kiln's own event file too: a resumed run logging again from step 5
+    replaces what the interrupted run had written from step 5 on."""
+    first = TensorBoardLogger(tmp_path, version=0)
+    for step in range(8):
+        first.log_metrics({"loss": float(step)}, step=step)
+    first.finalize("failed")
+    resumed = TensorBoardLogger(tmp_path, version=0, purge_step=5)
+    for step in range(5, 7):
+        resumed.log_metrics({"loss": 10.0 + step}, step=step)
+    resumed.finalize("success")
+    assert read_scalars(resumed.log_dir)["loss"] == [(0, 0.0), (1, 1.0), (2, 2.0), (3, 3.0), (4, 4.0), (5, 15.0),
+                                                     (6, 16.0)]
+
+
+def test_unknown_summary_writer_arguments_are_refused_at_construction(tmp_path):
+    with pytest.raises(TypeError, match=r"unexpected keyword arguments \['flush_sec'\].*flush_secs"):
+        TensorBoardLogger(tmp_path, flush_sec=5)

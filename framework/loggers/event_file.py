@@ -21,7 +21,8 @@ _FILE_NUMBER = itertools.count()
 class EventFile:
     """Appends TensorBoard events to a new file in ``log_dir``; flushed every ``flush_secs`` and on ``flush``."""
 
-    def __init__(self, log_dir: str, flush_secs: float = 120.0, filename_suffix: str = "") -> None:
+    def __init__(self, log_dir: str, flush_secs: float = 120.0, filename_suffix: str = "",
+                 purge_step: int | None = None) -> None:
         from tensorboard.compat.proto import event_pb2
         from tensorboard.summary.writer.record_writer import RecordWriter
 
@@ -34,7 +35,13 @@ class EventFile:
         self._event = event_pb2.Event
         self._flush_secs = float(flush_secs)
         self._next_flush = 0.0
-        self._write(file_version="brain.Event:2")
+        if purge_step is None:
+            self._write(file_version="brain.Event:2")
+        else:  # as SummaryWriter(purge_step=): TensorBoard drops the older run's events from this step on
+            from tensorboard.compat.proto.event_pb2 import SessionLog
+
+            self._write(file_version="brain.Event:2", step=int(purge_step))
+            self._write(session_log=SessionLog(status=SessionLog.START), step=int(purge_step))
         self.flush()
 
     def add_summary(self, summary: Any, step: int | None = None) -> None:

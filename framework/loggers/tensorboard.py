@@ -25,6 +25,8 @@ from framework.loggers.base import (
 )
 from framework.loggers.event_file import EventFile
 
+_SUMMARY_WRITER_ARGS = frozenset({"comment", "purge_step", "max_queue", "flush_secs", "filename_suffix"})
+
 
 class TensorBoardLogger(VersionedDirLogger):
     """Writes TensorBoard event files under ``save_dir/name/version_N[/sub_dir]``.
@@ -54,6 +56,11 @@ class TensorBoardLogger(VersionedDirLogger):
                 raise TypeError(f"`{arg}` must be a bool, got {value!r}.")
         if not isinstance(prefix, str):
             raise TypeError(f"`prefix` must be a str, got {prefix!r}.")
+        unknown = sorted(set(kwargs) - _SUMMARY_WRITER_ARGS)  # checked here: the SummaryWriter is made on demand
+        if unknown:
+            raise TypeError(f"TensorBoardLogger got unexpected keyword arguments {unknown}; the extra arguments go to "
+                            f"torch's SummaryWriter, which takes {sorted(_SUMMARY_WRITER_ARGS)} (log_dir is the "
+                            "logger's own).")
         self._log_graph = log_graph
         self._default_hp_metric = default_hp_metric
         self._prefix = prefix
@@ -78,7 +85,8 @@ class TensorBoardLogger(VersionedDirLogger):
 
             self._summary_pb2 = summary_pb2
             self._events = EventFile(self._local_dir(), flush_secs=self._kwargs.get("flush_secs", 120),
-                                     filename_suffix=self._kwargs.get("filename_suffix", ""))
+                                     filename_suffix=self._kwargs.get("filename_suffix", ""),
+                                     purge_step=self._kwargs.get("purge_step"))
         return self._events
 
     def log_metrics(self, metrics: Mapping[str, Any], step: int | None = None) -> None:
