@@ -23,8 +23,6 @@ from strategies.checkpoints import StrategyCheckpoints
 if TYPE_CHECKING:
     from framework.module import TrainModule
 
-_NULL = NO_CONTEXT
-
 
 class Strategy(StrategyCheckpoints):
     """Base and single-process behaviour; subclasses override what their layout changes."""
@@ -121,7 +119,7 @@ class Strategy(StrategyCheckpoints):
     # ---- backward and step ----------------------------------------------------------------------
     def no_sync(self, skip_sync: bool) -> AbstractContextManager:
         """Context for a micro-batch's forward+backward; ``skip_sync`` inside an accumulation window."""
-        return _NULL
+        return NO_CONTEXT
 
     def backward(self, loss: torch.Tensor, *args: Any, **kwargs: Any) -> None:
         """Backward through the precision plugin; ``args``/``kwargs`` (incl. ``backward_fn``) go on to it."""

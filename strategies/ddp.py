@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
-from strategies.base import _NULL
+from framework.precision import NO_CONTEXT
 from strategies.ddp_buckets import BucketOrder
 from strategies.parallel import ParallelStrategy, _StepDispatcher
 
@@ -70,7 +70,7 @@ class DDPStrategy(ParallelStrategy):
         # torch's static_graph fails (an internal assert) when its first iteration runs under no_sync, so
         # until one backward has synchronised, micro-batches synchronise too (the same mean, more all-reduces).
         self._ddp_syncs = not skip_sync or (self.static_graph and not self._synchronised)
-        return _NULL if self._ddp_syncs else self.model.no_sync()
+        return NO_CONTEXT if self._ddp_syncs else self.model.no_sync()
 
     def step_function(self, name: str) -> Callable[..., Any]:
         if name != "training_step" or self.module.automatic_optimization:

@@ -28,8 +28,14 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from framework.precision import DoublePrecision, HalfPrecision, MixedPrecision, Precision, cast_floats
-from strategies.base import _NULL
+from framework.precision import (
+    NO_CONTEXT,
+    DoublePrecision,
+    HalfPrecision,
+    MixedPrecision,
+    Precision,
+    cast_floats,
+)
 from strategies.deepspeed_config import _load_config, _merge_precision, _resolve_stage
 from strategies.parallel import ParallelStrategy, _StepDispatcher
 
@@ -101,7 +107,7 @@ class DeepSpeedPrecision(Precision):
 
     def forward_context(self) -> AbstractContextManager:
         if self.dtype is None or self.converts_input:
-            return _NULL
+            return NO_CONTEXT
         return torch.autocast(self.device_type, dtype=self.dtype)
 
     def backward(self, loss: torch.Tensor, *args: Any, backward_fn: Any = None, **kwargs: Any) -> None:
@@ -270,7 +276,7 @@ class DeepSpeedStrategy(ParallelStrategy):
         """Tell the engine whether this micro-batch closes an accumulation window (ZeRO reduces accordingly)."""
         self._skip_sync = skip_sync
         self.engine.set_gradient_accumulation_boundary(not skip_sync)
-        return _NULL
+        return NO_CONTEXT
 
     def clip_gradients(self, optimizer: torch.optim.Optimizer, clip_val: float, algorithm: str) -> torch.Tensor | None:
         """Clipping happens inside ``engine.step()`` (config ``gradient_clipping``); returns None."""

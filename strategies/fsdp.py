@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
-from strategies.base import _NULL
+from framework.precision import NO_CONTEXT
 from strategies.parallel import ParallelStrategy, _StepDispatcher
 
 if TYPE_CHECKING:
@@ -119,7 +119,7 @@ class FSDPStrategy(ParallelStrategy):
         if skip_sync != self._sync_disabled:
             self.model.set_requires_gradient_sync(not skip_sync)
             self._sync_disabled = skip_sync
-        return _NULL
+        return NO_CONTEXT
 
     def backward(self, loss: torch.Tensor, *args: Any, **kwargs: Any) -> None:
         if self._manual:

@@ -25,9 +25,10 @@ import torch
 from torch import nn
 
 from framework.launch import ClusterEnvironment, detect_environment, find_free_port, resolve_environment
+from framework.precision import NO_CONTEXT
 from framework.state import DistributedState
 from strategies import lockstep
-from strategies.base import _NULL, Strategy
+from strategies.base import Strategy
 
 if TYPE_CHECKING:
     from framework.module import TrainModule
@@ -167,7 +168,7 @@ class ParallelStrategy(Strategy):
     # ---- backward ------------------------------------------------------------------------------
     def no_sync(self, skip_sync: bool) -> AbstractContextManager:
         self._skip_sync = skip_sync
-        return _NULL
+        return NO_CONTEXT
 
     def backward(self, loss: torch.Tensor, *args: Any, **kwargs: Any) -> None:
         if self._uneven is not None and self._uneven.step_is_ghost:
