@@ -323,7 +323,11 @@ def main(argv: list[str] | None = None) -> int:
     cfg = Config(args.steps, args.warmup, args.repeats, args.log_every_n_steps)
     if args.worker:
         worker(cfg, args.worker, not args.no_memory, warm_up=not args.quick)
-        return 0
+        # Everything is written and the group destroyed. Leave without interpreter teardown: once in
+        # CI (loaded machine) a rank aborted there with std::terminate from a torch-internal thread.
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(0)
 
     from framework.testing import run_distributed
 
