@@ -86,6 +86,43 @@ def test_large_tensors_are_streamed_in_chunks_with_one_checksum(tmp_path):
         assert torch.equal(f.get_tensor("big"), tensors["big"])
 
 
+def test_large_writes_and_reads_move_whole_aligned_chunks(tmp_path, monkeypatch):
+    """The page cache gets whole pages: past the header, every write and read of a large tensor ends at a file
+    offset that is a multiple of the chunk size (or at the tensor's end)."""
+    chunk = tensor_files._CHUNK
+    tensors = {"a": torch.randn(2 * chunk // 4 + 3), "b": torch.randn(chunk // 4 + 1), "c": torch.arange(3)}
+    prefix, names = tensor_files.safetensors_prefix(tensors)
+    ends, offset = {}, len(prefix)
+    for name in names:
+        offset += tensors[name].numel() * tensors[name].element_size()
+        ends[name] = offset
+    spans, real_write, real_preadv = [], os.write, os.preadv
+
+    def recording_write(fd, data):
+        at = os.lseek(fd, 0, os.SEEK_CUR)
+        written = real_write(fd, data)
+        spans.append((at, at + written))
+        return written
+
+    def recording_preadv(fd, buffers, at):
+        got = real_preadv(fd, buffers, at)
+        spans.append((at, at + got))
+        return got
+
+    monkeypatch.setattr(os, "write", recording_write)
+    data, digest = write(tensors, where=locate(str(tmp_path)))
+    monkeypatch.setattr(os, "preadv", recording_preadv)
+    with open(tmp_path / "t.safetensors", "rb") as f:
+        hasher = StreamHasher()
+        out = read_safetensors(locate(str(tmp_path / "t.safetensors")), f, len(data), hasher)
+    assert hasher.hexdigest() == digest and all(torch.equal(out[k], t) for k, t in tensors.items())
+    writes = spans[:6]  # the header with the small "c" gathered behind it, "a" in 3 pieces, "b" in 2
+    assert writes[0] == (0, ends["c"]) and spans[6] == (len(prefix), ends["c"])
+    assert spans[7:] == writes[1:]  # the read path cuts the large tensors at the same places
+    for start, end in writes[1:]:
+        assert end - start <= chunk and (end % chunk == 0 or end in ends.values()), (start, end)
+
+
 def test_mapped_read_verifies_every_byte_and_gives_private_views(tmp_path):
     tensors = {"big": torch.randn(3 * 2**18 + 7), **TENSORS}
     data, digest = write(tensors, where=locate(str(tmp_path)))
