@@ -111,11 +111,16 @@ class Reference:
 
 
 def disk_write(file: str, nbytes: int, fsync: bool) -> dict[str, float]:
-    """Sequential write of ``nbytes`` in 16 MiB writes (the physical limit the savers are compared with)."""
-    chunk = os.urandom(16 * 2**20)
+    """Sequential write of ``nbytes`` (the physical limit the savers are compared with): blocks reserved
+    up front, then page-aligned 256 KiB writes of one cache-resident buffer — the fastest pattern measured here
+    (16 MiB writes were ~2x slower into the page cache)."""
+    chunk = os.urandom(256 * 2**10)
     t0 = now()
     fd = os.open(file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
-    for _ in range(max(1, nbytes // len(chunk))):
+    count = max(1, nbytes // len(chunk))
+    if hasattr(os, "posix_fallocate"):
+        os.posix_fallocate(fd, 0, count * len(chunk))
+    for _ in range(count):
         os.write(fd, chunk)
     if fsync:
         os.fsync(fd)

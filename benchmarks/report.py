@@ -27,21 +27,19 @@ TARGET_LABELS = {  # key -> (benchmark, measurement)
 MISS_NOTES: dict[str, tuple[str, str]] = {
     "async save: loop blocked": (
         "Measured as the save call plus the wait before the next optimizer step, after the next step's forward/"
-        "backward ran (batch of 2 rows). The save call takes a few ms; the rest is the 576 MiB copy into the "
-        "writer's buffers (~60-110 ms on the second core) still running when the step comes. With the second core "
-        "taken by other processes the copy stalls and the step waits for it.",
-        "The overlap helps in proportion to the step's compute; on a GPU the copy is device-to-pinned-host "
-        "(bench_gpu.py). Let the step pre-hook take over part of the remaining copy instead of waiting idle."),
+        "backward ran (batch of 2 rows). The save call takes ~3 ms; the 576 MiB snapshot copy (~60-110 ms) runs on "
+        "a second thread. With the second vCPU taken by another process that thread shares the loop's vCPU, is "
+        "still copying when the step comes, and the step waits for the rest (0.22 measured with one busy process).",
+        "Have the waiting loop copy part of the remainder itself instead of waiting idle; on a GPU the copy is "
+        "device-to-pinned-host (bench_gpu.py)."),
     "checkpoint save": (
-        "cProfile of `trainer.save_checkpoint` (576 MiB, 5 saves, 2-vCPU Intel Xeon VM at load 3-5): 78 % in "
-        "write(2) (page-cache copy and allocation: the same kernel work the library's `serialize_file` does), "
-        "10 % in xxh3 over 256 KiB chunks right after their write (hot in L2: ~25 ms per save), the rest "
-        "Python (state flattening, manifest, rename; ~10 ms). Raw safetensors' own CPU time swings between "
-        "170 and 1,500 ms per save on this VM (kernel time of its ftruncate + 16 MiB writes), so the ratio "
-        "follows raw's good rounds.",
-        "The checksum is the one cost above the library (~0.1x raw at ~25 GB/s); fallocate already pays for "
-        "most of it. Left: a faster hash (none faster than xxh3 in Python's reach) or hashing on the second "
-        "core (wall time only)."),
+        "cProfile of `trainer.save_checkpoint` (576 MiB, 5 saves, 2-vCPU Intel Xeon VM, 2026-12-03): ~135 ms per save "
+        "in write(2) (page-cache copy and allocation, page-aligned 256 KiB chunks into fallocate'd blocks), ~16 ms in "
+        "xxh3 over each chunk right after its write, ~6 ms Python (state flattening, manifest, rename). Raw "
+        "safetensors writes the same bytes unaligned (~148 ms) and hashes nothing, so the ratio is the checksum's "
+        "share minus the alignment gain: 1.03-1.05 measured.",
+        "If a machine misses: compare `write(2)` time per MiB against `disk sequential write (page cache)` in the "
+        "same run (the ceiling), then the hash's share; hashing on the second core would lower wall time only."),
     "checkpoint restore": (
         "Kiln reads the optimizer state in 256 KiB preadv chunks into fresh tensors, hashing each chunk as it "
         "lands (raw: the library's pread of the same tensors), and maps the model file (private map, every byte "
@@ -70,16 +68,20 @@ MISS_NOTES: dict[str, tuple[str, str]] = {
 
 PROFILE_NOTES = """
 - **Checkpoint save (#16)**: the library's `serialize_file` followed by an xxh3 pass over the written file from
-  the page cache cost 1.30x raw (the pass alone 17 %, at memory speed). Kiln now writes the file itself in the
+  the page cache cost 1.30x raw (the pass alone 17 %, at memory speed). Kiln writes the file itself in the
   library's layout (byte-identical to `safetensors.torch.save`, tested) in 256 KiB write() calls, hashing each
-  chunk right after its write while it is still in L2 (~25 GB/s instead of ~8), and reserves the blocks first
-  with fallocate (-10 % of the write's kernel time on ext4). Restore: one pass (hash as each chunk lands), and
-  the model file is mapped instead of read into a fresh copy (fresh memory costs ~0.35 ms/MiB in page
-  faults here). Async: `AsyncCheckpointWriter.reserve()` moves the first save's page faults off the loop.
-- **Disk vs saves** (same run, MiB/s of state, medians; Intel Xeon VM, 2026-12-03 17:43): durable (`fsync=True`):
-  disk sequential write 1206, Kiln 910 (75 % of the disk), raw safetensors + fsync 843; page cache: Kiln 1875,
-  raw safetensors 2059, the disk-write probe 1230 (16 MiB writes without fallocate, right after the round
-  deleted 1.1 GB of files; it swings 2x between rounds).
+  chunk right after its write while it is still in L2, and reserves the blocks first with fallocate. That
+  still measured 1.12-1.14x raw here; cProfile (5 saves): 149 ms per save in write(2), 19 ms in xxh3, 6 ms
+  Python. Micro-rounds of the same tensors showed the write itself as the difference: the safetensors header
+  leaves the data at an unaligned file offset, so every 256 KiB write straddled page boundaries (148 ms per
+  576 MiB; 135 ms when the chunks end on multiples of 256 KiB in the file). Chunks now end there, for reads too
+  (tested): save 1.12-1.14 → 1.03-1.05 (CPU included), restore 1.08 → 1.02-1.03. Restore: one pass (hash as
+  each chunk lands), and the model file is mapped instead of read into a fresh copy. Async:
+  `AsyncCheckpointWriter.reserve()` moves the first save's page faults off the loop.
+- **Disk vs saves** (same run, MiB/s of state, medians; Intel Xeon VM, 2026-12-03 19:50): durable (`fsync=True`):
+  disk sequential write 1758, Kiln 1464 (83 % of the disk), raw safetensors + fsync 1459; page cache: Kiln 3658,
+  raw safetensors 3809, the disk-write probe 6260 (page-aligned 256 KiB writes of one cache-resident buffer into
+  reserved blocks: the ceiling of the page-cache copy; the savers also read 576 MiB from memory and Kiln hashes it).
 - **Resume**: flat (Kiln positions its sampler); a loader that Kiln must replay costs 65-85× more at batch
   10,000 than at batch 10, which shows that this benchmark would catch a replaying resume.
 - **Per step / DDP** (cProfile, Kiln vs raw, same steps): Kiln adds ~45 Python calls per step on one process
