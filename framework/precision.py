@@ -64,7 +64,7 @@ class Precision:
         """Step the optimizer (``closure`` and ``kwargs`` passed to its ``step``); return False when the step was
         skipped (fp16 overflow)."""
         if closure is None:
-            optimizer.step(**kwargs)
+            optimizer.step(**kwargs) if kwargs else optimizer.step()
         else:
             optimizer.step(closure=closure, **kwargs)
         return True

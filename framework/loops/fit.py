@@ -188,7 +188,7 @@ class FitLoop:
         if start and self.validation_pending_at(start):
             self.run_validation()  # the saved run checkpointed just before this validation point
 
-        step, plan = self.step, self.plan
+        step, plan = self.step.__call__, self.plan  # a bound method calls faster than an instance
         transfer = self.transfer if self.transfer.needed else None
         if t.profiling:  # Lightning's action names; with no profiler the step is called directly
             step = _profiled(t.profiler, "run_training_batch", step)

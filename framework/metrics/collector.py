@@ -83,7 +83,7 @@ class MetricCollector:
                 if in_steps:
                     self._stepping = True
                 if not enable_graph:  # a parameter, buffer or no_grad result may change in place: copy it
-                    value = value.detach().clone() if step and value.grad_fn is None else value.detach()
+                    value = value.detach().clone() if step and value.is_leaf else value.detach()
                 sync = bool(sync_dist) and self.reduce is not None and not rank_zero_only
                 self._record(entry, value, step, mean, batch_size, sync, sync_dist_group)
                 return
@@ -117,7 +117,7 @@ class MetricCollector:
             if value.numel() != 1:
                 raise ValueError(f"self.log({name!r}, ...) got a tensor of shape {tuple(value.shape)}; log a tensor "
                                  "with a single element (e.g. value.mean()), or log_dict for several values.")
-            snapshot = value.grad_fn is None  # a parameter, buffer or no_grad result: it may change in place later
+            snapshot = value.is_leaf  # a parameter, buffer or no_grad result: it may change in place later
             if not enable_graph:
                 value = value.detach()
             if value.ndim:
