@@ -138,3 +138,19 @@ def test_remembered_options_follow_a_restored_state():
     restored.log("m", torch.tensor(5.0), on_step=False, on_epoch=True)
     restored.epoch_end_reached()
     assert float(restored.reduce_epoch()["m"]) == pytest.approx(3.0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16, torch.int64, torch.bool])
+def test_values_reach_the_loggers_as_python_floats(dtype):
+    """What loggers receive (``to_floats``): a Python float per single-element tensor, whatever its dtype or
+    shape, without the tensor's graph."""
+    from framework.metrics import to_floats
+
+    weight = torch.tensor(3.0, requires_grad=True)
+    metrics = {"a": torch.tensor(2.5).to(dtype), "b": torch.tensor([[1.0]]).to(dtype), "loss": weight * 2}
+    floats = to_floats(metrics)
+    assert list(floats) == ["a", "b", "loss"] and all(type(v) is float for v in floats.values())
+    assert floats == {"a": float(torch.tensor(2.5).to(dtype)), "b": 1.0, "loss": 6.0}
+    assert to_floats({}) == {}
+    with pytest.raises((RuntimeError, ValueError)):
+        to_floats({"vector": torch.ones(2)})

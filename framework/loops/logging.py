@@ -50,7 +50,7 @@ class MetricLogging:
             return
         t.logged_metrics.update(metrics)
         if t.loggers:
-            floats = to_floats(metrics)  # one host transfer for the whole dict
+            floats = to_floats(metrics)  # read on the CPU; one transfer from an accelerator
             floats.setdefault("epoch", float(t.current_epoch))
             for logger in t.loggers:
                 logger.log_metrics(floats, step=t.global_step if step is None else step)

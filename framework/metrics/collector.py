@@ -388,9 +388,13 @@ def _to_float(name: str, fx: str, value: torch.Tensor) -> torch.Tensor:
 
 
 def to_floats(metrics: dict[str, torch.Tensor]) -> dict[str, float]:
-    """One host transfer for a whole dict of scalar tensors."""
+    """Python floats of a dict of single-element tensors: read directly on the CPU, in one host transfer for
+    the tensors of one accelerator."""
     if not metrics:
         return {}
     keys = list(metrics)
-    values = torch.stack([metrics[k].detach().float().reshape(()).cpu() for k in keys]).tolist()
-    return dict(zip(keys, values))
+    tensors = [metrics[k].detach() for k in keys]
+    device = tensors[0].device
+    if device.type == "cpu" or any(t.device != device for t in tensors):
+        return {k: float(t) for k, t in zip(keys, tensors)}
+    return dict(zip(keys, torch.stack([t.float().reshape(()) for t in tensors]).cpu().tolist()))
