@@ -81,8 +81,18 @@ class Precision:
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Restore ``state_dict()``; plugins without state accept an empty dict."""
 
+    @property
+    def adds_nothing_to_steps(self) -> bool:
+        """True when this plugin leaves forward, backward and the optimizer step as they are (none of those
+        methods refined): the loop may then call ``loss.backward()`` and ``optimizer.step()`` itself."""
+        cls = type(self)
+        return all(getattr(cls, name) is getattr(Precision, name) for name in _STEP_METHODS)
+
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.name!r})"
+
+
+_STEP_METHODS = ("forward_context", "backward", "scale_loss", "optimizer_step", "finish_step")
 
 
 class DoublePrecision(Precision):

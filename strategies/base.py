@@ -117,6 +117,16 @@ class Strategy(StrategyCheckpoints):
         return self.root_device.type != "cpu"
 
     # ---- backward and step ----------------------------------------------------------------------
+    @property
+    def adds_nothing_to_steps(self) -> bool:
+        """True when neither this strategy nor its precision plugin refines ``no_sync``, ``zero_grad``,
+        ``backward`` or ``optimizer_step`` (one device, 32-bit): the loop's plain step then calls
+        ``optimizer.zero_grad``, ``loss.backward`` and ``optimizer.step`` itself, with the same effect."""
+        cls = type(self)
+        return self.precision.adds_nothing_to_steps and all(
+            getattr(cls, name) is getattr(Strategy, name) for name in ("no_sync", "zero_grad", "backward",
+                                                                       "optimizer_step"))
+
     def no_sync(self, skip_sync: bool) -> AbstractContextManager:
         """Context for a micro-batch's forward+backward; ``skip_sync`` inside an accumulation window."""
         return NO_CONTEXT

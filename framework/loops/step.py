@@ -57,6 +57,9 @@ class AutomaticStep:
         self.plain = self.plain_window and not (
             self.before_backward or self.after_backward or self.before_optimizer_step or self.before_zero_grad
             or self.custom_optimizer_step or self.custom_zero_grad or self.custom_backward or self.custom_clipping)
+        # With a strategy and precision plugin that add nothing to a step, the plain step makes the calls itself.
+        self.run_plain = (self.direct_step if self.plain and self.strategy.adds_nothing_to_steps
+                          else self.plain_step)
         self.wrapped = [KilnOptimizer(opt, self) for opt in self.optimizers]
         self.window_open = False
         self.window_ready: bool | None = None
@@ -68,7 +71,7 @@ class AutomaticStep:
     def __call__(self, batch: Any, batch_idx: int, is_last: bool, plan: Any) -> Any:
         if plan.k == 1:
             if self.plain and not self.t.gradient_clip_val:
-                return self.plain_step(batch, batch_idx)
+                return self.run_plain(batch, batch_idx)
             sync, divisor = True, 1
         else:
             sync, divisor = plan.window(batch_idx, is_last)
@@ -119,6 +122,29 @@ class AutomaticStep:
         self.window_ready = None
         self.precision.finish_step()
         self.loop.after_optimizer_step(stepped)
+        return output
+
+    def direct_step(self, batch: Any, batch_idx: int) -> Any:
+        """``plain_step`` when the strategy and precision plugin add nothing to it (``adds_nothing_to_steps``):
+        the same calls on the optimizers and the loss, without the layers that would only pass them on."""
+        t = self.t
+        t.sync_gradients = True
+        output = self.training_step(batch, batch_idx)
+        loss = loss_from_output(output)
+        if loss is not None:
+            t.last_loss = loss.detach()
+        for optimizer in self.optimizers:
+            optimizer.zero_grad(set_to_none=True)
+        if loss is not None:
+            loss.backward()
+        self.window_open, self.window_ready = False, True
+        guard = self.fit_guard
+        for optimizer in self.optimizers:
+            guard.stepping = True  # this step is the Trainer's own, not a hand-called optimizer.step()
+            optimizer.step()
+            guard.stepping = False
+        self.window_ready = None
+        self.loop.after_optimizer_step(True)
         return output
 
     def forward_backward(self, batch: Any, batch_idx: int, divisor: int, sync: bool) -> Any:
