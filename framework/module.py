@@ -83,16 +83,20 @@ class TrainModule(HyperparametersMixin, ModuleUtilities, ModuleHooks, DataHooks,
         batch size, inferred from the batch unless ``batch_size`` is given) in validation/test hooks and
         in epoch hooks; with both ``on_step`` and ``on_epoch`` the keys get ``_step``/``_epoch`` suffixes.
         """
+        trainer = self._trainer
+        if type(value) is torch.Tensor and trainer is not None and not logger:  # the hot path
+            trainer._metrics.log(name, value, prog_bar, logger, on_step, on_epoch, reduce_fx, enable_graph, sync_dist,
+                                 sync_dist_group, add_dataloader_idx, batch_size, metric_attribute, rank_zero_only)
+            return
         device = None
-        if not isinstance(value, torch.Tensor):  # the hot path logs tensors: keep the other checks off it
+        if not isinstance(value, torch.Tensor):
             if isinstance(value, Mapping):
                 nested = " (nested dictionaries cannot be logged)" if any(
                     isinstance(v, Mapping) for v in value.values()) else ""
                 raise ValueError(f"self.log({name!r}, value=<{type(value).__name__}>){nested}: log one value per "
                                  "name, or use self.log_dict for a dict.")
-            if metric_attribute is None and _is_metric(value) and self._trainer is not None:
+            if metric_attribute is None and _is_metric(value) and trainer is not None:
                 metric_attribute = self._metric_attribute(name, value)
-        trainer = self._trainer
         if trainer is None:
             warnings.warn(f"self.log({name!r}, ...) was called on a module not attached to a Trainer; the value is "
                           "dropped. Run it through trainer.fit/validate/test to record it.", stacklevel=2)
