@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import threading
+import time
 from collections import OrderedDict
 
 import numpy as np
@@ -154,37 +155,80 @@ def clone_tree(tree):
 @pytest.mark.parametrize("reserved", [False, True])
 def test_deferred_snapshot_equals_the_step_boundary_bit_for_bit(tmp_path, monkeypatch, reserved):
     """The parameter/optimizer copy is held back until the next step has run forward and backward; the BatchNorm
-    statistics that forward changes were copied first, and the step itself waits for the copy."""
+    statistics that forward changes were copied first, and the step itself waits for the copy — copying what
+    the (here: stalled) background thread has not taken, instead of waiting idle."""
     model, opt = bn_state()
     boundary = clone_tree(state_of(model, opt))
-    gate, events = threading.Event(), []
-    real_copy = AsyncCheckpointWriter._copy_deferred
+    gate, copied_by = threading.Event(), []
+    real_copy, real_copy_one = AsyncCheckpointWriter._copy_deferred, AsyncCheckpointWriter._copy_one
 
-    def held_copy(self, deferred):
+    def stalled_copy(self, pending):
         gate.wait(30)
-        events.append("copied")
-        real_copy(self, deferred)
+        real_copy(self, pending)
 
-    monkeypatch.setattr(AsyncCheckpointWriter, "_copy_deferred", held_copy)
+    def recorded_copy_one(self, source, placeholder, devices):
+        copied_by.append(threading.current_thread().name)
+        real_copy_one(self, source, placeholder, devices)
+
+    monkeypatch.setattr(AsyncCheckpointWriter, "_copy_deferred", stalled_copy)
+    monkeypatch.setattr(AsyncCheckpointWriter, "_copy_one", recorded_copy_one)
     writer = AsyncCheckpointWriter()
     if reserved:
         writer.reserve(module=model, optimizers=[opt])
     snap = writer.snapshot(state_of(model, opt), module=model, optimizers=[opt])
-    assert writer.busy  # returned before the big copy
+    assert writer.busy and not copied_by  # returned before the big copy
     writer.submit(save_checkpoint, str(tmp_path / "c"), snap, {"global_step": 1})
     model(torch.randn(4, 8) * 3).sum().backward()  # next step: BatchNorm statistics change in place
-    threading.Timer(0.3, gate.set).start()
+    seen_at_step = []
+    opt.register_step_pre_hook(lambda *_: seen_at_step.append(clone_tree(snap)))  # runs after the writer's hook
     opt.step()  # changes every parameter and moment in place: must wait for the copy
-    events.append("stepped")
     with torch.no_grad():
         for p in model.parameters():
             p.add_(1.0)  # after the step boundary, right away
+    gate.set()
     writer.wait()
-    assert events == ["copied", "stepped"]
+    assert copied_by and set(copied_by) == {threading.main_thread().name}  # the loop copied it all
+    assert_trees_equal(seen_at_step[0][MODEL], boundary[MODEL])  # complete before the step changed anything
     saved_model, saved_trainer = read_state(str(tmp_path / "c"), MODEL), read_state(str(tmp_path / "c"), TRAINER)
     assert_trees_equal(dict(saved_model), dict(boundary[MODEL]))
     assert_trees_equal(saved_trainer["opt"], boundary[TRAINER]["opt"])
     assert not torch.equal(saved_model["1.running_mean"], model[1].running_mean)  # it did change after the save
+
+
+def test_background_thread_and_loop_share_the_copy_and_its_failure_surfaces_once(monkeypatch):
+    """Each tensor is copied by exactly one of the two threads; a failure on either leaves the snapshot
+    incomplete and is raised once, by the step that waits for it."""
+    model, opt = bn_state()
+    boundary = clone_tree(state_of(model, opt))
+    real_copy_one, copied = AsyncCheckpointWriter._copy_one, []
+
+    def slow_copy_one(self, source, placeholder, devices):
+        copied.append((threading.current_thread().name, id(source)))
+        if threading.current_thread() is not threading.main_thread():
+            time.sleep(0.05)  # the background thread is slow: the loop takes over the rest
+        real_copy_one(self, source, placeholder, devices)
+
+    monkeypatch.setattr(AsyncCheckpointWriter, "_copy_one", slow_copy_one)
+    writer = AsyncCheckpointWriter()
+    snap = writer.snapshot(state_of(model, opt), module=model, optimizers=[opt])
+    time.sleep(0.02)
+    writer.wait_for_snapshot()
+    threads = {name for name, _ in copied}
+    assert threads == {"kiln-checkpoint-snapshot", threading.main_thread().name}
+    assert len({ident for _, ident in copied}) == len(copied)  # nothing copied twice
+    assert_trees_equal(snap[MODEL], boundary[MODEL])
+    assert_trees_equal(snap[TRAINER], boundary[TRAINER])
+    writer.wait()
+
+    def failing_copy_one(self, source, placeholder, devices):
+        raise RuntimeError("copy failed")
+
+    monkeypatch.setattr(AsyncCheckpointWriter, "_copy_one", failing_copy_one)
+    writer.snapshot(state_of(model, opt), module=model, optimizers=[opt])
+    with pytest.raises(RuntimeError, match="copy failed"):
+        opt.step()
+    writer.wait()  # reported once
+    writer.close()
 
 
 def test_step_hooks_are_removed_and_cost_nothing_after_the_copy():

@@ -7,13 +7,16 @@ and reused across saves, pinned when the source is on an accelerator). Given the
 parameters and optimizer state, which change only at an optimizer step, are copied on the writer's
 thread while the next forward/backward runs. Every optimizer's ``step`` waits for that copy first
 (a step pre-hook), and :meth:`~AsyncCheckpointWriter.wait_for_snapshot` is the call for anything else
-that changes weights in place. The buffers are kept for the next save (one CPU copy of the state held while
+that changes weights in place; a thread that must wait copies the tensors the writer's thread has not
+reached yet instead of waiting idle (on a machine whose other cores are busy, the writer's thread may
+have had little time). The buffers are kept for the next save (one CPU copy of the state held while
 the writer lives); :meth:`~AsyncCheckpointWriter.reserve` allocates them ahead, in the background, so that
 the first save copies into warm memory and blocks no longer than later ones.
 """
 
 from __future__ import annotations
 
+import itertools
 import threading
 from collections import OrderedDict
 from collections.abc import Callable, Iterable
@@ -43,6 +46,7 @@ class AsyncCheckpointWriter:
         self._error: BaseException | None = None
         self._copier: threading.Thread | None = None
         self._copy_error: BaseException | None = None
+        self._pending: _DeferredCopy | None = None
         self._guards: list[Any] = []
         self._reserver: threading.Thread | None = None
         self._reserved: dict[tuple, torch.Tensor] = {}
@@ -55,11 +59,13 @@ class AsyncCheckpointWriter:
     def wait_for_snapshot(self) -> None:
         """Block until the last snapshot is complete: call it before changing weights or optimizer state in
         place outside an optimizer step (optimizer steps call it themselves). Cheap when nothing is pending."""
-        copier = self._copier
-        if copier is not None:
-            copier.join()
-            if self._copier is copier:
-                self._copier = None
+        pending = self._pending
+        if pending is not None:
+            if not pending.done.is_set():
+                pending.work()  # copy what the background thread has not taken yet instead of waiting idle
+                pending.done.wait()
+            if self._pending is pending:  # the copying thread has nothing left but to return
+                self._pending = self._copier = None
         if self._copy_error is not None:
             error, self._copy_error = self._copy_error, None
             raise error
@@ -88,11 +94,13 @@ class AsyncCheckpointWriter:
         """Run ``fn(*args, **kwargs)`` on a background thread once the previous write finished and the
         last snapshot is complete (without blocking the caller on that snapshot)."""
         self._join_write()
-        copier = self._copier
+        pending, copier = self._pending, self._copier
 
         def run() -> None:
             try:
                 if copier is not None:
+                    if pending is not None:
+                        pending.done.wait()  # the loop's thread may be copying the last items
                     copier.join()
                     error, self._copy_error = self._copy_error, None
                     if error is not None:  # the snapshot is incomplete: write nothing
@@ -129,7 +137,8 @@ class AsyncCheckpointWriter:
         _synchronize(devices)
         if deferred:
             self._guards = [o.register_step_pre_hook(lambda *_: self.wait_for_snapshot()) for o in optimizers]
-            self._copier = threading.Thread(target=self._copy_deferred, args=(deferred,),
+            self._pending = _DeferredCopy(deferred, self._copy_one, self._snapshot_done)
+            self._copier = threading.Thread(target=self._copy_deferred, args=(self._pending,),
                                             name="kiln-checkpoint-snapshot", daemon=True)
             self._copier.start()
         else:
@@ -181,21 +190,22 @@ class AsyncCheckpointWriter:
         self.close()
 
     # ---- copying ---------------------------------------------------------------------------------
-    def _copy_deferred(self, deferred: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
-        devices: set[torch.device] = set()
-        try:
-            reserver = self._reserver
-            if reserver is not None:
-                reserver.join()  # its buffers are warm: copying into them beats faulting in fresh ones
-            with torch.no_grad():
-                for source, placeholder in deferred:
-                    buf = self._buffer(source)
-                    placeholder.set_(buf)  # the snapshot's tensor object now holds the buffer
-                    self._fill(buf, source, devices)
-            _synchronize(devices)
+    def _copy_deferred(self, pending: _DeferredCopy) -> None:
+        reserver = self._reserver
+        if reserver is not None:
+            reserver.join()  # its buffers are warm: copying into them beats faulting in fresh ones
+        pending.work()
+
+    def _copy_one(self, source: torch.Tensor, placeholder: torch.Tensor, devices: set) -> None:
+        buf = self._buffer(source)
+        placeholder.set_(buf)  # the snapshot's tensor object now holds the buffer
+        self._fill(buf, source, devices)
+
+    def _snapshot_done(self, error: BaseException | None) -> None:
+        if error is not None:  # re-raised by wait_for_snapshot()/the write
+            self._copy_error = error
+        else:
             self._buffers, self._used, self._reserved = self._used, {}, {}
-        except BaseException as exc:  # re-raised by wait_for_snapshot()/the write
-            self._copy_error = exc
 
     def _buffer(self, t: torch.Tensor) -> torch.Tensor:
         """The buffer for source tensor ``t``: last snapshot's (same source), a reserved one, or a new one."""
@@ -249,6 +259,47 @@ class AsyncCheckpointWriter:
         if type(obj).__module__ == "numpy" and hasattr(obj, "copy"):
             return obj.copy()
         return obj  # immutable leaves; anything else is rejected later by flatten_state
+
+
+class _DeferredCopy:
+    """The part of a snapshot copied after ``snapshot`` returns, one tensor at a time: by the writer's background
+    thread and, once the training loop must wait for it (an optimizer step), by the loop's thread as well."""
+
+    def __init__(self, items: list[tuple[torch.Tensor, torch.Tensor]],
+                 copy_one: Callable[[torch.Tensor, torch.Tensor, set], None],
+                 finish: Callable[[BaseException | None], None]) -> None:
+        self.items, self._copy_one, self._finish = items, copy_one, finish
+        self._next = itertools.count()  # hands each item to exactly one thread
+        self._left = len(items)
+        self._lock = threading.Lock()
+        self._failed = False
+        self.done = threading.Event()
+
+    def work(self) -> None:
+        """Copy the items no thread has taken yet; whoever completes the last one (or fails) finishes."""
+        devices: set[torch.device] = set()
+        copied = 0
+        try:
+            with torch.no_grad():
+                for index in self._next:
+                    if index >= len(self.items) or self._failed:
+                        break
+                    self._copy_one(*self.items[index], devices)
+                    copied += 1
+            _synchronize(devices)
+        except BaseException as exc:
+            with self._lock:
+                first, self._failed = not self._failed, True
+            if first:  # the snapshot stays incomplete; nobody waits for the rest
+                self._finish(exc)
+                self.done.set()
+            return
+        with self._lock:
+            self._left -= copied
+            last = self._left == 0 and not self._failed
+        if last:
+            self._finish(None)
+            self.done.set()
 
 
 def _key(t: torch.Tensor) -> tuple:
