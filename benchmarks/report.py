@@ -28,10 +28,9 @@ MISS_NOTES: dict[str, tuple[str, str]] = {
     "async save: loop blocked": (
         "Measured as the save call plus the wait before the next optimizer step, after the next step's forward/"
         "backward ran (batch of 2 rows). The save call takes ~3 ms; the 576 MiB snapshot copy (~60-110 ms) runs on "
-        "a second thread. With the second vCPU taken by another process that thread shares the loop's vCPU, is "
-        "still copying when the step comes, and the step waits for the rest (0.22 measured with one busy process).",
-        "Have the waiting loop copy part of the remainder itself instead of waiting idle; on a GPU the copy is "
-        "device-to-pinned-host (bench_gpu.py)."),
+        "a second thread, and the step that must wait copies what that thread has not reached (0.06 with one "
+        "busy process on the 2-vCPU VM; 0.22 before the loop helped). A miss means both vCPUs were taken.",
+        "On a GPU the copy is device-to-pinned-host (bench_gpu.py); a smaller snapshot (sharded state) copies less."),
     "checkpoint save": (
         "cProfile of `trainer.save_checkpoint` (576 MiB, 5 saves, 2-vCPU Intel Xeon VM, 2026-12-03): ~135 ms per save "
         "in write(2) (page-cache copy and allocation, page-aligned 256 KiB chunks into fallocate'd blocks), ~16 ms in "
