@@ -82,9 +82,8 @@ def test_direct_plain_and_general_paths_train_alike(modules, make_trainer, make_
 
 
 def test_only_a_strategy_and_plugin_that_add_nothing_allow_the_direct_step():
-    from strategies import DDPStrategy, SingleDeviceStrategy
-
     from framework.precision import MixedPrecision, Precision
+    from strategies import DDPStrategy, SingleDeviceStrategy
 
     class Clipping(Precision):
         def optimizer_step(self, optimizer, closure=None, **kwargs):
