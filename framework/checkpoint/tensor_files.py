@@ -160,8 +160,8 @@ def _stream_to_fd(fd: int, prefix: bytes, names: list[str], tensors: dict[str, t
             _write_all(fd, pending)
             pending = bytearray()
         write, update = os.write, digest.update
-        # Chunks end at file offsets that are multiples of _CHUNK: whole, aligned pages for the page cache
-        # (the header leaves the data unaligned; unaligned writes measured ~9 % slower).
+        # Chunks end at file offsets that are multiples of _CHUNK, so the page cache can hold each in one large
+        # folio (the header leaves the data unaligned; unaligned or merely page-aligned writes measured ~9 % slower).
         start, end = 0, min(nbytes, _CHUNK - offset % _CHUNK)
         while start < nbytes:  # the hot loop: ~2,300 turns per 576 MiB
             chunk = view[start:end]
