@@ -12,6 +12,7 @@ data never deadlocks a collective and no sample is counted twice.
 from __future__ import annotations
 
 import atexit
+import gc
 import os
 import sys
 import warnings
@@ -302,10 +303,17 @@ def _destroy_process_group() -> None:
 
     if not (dist.is_available() and dist.is_initialized()):
         return
-    # Ranks that end normally meet first: a gloo group torn down while a peer is still tearing down its
-    # own can abort the process ("terminate called without an active exception"). After an unhandled
-    # error (sys.last_value is set) peers may be gone, so nobody is waited for.
-    if not hasattr(sys, "last_value") and dist.get_backend() == "gloo":
+    if hasattr(sys, "last_value"):  # an unhandled error: peers may be gone, so nobody is waited for
+        # Its traceback holds the frames that hold the Trainer, its DDP wrapper and their references to the
+        # group; freed only during interpreter finalization, gloo's threads then abort the process ("terminate
+        # called without an active exception", exit -6 instead of 1). Free them while Python still runs.
+        sys.last_type = sys.last_value = sys.last_traceback = None
+        if hasattr(sys, "last_exc"):
+            sys.last_exc = None
+        gc.collect()
+    elif dist.get_backend() == "gloo":
+        # Ranks that end normally meet first: a gloo group torn down while a peer is still tearing down its
+        # own can abort the process the same way.
         try:
             dist.monitored_barrier(timeout=timedelta(seconds=30))
         except Exception:  # a peer already left: nothing to coordinate with
