@@ -195,9 +195,9 @@ def test_deferred_snapshot_equals_the_step_boundary_bit_for_bit(tmp_path, monkey
     assert not torch.equal(saved_model["1.running_mean"], model[1].running_mean)  # it did change after the save
 
 
-def test_background_thread_and_loop_share_the_copy_and_its_failure_surfaces_once(monkeypatch):
+def test_background_thread_and_loop_share_the_copy_and_its_failure_surfaces_once(tmp_path, monkeypatch):
     """Each tensor is copied by exactly one of the two threads; a failure on either leaves the snapshot
-    incomplete and is raised once, by the step that waits for it."""
+    incomplete, is raised once by the step that waits for it, and the pending write writes nothing."""
     model, opt = bn_state()
     boundary = clone_tree(state_of(model, opt))
     real_copy_one, copied = AsyncCheckpointWriter._copy_one, []
@@ -224,10 +224,14 @@ def test_background_thread_and_loop_share_the_copy_and_its_failure_surfaces_once
         raise RuntimeError("copy failed")
 
     monkeypatch.setattr(AsyncCheckpointWriter, "_copy_one", failing_copy_one)
-    writer.snapshot(state_of(model, opt), module=model, optimizers=[opt])
+    snap = writer.snapshot(state_of(model, opt), module=model, optimizers=[opt])
+    writer.submit(save_checkpoint, str(tmp_path / "c"), snap, {"global_step": 1})
     with pytest.raises(RuntimeError, match="copy failed"):
         opt.step()
-    writer.wait()  # reported once
+    with pytest.raises(RuntimeError, match="not written: copying its snapshot failed"):
+        writer.wait()  # the write saw the failure too, and wrote nothing
+    assert not (tmp_path / "c").exists()
+    writer.wait()  # each reported once
     writer.close()
 
 

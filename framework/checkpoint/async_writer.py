@@ -98,13 +98,12 @@ class AsyncCheckpointWriter:
 
         def run() -> None:
             try:
-                if copier is not None:
-                    if pending is not None:
-                        pending.done.wait()  # the loop's thread may be copying the last items
+                if pending is not None:
+                    pending.done.wait()  # the loop's thread may be copying the last items
                     copier.join()
-                    error, self._copy_error = self._copy_error, None
-                    if error is not None:  # the snapshot is incomplete: write nothing
-                        raise error
+                    if pending.error is not None:  # incomplete: write nothing (the waiting step raises the cause)
+                        raise RuntimeError("the checkpoint was not written: copying its snapshot failed") \
+                            from pending.error
                 fn(*args, **kwargs)
             except BaseException as exc:  # re-raised on the caller's thread by wait()
                 self._error = exc
@@ -272,7 +271,7 @@ class _DeferredCopy:
         self._next = itertools.count()  # hands each item to exactly one thread
         self._left = len(items)
         self._lock = threading.Lock()
-        self._failed = False
+        self.error: BaseException | None = None  # the first failure: the snapshot is incomplete
         self.done = threading.Event()
 
     def work(self) -> None:
@@ -282,21 +281,23 @@ class _DeferredCopy:
         try:
             with torch.no_grad():
                 for index in self._next:
-                    if index >= len(self.items) or self._failed:
+                    if index >= len(self.items) or self.error is not None:
                         break
                     self._copy_one(*self.items[index], devices)
                     copied += 1
             _synchronize(devices)
         except BaseException as exc:
             with self._lock:
-                first, self._failed = not self._failed, True
+                first = self.error is None
+                if first:
+                    self.error = exc
             if first:  # the snapshot stays incomplete; nobody waits for the rest
                 self._finish(exc)
                 self.done.set()
             return
         with self._lock:
             self._left -= copied
-            last = self._left == 0 and not self._failed
+            last = self._left == 0 and self.error is None
         if last:
             self._finish(None)
             self.done.set()
