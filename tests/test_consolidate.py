@@ -6,6 +6,7 @@ import os
 
 import pytest
 import torch
+from checkpoint_samples import TiedNet
 
 from framework.checkpoint import (
     MODEL,
@@ -16,15 +17,6 @@ from framework.checkpoint import (
     save_checkpoint,
 )
 from framework.checkpoint.consolidate import DCP_DIR, export_safetensors, load_weights, read_model_state
-
-
-class TiedNet(torch.nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        self.linear1 = torch.nn.Linear(4, 4)
-        self.linear2 = torch.nn.Linear(4, 4)
-        self.linear2.weight = self.linear1.weight
-        self.norm = torch.nn.BatchNorm1d(4)
 
 
 def trained(seed: int) -> TiedNet:
