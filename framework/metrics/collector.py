@@ -85,10 +85,7 @@ class MetricCollector:
                 if not enable_graph:  # a parameter, buffer or no_grad result may change in place: copy it
                     value = value.detach().clone() if step and value.is_leaf else value.detach()
                 sync = bool(sync_dist) and self.reduce is not None and not rank_zero_only
-                if mean or sync:
-                    self._record(entry, value, step, mean, batch_size, sync, sync_dist_group)
-                else:  # what _record does for it
-                    entry.update(value, 1, None)
+                self._record(entry, value, step, mean, batch_size, sync, sync_dist_group)
                 return
         fx = self.current_fx
         if fx is None:
